@@ -1,0 +1,9 @@
+"""The bench commands still run (no timing asserts: figures are for bench/, not tests)."""
+from bench import codec
+
+
+def test_bench_codec_runs_and_implementations_agree(capsys):
+    assert codec.main(["--seconds", "0.01", "--repeat", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "pyiso8583" in out and "python" in out
+    assert codec.TEST_PAN not in out
