@@ -1,0 +1,1 @@
+"""isoswitch service layer: the asyncio switch around the Cython core."""
