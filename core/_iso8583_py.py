@@ -18,6 +18,7 @@ from collections.abc import Mapping
 __all__ = [
     "encode",
     "decode",
+    "decode_partial",
     "compile_spec",
     "clear_spec_cache",
     "CompiledSpec",
@@ -305,6 +306,25 @@ class EncodedDoc(Mapping):
 
 def decode(data, spec, strict: bool = False):
     """Decode one ISO 8583 message. Returns (doc_dec, doc_enc)."""
+    return _decode_into(data, spec, strict, {})
+
+
+def decode_partial(data, spec, strict: bool = False):
+    """(fields decoded before the first error, the DecodeError or None).
+
+    For answering a malformed request with a format error (30): the MTI,
+    STAN and terminal id usually precede the bad field. Error path only, so
+    both implementations share this one.
+    """
+    doc: dict = {}
+    try:
+        _decode_into(data, spec, strict, doc)
+        return doc, None
+    except DecodeError as e:
+        return doc, e
+
+
+def _decode_into(data, spec, strict, doc):
     if isinstance(data, memoryview):
         data = data.tobytes()
     elif isinstance(data, bytearray):
@@ -315,7 +335,6 @@ def decode(data, spec, strict: bool = False):
         )
     cs = compile_spec(spec)
     n = len(data)
-    doc = {}
     keys = []
     spans = []
     idx = 0

@@ -30,6 +30,8 @@ IMPLEMENTATION = _select.implementation(_impl)
 
 encode = _impl.encode
 decode = _impl.decode
+# error path only: the twin's, whichever core is selected
+from core._iso8583_py import decode_partial  # noqa: E402
 compile_spec = _impl.compile_spec
 clear_spec_cache = _impl.clear_spec_cache
 CompiledSpec = _impl.CompiledSpec
@@ -41,6 +43,7 @@ SpecError = _impl.SpecError
 __all__ = [
     "encode",
     "decode",
+    "decode_partial",
     "compile_spec",
     "clear_spec_cache",
     "CompiledSpec",

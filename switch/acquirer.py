@@ -1,0 +1,432 @@
+"""Persistent acquirer links: N connections, switch-assigned trace numbers, echo, reconnect.
+
+The one rule everything here serves (DESIGN.md #3): a caller must be able to
+tell "certainly not received" (NotSent: safe to fail over) from "possibly
+received" (OutcomeUnknown: reverse it, never re-send elsewhere). A request is
+possibly received from the moment its bytes are handed to an open transport.
+
+Trace numbers (DE11) are assigned per link (DESIGN.md #8): requests are
+matched to responses by the link's own STAN, so two terminals using the same
+STAN at once never see each other's responses. Recently timed-out STANs are
+held back from reuse so a late response is recognised as late, not matched
+to a newer request.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import random
+import ssl as _ssl
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from core import framing, iso8583
+from core.health import AcquirerHealth
+from switch.config import AcquirerConfig
+from switch.messages import is_response_to, mask_pan, transmission_time
+
+log = logging.getLogger("isoswitch.acquirer")
+
+# How many timed-out STANs a link remembers, to tell late responses from strays
+_LATE_MEMORY = 10_000
+_DEFAULT_TPDU = b"\x60\x00\x00\x00\x00"
+
+
+class NotSent(Exception):
+    """The acquirer certainly did not receive the request: failing over is safe."""
+
+    def __init__(self, acquirer: str, reason: str):
+        super().__init__(f"{acquirer}: not sent ({reason})")
+        self.acquirer = acquirer
+        self.reason = reason
+
+
+class OutcomeUnknown(Exception):
+    """The request may have reached the acquirer: it must be reversed there."""
+
+    def __init__(self, acquirer: str, reason: str, stan: str, sent_doc: dict):
+        super().__init__(f"{acquirer}: outcome unknown ({reason}), link STAN {stan}")
+        self.acquirer = acquirer
+        self.reason = reason
+        self.stan = stan
+        self.sent_doc = sent_doc
+
+
+@dataclass(slots=True)
+class AcquirerReply:
+    doc: dict
+    stan: str
+    sent_doc: dict
+    latency: float
+
+
+class _Pending:
+    __slots__ = ("future", "conn", "mti", "sent_at", "timer", "doc")
+
+    def __init__(self, future, conn, mti, sent_at, doc):
+        self.future = future
+        self.conn = conn
+        self.mti = mti
+        self.sent_at = sent_at
+        self.timer = None
+        self.doc = doc
+
+
+class _LinkProtocol(asyncio.Protocol):
+    """One TCP/TLS connection of a link: framing in, frames out."""
+
+    def __init__(self, link: "AcquirerLink", index: int):
+        self.link = link
+        self.index = index
+        self.transport: asyncio.Transport | None = None
+        self.decoder = framing.FrameDecoder(
+            header=link.cfg.framing, max_frame=link.cfg.max_frame, tpdu=link.cfg.tpdu
+        )
+        self.ready = False
+        self.closed = asyncio.get_running_loop().create_future()
+        self.last_rx = time.monotonic()
+
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def data_received(self, data):
+        self.last_rx = time.monotonic()
+        try:
+            frames = self.decoder.feed(data)
+        except framing.FrameError as e:
+            for frame in e.frames:
+                self.link._on_frame(frame, self)
+            self.link.counters["frame_errors"] += 1
+            log.warning("acquirer %s: framing error (%s), dropping connection", self.link.name, e.msg)
+            self.transport.abort()
+            return
+        on_frame = self.link._on_frame
+        for frame in frames:
+            on_frame(frame, self)
+
+    def connection_lost(self, exc):
+        self.ready = False
+        self.link._on_connection_lost(self)
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def write(self, payload: bytes) -> bool:
+        t = self.transport
+        if t is None or t.is_closing():
+            return False
+        if self.link.cfg.tpdu:
+            payload = _DEFAULT_TPDU + payload
+        t.write(framing.build_frame(payload, self.link.cfg.framing, self.link.cfg.max_frame))
+        return True
+
+
+class AcquirerLink:
+    """A pool of persistent connections to one acquirer."""
+
+    def __init__(
+        self,
+        cfg: AcquirerConfig,
+        health: AcquirerHealth | None = None,
+        *,
+        ssl_context: _ssl.SSLContext | None = None,
+        on_late: Callable[[str, dict], None] | None = None,
+    ):
+        self.cfg = cfg
+        self.name = cfg.name
+        self.health = health or AcquirerHealth(
+            cfg.name,
+            failure_threshold=cfg.breaker.failure_threshold,
+            open_seconds=cfg.breaker.open_seconds,
+            half_open_max=cfg.breaker.half_open_max,
+        )
+        self.spec = iso8583.load_dialect(cfg.dialect)
+        self.ssl_context = ssl_context
+        self.on_late = on_late
+        self.pending: dict[str, _Pending] = {}
+        self._slot_waiters: collections.deque[asyncio.Future] = collections.deque()
+        self._late: collections.OrderedDict[str, float] = collections.OrderedDict()
+        self._stan = random.randrange(1, 999_999)
+        self._conns: list[_LinkProtocol | None] = [None] * max(1, cfg.connections)
+        self._rr = 0
+        self._tasks: list[asyncio.Task] = []
+        self._stopping = False
+        self.draining = False
+        self.port = cfg.port
+        self.counters = collections.Counter()
+
+    # -- lifecycle -----------------------------------------------------------
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        for i in range(len(self._conns)):
+            self._tasks.append(loop.create_task(self._run_connection(i), name=f"link-{self.name}-{i}"))
+
+    async def stop(self) -> None:
+        self._stopping = True
+        for t in self._tasks:
+            t.cancel()
+        for c in self._conns:
+            if c is not None and c.transport is not None:
+                c.transport.close()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+
+    @property
+    def up(self) -> bool:
+        return any(c is not None and c.ready for c in self._conns)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self.pending)
+
+    def connection_states(self) -> list[bool]:
+        return [c is not None and c.ready for c in self._conns]
+
+    async def wait_up(self, timeout: float = 5.0) -> bool:
+        deadline = time.monotonic() + timeout
+        while not self.up and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        return self.up
+
+    async def _run_connection(self, i: int) -> None:
+        cfg = self.cfg
+        delay = cfg.reconnect_min
+        loop = asyncio.get_running_loop()
+        while not self._stopping:
+            try:
+                _, proto = await asyncio.wait_for(
+                    loop.create_connection(
+                        lambda: _LinkProtocol(self, i),
+                        cfg.host,
+                        self.port,
+                        ssl=self.ssl_context,
+                        server_hostname=(cfg.server_hostname or cfg.host) if self.ssl_context else None,
+                    ),
+                    timeout=max(cfg.timeout, 1.0),
+                )
+            except asyncio.CancelledError:
+                raise
+            except (OSError, asyncio.TimeoutError, _ssl.SSLError) as e:
+                self.counters["connect_failures"] += 1
+                self.health.record_failure("connect", time.monotonic())
+                log.info("acquirer %s[%d]: connect failed (%s); retry in %.2fs",
+                         self.name, i, type(e).__name__, delay)
+                await asyncio.sleep(delay * random.uniform(0.5, 1.0))  # jitter
+                delay = min(delay * 2, cfg.reconnect_max)
+                continue
+            self._conns[i] = proto
+            try:
+                if cfg.sign_on and not await self._network(proto, "001"):
+                    log.warning("acquirer %s[%d]: sign-on not answered", self.name, i)
+                    proto.transport.abort()
+                else:
+                    proto.ready = True
+                    delay = cfg.reconnect_min
+                    self.counters["connects"] += 1
+                    log.info("acquirer %s[%d]: link up", self.name, i)
+                    await self._echo_until_closed(proto)
+            except asyncio.CancelledError:
+                proto.transport.close()
+                raise
+            finally:
+                proto.ready = False
+                self._conns[i] = None
+            if not self._stopping:
+                log.warning("acquirer %s[%d]: link down", self.name, i)
+                await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+                delay = min(delay * 2, cfg.reconnect_max)
+
+    async def _echo_until_closed(self, proto: _LinkProtocol) -> None:
+        cfg = self.cfg
+        if cfg.echo_interval <= 0:
+            await proto.closed
+            return
+        misses = 0
+        while not proto.closed.done():
+            idle = time.monotonic() - proto.last_rx
+            wait = cfg.echo_interval - idle
+            if wait > 0:
+                await asyncio.wait([proto.closed], timeout=wait)
+                continue
+            if await self._network(proto, "301"):
+                misses = 0
+            else:
+                misses += 1
+                self.counters["echo_misses"] += 1
+                if misses >= cfg.echo_misses:
+                    log.warning("acquirer %s[%d]: %d echoes unanswered, marking link down",
+                                self.name, proto.index, misses)
+                    proto.transport.abort()
+                    await proto.closed
+                    return
+                proto.last_rx = time.monotonic()  # next echo one interval later
+
+    async def _network(self, proto: _LinkProtocol, code: str) -> bool:
+        """0800 with DE70 `code` on one connection; True if answered 0810/00."""
+        doc = {"t": "0800", "7": transmission_time(), "70": code}
+        try:
+            reply = await self._send_on(proto, doc, min(self.cfg.timeout, 10.0))
+        except (NotSent, OutcomeUnknown):
+            return False
+        return reply.doc.get("39", "00") == "00"
+
+    # -- requests ------------------------------------------------------------
+
+    def _next_stan(self) -> str:
+        s = self._stan
+        pending, late = self.pending, self._late
+        for _ in range(999_999):
+            s = s % 999_999 + 1
+            key = f"{s:06d}"
+            if key not in pending and key not in late:
+                self._stan = s
+                return key
+        raise NotSent(self.name, "no free trace number")
+
+    def _pick(self) -> _LinkProtocol | None:
+        conns = self._conns
+        n = len(conns)
+        for k in range(n):
+            c = conns[(self._rr + k) % n]
+            if c is not None and c.ready:
+                self._rr = (self._rr + k + 1) % n
+                return c
+        return None
+
+    async def request(self, doc: dict, timeout: float) -> AcquirerReply:
+        """Send `doc` (acquirer-side form, DE11 is replaced) and await the response.
+
+        Raises NotSent when the request certainly did not leave, OutcomeUnknown
+        when it may have (timeout, link lost after the write).
+        """
+        if self.draining:
+            raise NotSent(self.name, "draining")
+        if len(self.pending) >= self.cfg.max_in_flight:
+            # Backpressure, not rejection: wait for a slot within half the
+            # budget, then give up while there is still time to fail over.
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + timeout / 2
+            while len(self.pending) >= self.cfg.max_in_flight:
+                waiter = loop.create_future()
+                self._slot_waiters.append(waiter)
+                try:
+                    await asyncio.wait_for(waiter, max(0.0, deadline - loop.time()))
+                except asyncio.TimeoutError:
+                    raise NotSent(self.name, "in-flight limit") from None
+                finally:
+                    if not waiter.done():
+                        waiter.cancel()
+            timeout = max(0.001, timeout - (loop.time() - (deadline - timeout / 2)))
+        conn = self._pick()
+        if conn is None:
+            raise NotSent(self.name, "link down")
+        return await self._send_on(conn, doc, timeout)
+
+    def _release_slot(self) -> None:
+        waiters = self._slot_waiters
+        while waiters:
+            w = waiters.popleft()
+            if not w.done():
+                w.set_result(None)
+                return
+
+    async def _send_on(self, conn: _LinkProtocol, doc: dict, timeout: float) -> AcquirerReply:
+        stan = self._next_stan()
+        out = dict(doc)
+        out["11"] = stan
+        try:
+            raw, _ = iso8583.encode(out, self.spec)
+        except iso8583.EncodeError as e:
+            self.counters["encode_errors"] += 1
+            raise NotSent(self.name, f"cannot encode for this acquirer: {e.msg}, field {e.field}") from None
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        now = time.monotonic()
+        p = _Pending(fut, conn, out["t"], now, out)
+        if not conn.write(raw):
+            raise NotSent(self.name, "connection closing")
+        self.pending[stan] = p
+        p.timer = loop.call_at(now + timeout, self._expire, stan)
+        self.counters["sent"] += 1
+        try:
+            reply = await fut
+        except _Expired:
+            raise OutcomeUnknown(self.name, "timeout", stan, out) from None
+        except _Lost:
+            raise OutcomeUnknown(self.name, "link lost", stan, out) from None
+        return AcquirerReply(reply, stan, out, time.monotonic() - now)
+
+    def _expire(self, stan: str) -> None:
+        p = self.pending.pop(stan, None)
+        if p is None:
+            return
+        self._release_slot()
+        self.counters["timeouts"] += 1
+        self._remember_late(stan)
+        if not p.future.done():
+            p.future.set_exception(_Expired())
+
+    def _remember_late(self, stan: str) -> None:
+        late = self._late
+        late[stan] = time.monotonic()
+        if len(late) > _LATE_MEMORY:
+            late.popitem(last=False)
+
+    def _on_connection_lost(self, conn: _LinkProtocol) -> None:
+        lost = [s for s, p in self.pending.items() if p.conn is conn]
+        for stan in lost:
+            p = self.pending.pop(stan)
+            self._release_slot()
+            if p.timer is not None:
+                p.timer.cancel()
+            self._remember_late(stan)
+            if not p.future.done():
+                p.future.set_exception(_Lost())
+        if lost:
+            self.counters["lost_in_flight"] += len(lost)
+
+    def _on_frame(self, frame: bytes, conn: _LinkProtocol) -> None:
+        if self.cfg.tpdu:
+            try:
+                _, frame = framing.split_tpdu(frame)
+            except framing.FrameError:
+                self.counters["undecodable"] += 1
+                return
+        try:
+            doc, _ = iso8583.decode(frame, self.spec)
+        except iso8583.DecodeError as e:
+            self.counters["undecodable"] += 1
+            log.warning("acquirer %s: undecodable response (%s at field %s pos %d)",
+                        self.name, e.msg, e.field, e.pos)
+            return
+        stan = doc.get("11", "")
+        p = self.pending.get(stan)
+        if p is None or not is_response_to(p.mti, doc.get("t", "")):
+            if stan in self._late:
+                self.counters["late"] += 1
+                log.warning("acquirer %s: late response for link STAN %s (rc %s, pan %s)",
+                            self.name, stan, doc.get("39"), mask_pan(doc.get("2")))
+                if self.on_late is not None:
+                    self.on_late(self.name, doc)
+            else:
+                self.counters["unmatched"] += 1
+                log.warning("acquirer %s: unmatched response MTI %s STAN %s",
+                            self.name, doc.get("t"), stan)
+            return
+        del self.pending[stan]
+        if self._slot_waiters:
+            self._release_slot()
+        if p.timer is not None:
+            p.timer.cancel()
+        if not p.future.done():
+            p.future.set_result(doc)
+
+
+class _Expired(Exception):
+    pass
+
+
+class _Lost(Exception):
+    pass

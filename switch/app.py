@@ -1,0 +1,118 @@
+"""The switch service: builds links, router, flow and listeners from a Config and runs them.
+
+Start order: development PKI (if the config uses it), embedded simulators
+(their real ports go into the acquirer configs), acquirer links, router,
+listeners. Stop order (graceful): stop accepting, let in-flight requests
+finish (up to shutdown_grace), then close links and simulators.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+
+from core.health import AcquirerHealth
+from switch import certs
+from switch.acquirer import AcquirerLink
+from switch.config import Config
+from switch.flow import TransactionFlow
+from switch.listener import TerminalListener
+from switch.reversal import ReversalQueue
+from switch.router import Router
+
+log = logging.getLogger("isoswitch")
+
+
+class Switch:
+    def __init__(self, config: Config):
+        self.config = config
+        self.simulators: dict = {}
+        self.links: dict[str, AcquirerLink] = {}
+        self.listeners: list[TerminalListener] = []
+        self.reversals = ReversalQueue()
+        self.router: Router | None = None
+        self.flow: TransactionFlow | None = None
+        self.pki = None
+        self.late_responses = 0
+        self._stopped = asyncio.Event()
+
+    async def start(self) -> "Switch":
+        cfg = self.config
+        if cfg.uses_dev_pki:
+            self.pki = await asyncio.to_thread(certs.ensure_dev_pki, cfg.switch.state_dir)
+        acquirers = list(cfg.acquirers)
+        if cfg.simulators.embedded and cfg.simulators.acquirers:
+            from switch.sim.acquirer import AcquirerSimulator
+
+            for i, a in enumerate(acquirers):
+                sim_cfg = next((s for s in cfg.simulators.acquirers if s.name == a.name), None)
+                if sim_cfg is None:
+                    continue
+                ssl_ctx = None
+                if a.tls:
+                    pki = self.pki or certs.ensure_dev_pki(cfg.switch.state_dir)
+                    ssl_ctx = certs.server_context(pki.acquirer_cert, pki.acquirer_key, None,
+                                                   require_client_cert=False)
+                sim = AcquirerSimulator(
+                    name=a.name, port=sim_cfg.port, dialect=a.dialect, framing=a.framing,
+                    tpdu=a.tpdu, max_frame=a.max_frame, ssl=ssl_ctx,
+                    latency_ms=sim_cfg.latency_ms, approve_below=sim_cfg.approve_below,
+                )
+                await sim.start()
+                self.simulators[a.name] = sim
+                acquirers[i] = dataclasses.replace(a, port=sim.port, host="127.0.0.1")
+        healths = {}
+        for a in acquirers:
+            ssl_ctx = certs.client_context(a.ca, a.cert, a.key) if a.tls else None
+            link = AcquirerLink(a, ssl_context=ssl_ctx, on_late=self._on_late)
+            self.links[a.name] = link
+            healths[a.name] = link.health
+        self.reversals.bind(self.links)
+        self.router = Router(cfg.routing, healths)
+        self.flow = TransactionFlow(self.router, self.links, self.reversals)
+        for link in self.links.values():
+            await link.start()
+        for lc in cfg.listeners:
+            ssl_ctx = None
+            if lc.tls:
+                ssl_ctx = certs.server_context(lc.cert, lc.key, lc.client_ca, crl=lc.crl)
+            listener = TerminalListener(lc, self.flow, ssl_ctx)
+            await listener.start()
+            self.listeners.append(listener)
+        return self
+
+    def _on_late(self, acquirer: str, doc: dict) -> None:
+        # DESIGN.md #5: a late response is counted and never reaches the
+        # terminal; the reversal queued at the timeout still goes out.
+        self.late_responses += 1
+
+    async def wait_links_up(self, timeout: float = 5.0) -> bool:
+        deadline = time.monotonic() + timeout
+        for link in self.links.values():
+            if not await link.wait_up(max(0.0, deadline - time.monotonic())):
+                return False
+        return True
+
+    def reload_bin_table(self) -> None:
+        self.router.reload_bins()
+        log.info("BIN table reloaded")
+
+    async def stop(self, grace: float | None = None) -> None:
+        grace = self.config.switch.shutdown_grace if grace is None else grace
+        for lst in self.listeners:
+            lst.stop_accepting()
+        for lst in self.listeners:
+            await lst.drain(grace)
+        await self.reversals.stop()
+        for link in self.links.values():
+            await link.stop()
+        for sim in self.simulators.values():
+            await sim.stop()
+        self._stopped.set()
+
+    async def __aenter__(self):
+        return await self.start()
+
+    async def __aexit__(self, *exc):
+        await self.stop(grace=1.0)

@@ -1,0 +1,100 @@
+"""`isoswitch` command line: run the switch, run simulators.
+
+    isoswitch run [--config FILE]
+    isoswitch sim acquirer [...]
+    isoswitch sim terminal [...]
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+
+
+def _install_loop(use_uvloop: bool) -> str:
+    if use_uvloop:
+        try:
+            import uvloop
+
+            asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+            return "uvloop"
+        except ImportError:
+            pass
+    return "asyncio"
+
+
+async def _run(args) -> int:
+    from switch.app import Switch
+    from switch.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as e:
+        print(f"configuration error:\n{e}", file=sys.stderr)
+        return 2
+    sw = Switch(cfg)
+    await sw.start()
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+
+    def reload_bins():
+        try:
+            sw.reload_bin_table()
+        except Exception as e:  # keep serving on the old table
+            logging.getLogger("isoswitch").error("BIN table reload failed: %s", e)
+
+    loop.add_signal_handler(signal.SIGHUP, reload_bins)
+    await sw.wait_links_up(5.0)
+    for lst in sw.listeners:
+        mode = "mTLS" if lst.ssl_context is not None else "plain TCP"
+        print(f"isoswitch: listener {lst.cfg.name} on {lst.cfg.host}:{lst.port} ({mode}, "
+              f"dialect {lst.cfg.dialect}, framing {lst.cfg.framing})", flush=True)
+    for name, link in sw.links.items():
+        print(f"isoswitch: acquirer {name} -> {link.cfg.host}:{link.port} "
+              f"({'up' if link.up else 'connecting'})", flush=True)
+    if sw.listeners:
+        lst = sw.listeners[0]
+        extra = "" if lst.ssl_context is not None else " --no-tls"
+        print("isoswitch: send a test transaction with:\n"
+              f"  isoswitch sim terminal --host {lst.cfg.host} --port {lst.port} "
+              f"--state-dir {cfg.switch.state_dir} --count 10{extra}", flush=True)
+    await stop.wait()
+    print("isoswitch: shutting down", flush=True)
+    await sw.stop()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="isoswitch", description="Low-latency ISO 8583 switch")
+    sub = ap.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the switch")
+    run.add_argument("--config", type=Path, default=None, help="TOML config (default: embedded defaults)")
+    run.add_argument("--log-level", default="info")
+    sim = sub.add_parser("sim", help="simulated acquirers and terminals")
+    simsub = sim.add_subparsers(dest="sim_command", required=True)
+    from switch.sim.acquirer import add_acquirer_parser, run_acquirer_cli
+    from switch.sim.terminal import add_terminal_parser, run_terminal_cli
+
+    add_acquirer_parser(simsub)
+    add_terminal_parser(simsub)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=getattr(args, "log_level", "info").upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _install_loop(True)
+    try:
+        if args.command == "run":
+            return asyncio.run(_run(args))
+        if args.sim_command == "acquirer":
+            return asyncio.run(run_acquirer_cli(args))
+        return asyncio.run(run_terminal_cli(args))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
