@@ -40,6 +40,8 @@ DecodeError = _twin.DecodeError
 EncodeError = _twin.EncodeError
 SpecError = _twin.SpecError
 
+cdef uint64_t LOW63 = ~((<uint64_t>1) << 63)   # clears the "next bitmap follows" bit
+
 DEF MAX_FIELDS = 193       # index 0 = primary bitmap "p", 1..192 fields
 DEF STACK_BUF = 2048
 
@@ -558,8 +560,8 @@ def decode(data, spec, bint strict=False):
         spans[ns].c = idx
         ns += 1
         last_code = 1
-    bm[0] &= 0x7FFFFFFFFFFFFFFF
-    bm[1] &= 0x7FFFFFFFFFFFFFFF
+    bm[0] &= LOW63
+    bm[1] &= LOW63
     cdef int word, bit
     cdef uint64_t w
     for word in range(3):
@@ -778,19 +780,22 @@ cdef int _encode_field(WBuf* w, FieldDesc* f, object value, Span* span, int code
 
 
 cdef inline int _fast_field_number(object k):
-    """Canonical "1".."192" parsed in C; 0 for anything needing the slow path."""
+    """Canonical "1".."192" parsed in C; -1 for an ASCII key that is not a
+    number ("t", "h", "p": skipped, as str.isnumeric() would say); 0 for
+    anything the slow path must classify (non-ASCII, leading zero, too big)."""
     cdef Py_ssize_t n = PyUnicode_GET_LENGTH(k)
     cdef const unsigned char* s
     cdef int v = 0
     cdef Py_ssize_t i
-    if n < 1 or n > 3 or not PyUnicode_IS_ASCII(k):
+    if not PyUnicode_IS_ASCII(k):
         return 0
     s = <const unsigned char*>PyUnicode_DATA(k)
-    if s[0] == 48:
-        return 0
     for i in range(n):
         if s[i] < 48 or s[i] > 57:
-            return 0
+            return -1
+    if n < 1 or n > 3 or s[0] == 48:
+        return 0
+    for i in range(n):
         v = v * 10 + (s[i] - 48)
     return v if v <= 192 else 0
 
@@ -855,8 +860,10 @@ def encode(doc, spec, bint strict=False):
         PyDict_DelItem(doc, KEY_65)
     bm[0] = bm[1] = bm[2] = 0
     while PyDict_Next(doc, &pos, &k, &v):
-        num = _fast_field_number(<object>k) if PyUnicode_CheckExact(<object>k) else -1
-        if num <= 0:
+        num = _fast_field_number(<object>k) if PyUnicode_CheckExact(<object>k) else 0
+        if num < 0:
+            continue
+        if num == 0:
             num = _classify_key(<object>k)
             if num < 0:
                 continue
@@ -935,8 +942,8 @@ def encode(doc, spec, bint strict=False):
             spans[ns].b = start
             spans[ns].c = w.len
             ns += 1
-        bm[0] &= 0x7FFFFFFFFFFFFFFF
-        bm[1] &= 0x7FFFFFFFFFFFFFFF
+        bm[0] &= LOW63
+        bm[1] &= LOW63
         for word in range(3):
             wd = bm[word]
             while wd:
