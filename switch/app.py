@@ -99,6 +99,8 @@ class Switch:
         log.info("BIN table reloaded")
 
     async def stop(self, grace: float | None = None) -> None:
+        if self._stopped.is_set():
+            return
         grace = self.config.switch.shutdown_grace if grace is None else grace
         for lst in self.listeners:
             lst.stop_accepting()

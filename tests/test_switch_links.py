@@ -1,0 +1,139 @@
+"""Acquirer-link and routing behaviour: TLS links, late responses, reload, weights, shutdown."""
+import asyncio
+
+import pytest
+
+from switch import certs
+from switch.sim.acquirer import Fault
+from switch.sim.terminal import make_purchase
+from tests.switch_harness import run, running_switch, terminal
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def financial(sim):
+    return [d for d in sim.received if d.get("t") in ("0100", "0200")]
+
+
+def test_tls_acquirer_link_with_dev_pki(tmp_path):
+    pki = certs.ensure_dev_pki(tmp_path / "state")
+    sim_ctx = certs.server_context(pki.acquirer_cert, pki.acquirer_key, None, require_client_cert=False)
+
+    async def go():
+        opts = {"acq-a": {"tls": True, "ca": str(pki.ca_cert), "server_hostname": "localhost"}}
+        async with running_switch(tmp_path, {"acq-a": {"ssl": sim_ctx}}, acquirer_opts=opts) as sw:
+            assert sw.links["acq-a"].up
+            async with terminal(sw, tmp_path) as t:
+                assert (await t.request(make_purchase(1000, stan=3)))["39"] == "00"
+
+    run(go())
+
+
+def test_late_response_is_counted_never_sent_and_reversal_still_goes_out(tmp_path):
+    async def go():
+        async with running_switch(tmp_path, {"acq-a": {}}, acquirer_opts={"acq-a": {"timeout": 0.3}}) as sw:
+            a = sw.sims["acq-a"]
+            a.fault = Fault(delay_ms=600)
+            async with terminal(sw, tmp_path) as t:
+                r = await t.request(make_purchase(1000, stan=8), timeout=5)
+                assert r["39"] == "91"
+                await asyncio.sleep(0.8)
+                assert sw.links["acq-a"].counters["late"] >= 1
+                assert sw.late_responses >= 1
+                a.fault = Fault()
+                assert await sw.reversals.wait_empty(10)
+                assert [d for d in a.received if d["t"] in ("0400", "0401")]
+                # the terminal never saw a second answer for STAN 8
+                with pytest.raises(asyncio.TimeoutError):
+                    await t.receive_unsolicited(timeout=0.3)
+
+    run(go())
+
+
+def test_bin_table_reload_is_atomic_under_traffic(tmp_path):
+    csv_a = tmp_path / "bins_a.csv"
+    csv_b = tmp_path / "bins_b.csv"
+    header = "low,high,route,scheme,country,card_type,issuer\n"
+    csv_a.write_text(header + "476173,,to-a,visa,US,debit,\n")
+    csv_b.write_text(header + "476173,,to-b,visa,US,debit,\n")
+    routing = f"""
+    [routing]
+    bin_table = "{csv_a}"
+    [[routing.rules]]
+    name = "a"
+    route = ["to-a"]
+    acquirers = [{{name = "acq-a"}}]
+    [[routing.rules]]
+    name = "b"
+    route = ["to-b"]
+    acquirers = [{{name = "acq-b"}}]
+    """
+
+    async def go():
+        async with running_switch(tmp_path, routing=routing) as sw:
+            a, b = sw.sims["acq-a"], sw.sims["acq-b"]
+            async with terminal(sw, tmp_path) as t:
+                first = await asyncio.gather(*(t.request(make_purchase(1000, stan=i)) for i in range(1, 51)))
+                sw.router.reload_bins(csv_b)
+                second = await asyncio.gather(*(t.request(make_purchase(1000, stan=i)) for i in range(51, 101)))
+                (tmp_path / "bad.csv").write_text(header + "47x173,,oops,visa,US,debit,\n")
+                with pytest.raises(Exception):
+                    sw.router.reload_bins(tmp_path / "bad.csv")
+                third = await t.request(make_purchase(1000, stan=200))
+            assert all(r["39"] == "00" for r in first + second + [third])
+            assert len(financial(a)) == 50 and len(financial(b)) == 51  # bad file kept table b
+
+    run(go())
+
+
+def test_weighted_volume_split(tmp_path):
+    routing = """
+    [[routing.rules]]
+    name = "split"
+    acquirers = [{name = "acq-a", weight = 3.0}, {name = "acq-b", weight = 1.0}]
+    """
+
+    async def go():
+        async with running_switch(tmp_path, routing=routing) as sw:
+            sw.router.rng.seed(8583)
+            async with terminal(sw, tmp_path) as t:
+                await asyncio.gather(*(t.request(make_purchase(1000, stan=i)) for i in range(1, 401)))
+            na, nb = len(financial(sw.sims["acq-a"])), len(financial(sw.sims["acq-b"]))
+            assert na + nb == 400
+            assert 0.65 < na / 400 < 0.85, (na, nb)
+
+    run(go())
+
+
+def test_translation_rewrites_institution_ids_and_restores_terminal_fields(tmp_path):
+    async def go():
+        opts = {"acq-a": {"institution_id": "12345678901", "forwarding_id": "999"}}
+        async with running_switch(tmp_path, {"acq-a": {}}, acquirer_opts=opts) as sw:
+            async with terminal(sw, tmp_path) as t:
+                req = make_purchase(1000, stan=12)
+                r = await t.request(req)
+            got = financial(sw.sims["acq-a"])[0]
+            assert got["32"] == "12345678901" and got["33"] == "999"
+            assert r["11"] == "000012" and "33" not in r and r.get("32") == req.get("32")
+            assert "35" not in r and "52" not in r
+
+    run(go())
+
+
+def test_graceful_shutdown_finishes_in_flight_work(tmp_path):
+    async def go():
+        async with running_switch(tmp_path, {"acq-a": {"latency_ms": 300.0}}) as sw:
+            t = terminal(sw, tmp_path)
+            await t.connect()
+            pending = [asyncio.create_task(t.request(make_purchase(1000, stan=i), timeout=5))
+                       for i in range(1, 21)]
+            await asyncio.sleep(0.1)  # all 20 are now in flight at the acquirer
+            await sw.stop(grace=3.0)
+            results = await asyncio.gather(*pending, return_exceptions=True)
+            assert all(isinstance(r, dict) and r["39"] == "00" for r in results), results
+            # no longer accepting
+            with pytest.raises(OSError):
+                await asyncio.open_connection("127.0.0.1", sw.listeners[0].port)
+            await t.close()
+
+    run(go())
