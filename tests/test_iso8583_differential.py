@@ -61,20 +61,10 @@ def test_dialect_round_trip_matches_pyiso8583(dialect):
     run()
 
 
-def test_tertiary_bitmap_matches_pyiso8583():
-    spec = with_tertiary(load_dialect("default_ascii"))
-
-    @settings(max_examples=300, deadline=None, database=None,
-              suppress_health_check=list(HealthCheck))
-    @given(documents(spec, cap=16))
-    def run(doc):
-        _check_all(spec, doc)
-
-    run()
-
-
-def test_binary_bitmap_tertiary_matches_pyiso8583():
-    spec = with_tertiary(load_dialect("default"))
+@pytest.mark.parametrize("base", ["default_ascii", "default"])
+def test_tertiary_bitmap_matches_pyiso8583(base):
+    """Fields 129..192 (tertiary bitmap), hex-text and binary bitmaps."""
+    spec = with_tertiary(load_dialect(base))
 
     @settings(max_examples=300, deadline=None, database=None,
               suppress_health_check=list(HealthCheck))
