@@ -20,7 +20,7 @@ import iso8583 as pyiso
 
 from core.dialect import load_dialect
 
-TEST_PAN = "4761739001010010"  # Visa test card number (public test range)
+from switch.messages import TEST_PAN  # test card from a public test range
 
 
 def sample_0200(spec: dict) -> dict:

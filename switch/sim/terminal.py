@@ -48,7 +48,7 @@ __all__ = [
     "run_terminals",
 ]
 
-TEST_PAN = "4761739001010010"
+from switch.messages import TEST_PAN  # noqa: E402  (test card, public test range)
 DEFAULT_TPDU = b"\x60\x00\x01\x00\x00"  # id 60, destination NII 001, origin 000
 
 _SPECS: dict[str, tuple[dict, bool]] = {}
