@@ -26,6 +26,7 @@ from switch.messages import (
     RC_SYSTEM_ERROR,
     REVERSAL_REQUESTS,
     mask_pan,
+    original_mti,
     pan_of,
     response_mti,
     switch_response,
@@ -75,7 +76,8 @@ class TransactionFlow:
     async def process(self, req: dict, ctx: RequestContext) -> dict:
         """The terminal-side response for one decoded request; never raises."""
         mti = req.get("t", "")
-        key = (req.get("41"), req.get("11"), req.get("7"), mti)
+        # a repeat (0201) of a request already seen is that request again
+        key = (req.get("41"), req.get("11"), req.get("7"), original_mti(mti))
         if key[0] is not None and key[1] is not None:
             prior = self._recent.get(key)
             if prior is not None:
@@ -106,7 +108,7 @@ class TransactionFlow:
         if mti not in FINANCIAL_REQUESTS and mti not in REVERSAL_REQUESTS:
             self.counters["format_errors"] += 1
             return switch_response(req, RC_FORMAT_ERROR)
-        for f in REQUIRED.get(mti, ()):
+        for f in REQUIRED.get(original_mti(mti), ()):
             if not req.get(f):
                 self.counters["format_errors"] += 1
                 return switch_response(req, RC_FORMAT_ERROR)

@@ -30,6 +30,7 @@ class TerminalListener:
         self.flow = flow
         self.ssl_context = ssl_context
         self.spec = iso8583.load_dialect(cfg.dialect)
+        self.defined_fields = frozenset(k for k in self.spec if not k.startswith("_"))
         self.server: asyncio.base_events.Server | None = None
         self.connections: set[TerminalProtocol] = set()
         self.counters = collections.Counter()
@@ -71,6 +72,7 @@ class TerminalProtocol(asyncio.Protocol):
         cfg = listener.cfg
         self.cfg = cfg
         self.spec = listener.spec
+        self._defined = listener.defined_fields
         self.decoder = framing.FrameDecoder(header=cfg.framing, max_frame=cfg.max_frame, tpdu=cfg.tpdu)
         self.transport = None
         self.identity: str | None = None
@@ -198,6 +200,9 @@ class TerminalProtocol(asyncio.Protocol):
         if t is None or t.is_closing():
             self.listener.counters["answers_lost"] += 1  # connection gone (invariant 1's exception)
             return
+        if not self._defined.issuperset(resp):
+            # the acquirer's dialect may carry fields this terminal's does not
+            resp = {k: v for k, v in resp.items() if k in self._defined}
         try:
             raw, _ = iso8583.encode(resp, self.spec)
         except iso8583.EncodeError as e:

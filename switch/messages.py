@@ -17,7 +17,7 @@ RC_DUPLICATE = "94"
 RC_SYSTEM_ERROR = "96"
 
 # Request MTIs the switch forwards; network management is answered locally
-FINANCIAL_REQUESTS = frozenset({"0100", "0200", "0220"})
+FINANCIAL_REQUESTS = frozenset({"0100", "0101", "0200", "0201", "0220", "0221"})
 REVERSAL_REQUESTS = frozenset({"0400", "0401", "0420", "0421"})
 NETWORK_REQUESTS = frozenset({"0800"})
 
@@ -36,6 +36,11 @@ def response_mti(mti: str) -> str:
     if third in "02468":
         return mti[:2] + str(int(third) + 1) + "0"
     return mti[:3] + "0"
+
+
+def original_mti(mti: str) -> str:
+    """0201 -> 0200: a repeat is the same request sent again."""
+    return mti[:3] + "0" if len(mti) == 4 and mti[3] == "1" else mti
 
 
 def is_response_to(request_mti: str, response: str) -> bool:

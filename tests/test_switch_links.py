@@ -137,3 +137,23 @@ def test_graceful_shutdown_finishes_in_flight_work(tmp_path):
             await t.close()
 
     run(go())
+
+
+def test_retransmission_is_replayed_never_forwarded_twice(tmp_path):
+    async def go():
+        async with running_switch(tmp_path, {"acq-a": {"latency_ms": 200.0}}) as sw:
+            a = sw.sims["acq-a"]
+            async with terminal(sw, tmp_path) as t:
+                req = make_purchase(4321, stan=55)
+                # the original and a retransmission while it is in flight
+                r1, r2 = await asyncio.gather(t.request(dict(req), timeout=5),
+                                              t.request(dict(req), timeout=5))
+                # and again after it completed, once as a repeat MTI
+                r3 = await t.request(dict(req), timeout=5)
+                r4 = await t.request(dict(req, t="0201"), timeout=5)
+            assert len(financial(a)) == 1
+            assert r1 == r2 == r3 and r1["39"] == "00" and r1["38"]
+            assert (r4["39"], r4["38"]) == (r1["39"], r1["38"])
+            assert sw.flow.counters["retransmissions"] == 3
+
+    run(go())
