@@ -1,0 +1,1224 @@
+"""The transaction journal and the durable store-and-forward queue.
+
+Two backends with identical behaviour behind one abstract :class:`Journal`:
+
+* :class:`SqliteJournal` -- the embedded default for one process. WAL mode;
+  every write goes through ONE dedicated writer thread that drains a queue
+  and commits whatever is waiting as one transaction (group commit). A
+  caller's ``await`` returns only after the commit holding its write is
+  durable (``synchronous=FULL`` by default). Point reads on the hot path
+  (``find_duplicate``, ``get``) run synchronously on the event loop thread
+  on their own read connection (a few microseconds, cheaper than a thread
+  hop); range queries run on a second read connection in a worker thread.
+* :class:`PostgresJournal` -- several switch processes sharing one database
+  (asyncpg pool). Store-and-forward entries are claimed with
+  ``SELECT ... FOR UPDATE SKIP LOCKED`` so no entry is handed to two workers.
+
+DESIGN.md invariants served here: 2 (journal before forward, outcome before
+answer: every ``record_*`` returns after commit), 4 (durable FIFO queue,
+retry with backoff, parking), 5 (late responses journaled), 6 (duplicate
+detection and replay), 7 (crash recovery queues reversals exactly once).
+
+Card data (DESIGN.md "Card data"):
+
+* the clear PAN lives only in memory (``TxnRecord.pan``); rows carry the
+  masked PAN (at most BIN + last 4) and an HMAC-SHA256 fingerprint keyed
+  with the key file's fingerprint key -- never a plain hash;
+* track data (DE35/DE45/DE36), PIN blocks (DE52) and ICC data (DE55) are
+  dropped from everything the journal is given, before serialization: they
+  are never stored, not even encrypted;
+* the fields a reversal needs (which include DE2 and DE14) are stored only as
+  AES-256-GCM ciphertext (msgpack, then :meth:`KeyRing.encrypt`, associated
+  data binding the blob to its row), and deleted as soon as they are not
+  needed: when the outcome is known, or when the reversal is queued (the
+  queue entry holds its own ciphertext, deleted on acknowledgement);
+* the response kept for replay is sanitized (DE2 masked, DE14/35/36/45/52/55
+  removed) and stored as msgpack.
+
+Crash recovery (invariant 7): every row carries the ``boot_id`` of the
+journal instance that wrote it and that instance's ``node_id``; each live
+instance keeps a heartbeat row in ``journal_node``. A forwarded transaction
+without a known acquirer outcome and without a queued reversal belongs to a
+dead instance when its boot is not this one and either the boot has no fresh
+heartbeat or it has the same ``node_id`` as this instance (a restarted node
+replaces its previous incarnation). :meth:`Journal.recover_and_enqueue`
+queues a reversal for each such row and marks it in the same transaction,
+so a second call (or a second node racing on PostgreSQL) queues nothing.
+"""
+from __future__ import annotations
+
+import abc
+import asyncio
+import logging
+import os
+import queue
+import re
+import shutil
+import socket
+import sqlite3
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import msgpack
+
+from switch.keys import DecryptError, KeyRing
+from switch.messages import mask_pan
+
+log = logging.getLogger("isoswitch.journal")
+
+__all__ = [
+    "DuplicateTransaction",
+    "Journal",
+    "JournalError",
+    "PostgresJournal",
+    "SfEntry",
+    "SqliteJournal",
+    "TxnRecord",
+    "make_journal",
+    "sanitize_fields",
+    "sanitize_replay",
+]
+
+# Sensitive authentication data: never stored, not even encrypted (PCI DSS 3.3.1).
+# 35/36/45 track 2/3/1, 52 PIN block, 55 ICC data (may hold track-2 equivalent, tag 57).
+NEVER_STORED = frozenset({"35", "36", "45", "52", "55"})
+# A response kept for replay also loses the expiry date; DE2 is masked.
+NOT_REPLAYED = NEVER_STORED | {"14"}
+
+TXN_STATES = ("received", "forwarded", "timeout", "done", "unknown", "abandoned")
+SF_KINDS = ("reversal", "advice")
+
+DEFAULT_STALE_AFTER = 30.0  # seconds without heartbeat before a node counts as dead
+
+
+class JournalError(Exception):
+    """The journal could not do what was asked (closed, storage failure, unknown row)."""
+
+
+class DuplicateTransaction(JournalError):
+    """``record_received`` for a (terminal, STAN, transmission time, MTI) already journaled."""
+
+    def __init__(self, terminal_id: str, terminal_stan: str, terminal_tx_time: str, mti: str):
+        self.key = (terminal_id, terminal_stan, terminal_tx_time, mti)
+        super().__init__(f"duplicate transaction: terminal {terminal_id} STAN {terminal_stan} "
+                         f"DE7 {terminal_tx_time} MTI {mti}")
+
+
+@dataclass
+class TxnRecord:
+    """A request as received from a terminal. ``pan`` is clear and stays in memory only."""
+
+    listener: str
+    terminal_id: str
+    terminal_stan: str
+    terminal_tx_time: str  # DE7
+    mti: str
+    rrn: str | None = None
+    amount: int | None = None  # DE4, minor units
+    currency: str | None = None  # DE49
+    pan: str | None = field(default=None, repr=False)
+    proc_code: str | None = None  # DE3
+    received_at: float = field(default_factory=time.time)
+
+
+@dataclass
+class SfEntry:
+    """A store-and-forward entry. ``payload`` is decrypted only by ``sf_claim``."""
+
+    id: int
+    acquirer: str
+    kind: str
+    txn_id: int | None
+    state: str  # queued | parked | acked
+    created_at: float
+    next_at: float
+    attempts: int
+    claims: int
+    last_error: str | None = None
+    lease_owner: str | None = None
+    lease_until: float | None = None
+    parked_reason: str | None = None
+    parked_at: float | None = None
+    acked_at: float | None = None
+    payload: dict | None = field(default=None, repr=False)
+
+    @property
+    def repeat(self) -> bool:
+        """True when this entry may have been sent before (a reversal goes as 0401)."""
+        return self.attempts > 0 or self.claims > 1
+
+    @property
+    def parked(self) -> bool:
+        return self.state == "parked"
+
+
+# --------------------------------------------------------------------------
+# Sanitizing what the journal is given
+
+
+def _key(k: Any) -> str:
+    return str(k)
+
+
+def sanitize_fields(fields: dict | None) -> dict:
+    """Field dict with string keys and no sensitive authentication data (35/36/45/52/55)."""
+    if not fields:
+        return {}
+    return {_key(k): v for k, v in fields.items() if _key(k) not in NEVER_STORED}
+
+
+def sanitize_replay(doc: dict | None) -> dict:
+    """A response safe to keep for replay: DE2 masked, DE14/35/36/45/52/55 removed."""
+    if not doc:
+        return {}
+    out = {}
+    for k, v in doc.items():
+        k = _key(k)
+        if k in NOT_REPLAYED:
+            continue
+        if k == "2":
+            v = mask_pan(v if isinstance(v, str) else str(v))
+        out[k] = v
+    return out
+
+
+def _pack(obj: Any) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def _unpack(b: bytes | None) -> Any:
+    if b is None:
+        return None
+    return msgpack.unpackb(bytes(b), raw=False, strict_map_key=False)
+
+
+def _txn_aad(txn_id: int) -> bytes:
+    return b"isoswitch/txn/%d" % txn_id
+
+
+def _sf_aad(acquirer: str, kind: str, txn_id: int | None) -> bytes:
+    return b"isoswitch/sf/" + acquirer.encode("utf-8") + b"/" + kind.encode("ascii") + b"/" + (
+        b"-" if txn_id is None else b"%d" % txn_id)
+
+
+def _ts(v: Any) -> float | None:
+    """Epoch seconds from a float/int/datetime (None stays None)."""
+    if v is None:
+        return None
+    if hasattr(v, "timestamp"):
+        return float(v.timestamp())
+    return float(v)
+
+
+# --------------------------------------------------------------------------
+# SQL shared by both backends (written with ? placeholders; PostgreSQL gets $n)
+
+_SCHEMA_SQLITE = """
+CREATE TABLE IF NOT EXISTS journal_meta (
+    k TEXT PRIMARY KEY,
+    v TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS journal_node (
+    boot_id TEXT PRIMARY KEY,
+    node_id TEXT NOT NULL,
+    started_at REAL NOT NULL,
+    heartbeat_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS txn (
+    id INTEGER PRIMARY KEY,
+    listener TEXT,
+    terminal_id TEXT NOT NULL,
+    terminal_stan TEXT NOT NULL,
+    terminal_tx_time TEXT NOT NULL,
+    mti TEXT NOT NULL,
+    rrn TEXT,
+    amount BIGINT,
+    currency TEXT,
+    pan_masked TEXT,
+    pan_fingerprint TEXT,
+    proc_code TEXT,
+    received_at REAL NOT NULL,
+    node_id TEXT NOT NULL,
+    boot_id TEXT NOT NULL,
+    state TEXT NOT NULL,
+    acquirer TEXT,
+    link_stan TEXT,
+    forwarded_at REAL,
+    reversal_fields BLOB,
+    timed_out_at REAL,
+    response_code TEXT,
+    approval_code TEXT,
+    response_doc BLOB,
+    latency_ms REAL,
+    completed_at REAL,
+    late_response_code TEXT,
+    late_response_at REAL,
+    reversal_queued INTEGER NOT NULL DEFAULT 0,
+    UNIQUE (terminal_id, terminal_stan, terminal_tx_time, mti)
+);
+CREATE INDEX IF NOT EXISTS txn_rrn ON txn (rrn);
+CREATE INDEX IF NOT EXISTS txn_terminal ON txn (terminal_id, received_at);
+CREATE INDEX IF NOT EXISTS txn_received ON txn (received_at);
+CREATE INDEX IF NOT EXISTS txn_link ON txn (acquirer, link_stan);
+CREATE INDEX IF NOT EXISTS txn_pan_fp ON txn (pan_fingerprint);
+CREATE INDEX IF NOT EXISTS txn_unresolved ON txn (id)
+    WHERE forwarded_at IS NOT NULL AND reversal_queued = 0
+      AND (response_code IS NULL OR timed_out_at IS NOT NULL);
+CREATE INDEX IF NOT EXISTS txn_open ON txn (id) WHERE state = 'received';
+CREATE TABLE IF NOT EXISTS sf_queue (
+    id INTEGER PRIMARY KEY,
+    acquirer TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    txn_id BIGINT,
+    payload BLOB,
+    state TEXT NOT NULL DEFAULT 'queued',
+    created_at REAL NOT NULL,
+    next_at REAL NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    claims INTEGER NOT NULL DEFAULT 0,
+    last_error TEXT,
+    lease_owner TEXT,
+    lease_until REAL,
+    parked_reason TEXT,
+    parked_at REAL,
+    acked_at REAL
+);
+CREATE INDEX IF NOT EXISTS sf_due ON sf_queue (acquirer, id) WHERE state = 'queued';
+CREATE INDEX IF NOT EXISTS sf_parked ON sf_queue (id) WHERE state = 'parked';
+CREATE INDEX IF NOT EXISTS sf_txn ON sf_queue (txn_id);
+CREATE TABLE IF NOT EXISTS late_response (
+    id INTEGER PRIMARY KEY,
+    acquirer TEXT NOT NULL,
+    link_stan TEXT NOT NULL,
+    response_code TEXT,
+    txn_id BIGINT,
+    received_at REAL NOT NULL
+);
+"""
+
+
+def _pg_schema() -> str:
+    s = _SCHEMA_SQLITE.replace("INTEGER PRIMARY KEY", "BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY")
+    s = re.sub(r"\bREAL\b", "DOUBLE PRECISION", s)
+    s = re.sub(r"\bBLOB\b", "BYTEA", s)
+    return s
+
+
+SCHEMA_VERSION = "1"
+
+TXN_COLS = (
+    "id", "listener", "terminal_id", "terminal_stan", "terminal_tx_time", "mti", "rrn", "amount",
+    "currency", "pan_masked", "pan_fingerprint", "proc_code", "received_at", "node_id", "boot_id",
+    "state", "acquirer", "link_stan", "forwarded_at", "timed_out_at", "response_code",
+    "approval_code", "response_doc", "latency_ms", "completed_at", "late_response_code",
+    "late_response_at", "reversal_queued",
+)
+_TXN_SELECT = ("SELECT " + ", ".join(TXN_COLS)
+               + ", reversal_fields IS NOT NULL AS has_reversal_fields FROM txn")
+SF_COLS = ("id", "acquirer", "kind", "txn_id", "state", "created_at", "next_at", "attempts", "claims",
+           "last_error", "lease_owner", "lease_until", "parked_reason", "parked_at", "acked_at")
+_SF_SELECT = "SELECT " + ", ".join(SF_COLS) + " FROM sf_queue"
+
+SQL_INSERT_TXN = (
+    "INSERT INTO txn (listener, terminal_id, terminal_stan, terminal_tx_time, mti, rrn, amount, "
+    "currency, pan_masked, pan_fingerprint, proc_code, received_at, node_id, boot_id, state) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'received') "
+    "ON CONFLICT (terminal_id, terminal_stan, terminal_tx_time, mti) DO NOTHING RETURNING id"
+)
+# A failover re-forwards to the next acquirer: allowed while no outcome and no timeout.
+SQL_FORWARDED = (
+    "UPDATE txn SET state = 'forwarded', acquirer = ?, link_stan = ?, forwarded_at = ?, "
+    "reversal_fields = ? WHERE id = ? AND response_code IS NULL AND timed_out_at IS NULL "
+    "AND reversal_queued = 0"
+)
+# Encrypted reversal fields are kept only while a reversal may still be needed
+# and is not queued yet (the queue entry holds its own copy).
+SQL_OUTCOME = (
+    "UPDATE txn SET state = 'done', response_code = ?, approval_code = ?, response_doc = ?, "
+    "latency_ms = ?, completed_at = ?, reversal_fields = CASE WHEN timed_out_at IS NOT NULL "
+    "AND reversal_queued = 0 THEN reversal_fields ELSE NULL END WHERE id = ?"
+)
+SQL_TIMEOUT = (
+    "UPDATE txn SET state = CASE WHEN state = 'done' THEN state ELSE 'timeout' END, "
+    "timed_out_at = ? WHERE id = ? AND timed_out_at IS NULL"
+)
+SQL_LATE_FIND = "SELECT id FROM txn WHERE acquirer = ? AND link_stan = ? ORDER BY id DESC LIMIT 1"
+SQL_LATE_TXN = "UPDATE txn SET late_response_code = ?, late_response_at = ? WHERE id = ?"
+SQL_LATE_INSERT = ("INSERT INTO late_response (acquirer, link_stan, response_code, txn_id, received_at) "
+                   "VALUES (?, ?, ?, ?, ?)")
+SQL_FIND_DUP = ("SELECT id, state, response_code, response_doc FROM txn WHERE terminal_id = ? "
+                "AND terminal_stan = ? AND terminal_tx_time = ? AND mti = ?")
+SQL_SF_INSERT = ("INSERT INTO sf_queue (acquirer, kind, txn_id, payload, state, created_at, next_at) "
+                 "VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING id")
+SQL_SF_MARK_TXN = ("UPDATE txn SET reversal_queued = 1, reversal_fields = NULL, "
+                   "state = CASE WHEN state IN ('forwarded', 'timeout') AND response_code IS NULL "
+                   "THEN 'timeout' ELSE state END WHERE id = ?")
+SQL_SF_ACK = ("UPDATE sf_queue SET state = 'acked', payload = NULL, acked_at = ?, lease_owner = NULL, "
+              "lease_until = NULL WHERE id = ? AND state <> 'acked'")
+SQL_SF_RETRY = ("UPDATE sf_queue SET attempts = attempts + 1, next_at = ?, last_error = ?, "
+                "lease_owner = NULL, lease_until = NULL WHERE id = ? AND state = 'queued'")
+SQL_SF_PARK = ("UPDATE sf_queue SET state = 'parked', parked_reason = ?, parked_at = ?, "
+               "lease_owner = NULL, lease_until = NULL WHERE id = ? AND state = 'queued'")
+SQL_SF_REQUEUE = ("UPDATE sf_queue SET state = 'queued', next_at = ?, attempts = 0, parked_reason = NULL, "
+                  "parked_at = NULL, last_error = ? WHERE id = ? AND state = 'parked'")
+SQL_SF_CLAIM_PICK = (
+    "SELECT id FROM sf_queue WHERE acquirer = ? AND state = 'queued' AND next_at <= ? "
+    "AND (lease_until IS NULL OR lease_until < ?) ORDER BY id LIMIT 1"
+)
+_SF_RETURNING = " RETURNING " + ", ".join(SF_COLS) + ", payload"
+SQL_SF_CLAIM_SQLITE = (
+    "UPDATE sf_queue SET lease_owner = ?, lease_until = ?, claims = claims + 1 "
+    "WHERE id = (" + SQL_SF_CLAIM_PICK + ")" + _SF_RETURNING
+)
+SQL_SF_CLAIM_PG = (
+    "WITH pick AS (" + SQL_SF_CLAIM_PICK + " FOR UPDATE SKIP LOCKED) "
+    "UPDATE sf_queue SET lease_owner = ?, lease_until = ?, claims = claims + 1 "
+    "WHERE id = (SELECT id FROM pick)" + _SF_RETURNING
+)
+SQL_NODE_UPSERT = ("INSERT INTO journal_node (boot_id, node_id, started_at, heartbeat_at) VALUES (?, ?, ?, ?) "
+                   "ON CONFLICT (boot_id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at")
+SQL_NODE_DELETE = "DELETE FROM journal_node WHERE boot_id = ?"
+# Rows of dead instances: not this boot, and the boot has no fresh heartbeat
+# of another node (a boot of this node_id is this node's previous life).
+_DEAD = ("t.boot_id <> ? AND NOT EXISTS (SELECT 1 FROM journal_node n WHERE n.boot_id = t.boot_id "
+         "AND n.heartbeat_at >= ? AND n.node_id <> ?)")
+_UNRESOLVED = ("t.forwarded_at IS NOT NULL AND t.reversal_queued = 0 "
+               "AND (t.response_code IS NULL OR t.timed_out_at IS NOT NULL)")
+SQL_RECOVER_SELECT = ("SELECT t.id, t.acquirer, t.link_stan, t.reversal_fields FROM txn t WHERE "
+                      + _UNRESOLVED + " AND " + _DEAD + " ORDER BY t.id")
+SQL_RECOVER_MARK = ("UPDATE txn SET reversal_queued = 1, reversal_fields = NULL, "
+                    "state = CASE WHEN response_code IS NULL THEN 'unknown' ELSE state END WHERE id = ?")
+SQL_ABANDON = ("UPDATE txn SET state = 'abandoned' WHERE id IN (SELECT t.id FROM txn t WHERE "
+               "t.state = 'received' AND " + _DEAD + ")")
+
+
+def _pg(sql: str) -> str:
+    """? placeholders -> $1, $2, ... (none of our SQL has ? inside literals)."""
+    n = 0
+
+    def sub(_m):
+        nonlocal n
+        n += 1
+        return f"${n}"
+
+    return re.sub(r"\?", sub, sql)
+
+
+# --------------------------------------------------------------------------
+# The abstract journal
+
+
+class Journal(abc.ABC):
+    """Common behaviour; backends implement the ``_`` primitives."""
+
+    backend = "abstract"
+
+    def __init__(self, keyring: KeyRing, *, node_id: str | None = None,
+                 stale_after: float = DEFAULT_STALE_AFTER):
+        if not isinstance(keyring, KeyRing):
+            raise TypeError("a journal needs a switch.keys.KeyRing")
+        self.keyring = keyring
+        self.node_id = node_id or self._default_node_id()
+        self.boot_id = uuid.uuid4().hex
+        self.stale_after = float(stale_after)
+        self._heartbeat_task: asyncio.Task | None = None
+        self._started = False
+
+    def _default_node_id(self) -> str:
+        return f"{socket.gethostname()}:{os.getpid()}"
+
+    # -- lifecycle
+
+    async def start(self) -> None:
+        await self._start()
+        await self._heartbeat()
+        self._started = True
+        self._heartbeat_task = asyncio.get_running_loop().create_task(self._heartbeat_loop())
+
+    async def close(self) -> None:
+        if self._heartbeat_task is not None:
+            self._heartbeat_task.cancel()
+            try:
+                await self._heartbeat_task
+            except (asyncio.CancelledError, Exception):
+                pass
+            self._heartbeat_task = None
+        if self._started:
+            try:
+                await self._node_gone()
+            except Exception:  # closing anyway
+                log.warning("journal: could not remove node heartbeat row", exc_info=True)
+        self._started = False
+        await self._close()
+
+    async def __aenter__(self) -> "Journal":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def _heartbeat_loop(self) -> None:
+        period = max(0.5, self.stale_after / 3)
+        while True:
+            await asyncio.sleep(period)
+            try:
+                await self._heartbeat()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.warning("journal: heartbeat failed", exc_info=True)
+
+    # -- transaction lifecycle
+
+    async def record_received(self, txn: TxnRecord) -> int:
+        """Journal a request; returns its txn_id. Raises DuplicateTransaction on a repeat key."""
+        pan = txn.pan
+        params = (
+            txn.listener, str(txn.terminal_id), str(txn.terminal_stan), str(txn.terminal_tx_time),
+            str(txn.mti), txn.rrn, None if txn.amount is None else int(txn.amount), txn.currency,
+            mask_pan(pan) if pan else None, self.keyring.pan_fingerprint(pan) if pan else None,
+            txn.proc_code, float(_ts(txn.received_at)), self.node_id, self.boot_id,
+        )
+        txn_id = await self._insert_txn(params)
+        if txn_id is None:
+            raise DuplicateTransaction(txn.terminal_id, txn.terminal_stan, txn.terminal_tx_time, txn.mti)
+        return txn_id
+
+    async def record_forwarded(self, txn_id: int, acquirer: str, link_stan: str,
+                               reversal_fields: dict) -> None:
+        """Journal (durably) that the request is about to be sent; call BEFORE writing it."""
+        blob = self.keyring.encrypt(_pack(sanitize_fields(reversal_fields)), _txn_aad(txn_id))
+        n = await self._exec(SQL_FORWARDED, (acquirer, str(link_stan), time.time(), blob, txn_id))
+        if n != 1:
+            raise JournalError(f"txn {txn_id}: cannot record forwarding (unknown, or outcome, "
+                               "timeout or reversal already journaled)")
+
+    async def record_outcome(self, txn_id: int, response_code: str | None, approval_code: str | None,
+                             response_doc_for_replay: dict | None, latency_ms: float | None) -> None:
+        """Journal the answer the terminal gets (kept sanitized for replay); call BEFORE answering."""
+        doc = _pack(sanitize_replay(response_doc_for_replay))
+        n = await self._exec(SQL_OUTCOME, (response_code, approval_code, doc,
+                                           None if latency_ms is None else float(latency_ms),
+                                           time.time(), txn_id))
+        if n != 1:
+            raise JournalError(f"txn {txn_id}: unknown transaction")
+
+    async def record_timeout(self, txn_id: int) -> None:
+        await self._exec(SQL_TIMEOUT, (time.time(), txn_id))
+
+    async def record_late_response(self, acquirer: str, link_stan: str,
+                                   response_code: str | None) -> int | None:
+        """Journal a response that came after its request timed out; returns the txn_id matched."""
+        return await self._late_response(acquirer, str(link_stan), response_code, time.time())
+
+    async def find_duplicate(self, terminal_id: str, terminal_stan: str, terminal_tx_time: str,
+                             mti: str) -> tuple[str | None, dict | None]:
+        """("in_flight", None) | ("done", replay or None) | (None, None)."""
+        row = await self._fetchone(SQL_FIND_DUP, (str(terminal_id), str(terminal_stan),
+                                                  str(terminal_tx_time), str(mti)))
+        if row is None:
+            return None, None
+        _id, state, rc, doc = row
+        if state in ("received", "forwarded", "timeout") and rc is None:
+            return "in_flight", None
+        if rc is None or doc is None:
+            return "done", None  # outcome unknown (recovered / abandoned): a 94 for the terminal
+        return "done", _unpack(doc)
+
+    # -- queries (rows never hold clear PAN, track data or PIN blocks)
+
+    def _txn_row(self, r) -> dict:
+        d = dict(zip(TXN_COLS + ("has_reversal_fields",), r))
+        d["txn_id"] = d.pop("id")
+        d["response"] = _unpack(d.pop("response_doc"))
+        d["reversal_queued"] = bool(d["reversal_queued"])
+        d["has_reversal_fields"] = bool(d["has_reversal_fields"])
+        return d
+
+    async def get(self, txn_id: int) -> dict | None:
+        r = await self._fetchone(_TXN_SELECT + " WHERE id = ?", (txn_id,))
+        return None if r is None else self._txn_row(r)
+
+    async def by_rrn(self, rrn: str) -> list[dict]:
+        rows = await self._fetchall(_TXN_SELECT + " WHERE rrn = ? ORDER BY id", (rrn,), slow=False)
+        return [self._txn_row(r) for r in rows]
+
+    async def by_terminal(self, terminal_id: str, since=None, until=None, limit: int = 100,
+                          offset: int = 0) -> list[dict]:
+        sql, params = _TXN_SELECT + " WHERE terminal_id = ?", [str(terminal_id)]
+        sql, params = self._time_range(sql, params, since, until)
+        rows = await self._fetchall(sql + " ORDER BY received_at, id LIMIT ? OFFSET ?",
+                                    (*params, int(limit), int(offset)))
+        return [self._txn_row(r) for r in rows]
+
+    async def by_time(self, since=None, until=None, limit: int = 100, offset: int = 0) -> list[dict]:
+        sql, params = self._time_range(_TXN_SELECT + " WHERE 1 = 1", [], since, until)
+        rows = await self._fetchall(sql + " ORDER BY received_at, id LIMIT ? OFFSET ?",
+                                    (*params, int(limit), int(offset)))
+        return [self._txn_row(r) for r in rows]
+
+    @staticmethod
+    def _time_range(sql: str, params: list, since, until) -> tuple[str, list]:
+        if since is not None:
+            sql += " AND received_at >= ?"
+            params.append(_ts(since))
+        if until is not None:
+            sql += " AND received_at < ?"
+            params.append(_ts(until))
+        return sql, params
+
+    # -- store-and-forward
+
+    async def sf_enqueue(self, acquirer: str, kind: str, txn_id: int | None, payload_fields: dict,
+                         *, next_at: float | None = None) -> int:
+        if kind not in SF_KINDS:
+            raise ValueError(f"store-and-forward kind must be one of {', '.join(SF_KINDS)}")
+        blob = self.keyring.encrypt(_pack(sanitize_fields(payload_fields)), _sf_aad(acquirer, kind, txn_id))
+        now = time.time()
+        return await self._sf_insert(acquirer, kind, txn_id, blob, now, now if next_at is None else next_at)
+
+    @staticmethod
+    def _sf_entry(r) -> SfEntry:
+        return SfEntry(**dict(zip(SF_COLS, r[:len(SF_COLS)])))
+
+    async def sf_claim(self, acquirer: str, worker_id: str, lease_s: float = 30.0) -> SfEntry | None:
+        """The oldest due entry for ``acquirer``, leased to ``worker_id`` for ``lease_s`` seconds.
+
+        Due: queued, ``next_at`` reached, no unexpired lease. A worker that
+        dies leaves its lease to expire; the entry is then claimed again with
+        ``claims`` + 1 (so ``repeat`` is True and a reversal goes as 0401).
+        An entry whose payload cannot be decrypted is parked, never dropped.
+        """
+        while True:
+            now = time.time()
+            r = await self._sf_claim(acquirer, str(worker_id), now, now + float(lease_s))
+            if r is None:
+                return None
+            e = self._sf_entry(r)
+            try:
+                e.payload = _unpack(self.keyring.decrypt(r[len(SF_COLS)], _sf_aad(e.acquirer, e.kind, e.txn_id)))
+            except DecryptError as exc:
+                log.error("store-and-forward entry %d parked: %s", e.id, exc)
+                await self.sf_park(e.id, f"payload cannot be decrypted: {exc}")
+                continue
+            return e
+
+    async def sf_ack(self, entry_id: int) -> bool:
+        return await self._exec(SQL_SF_ACK, (time.time(), entry_id)) == 1
+
+    async def sf_retry(self, entry_id: int, next_at: float, error: str | None) -> bool:
+        return await self._exec(SQL_SF_RETRY, (float(_ts(next_at)), None if error is None else str(error)[:500],
+                                               entry_id)) == 1
+
+    async def sf_park(self, entry_id: int, reason: str) -> bool:
+        return await self._exec(SQL_SF_PARK, (str(reason)[:500], time.time(), entry_id)) == 1
+
+    async def sf_requeue(self, entry_id: int) -> bool:
+        return await self._exec(SQL_SF_REQUEUE, (time.time(), "requeued by operator", entry_id)) == 1
+
+    async def sf_get(self, entry_id: int) -> SfEntry | None:
+        r = await self._fetchone(_SF_SELECT + " WHERE id = ?", (entry_id,))
+        return None if r is None else self._sf_entry(r)
+
+    async def sf_list(self, parked: bool | None = None, acquirer: str | None = None,
+                      limit: int = 1000) -> list[SfEntry]:
+        """Entries not yet acknowledged (payload never included), oldest first."""
+        states = {None: ("queued", "parked"), True: ("parked",), False: ("queued",)}[parked]
+        sql = _SF_SELECT + " WHERE state IN (" + ", ".join("?" * len(states)) + ")"
+        params: list = list(states)
+        if acquirer is not None:
+            sql += " AND acquirer = ?"
+            params.append(acquirer)
+        rows = await self._fetchall(sql + " ORDER BY id LIMIT ?", (*params, int(limit)))
+        return [self._sf_entry(r) for r in rows]
+
+    async def sf_depth(self, acquirer: str | None = None) -> int:
+        if acquirer is None:
+            r = await self._fetchone("SELECT COUNT(*) FROM sf_queue WHERE state = 'queued'", ())
+        else:
+            r = await self._fetchone("SELECT COUNT(*) FROM sf_queue WHERE state = 'queued' AND acquirer = ?",
+                                     (acquirer,))
+        return int(r[0])
+
+    async def sf_parked_count(self) -> int:
+        r = await self._fetchone("SELECT COUNT(*) FROM sf_queue WHERE state = 'parked'", ())
+        return int(r[0])
+
+    # -- crash recovery
+
+    def _dead_params(self) -> tuple:
+        return (self.boot_id, time.time() - self.stale_after, self.node_id)
+
+    def _decrypt_reversal(self, txn_id: int, blob) -> dict | None:
+        if blob is None:
+            return None
+        try:
+            return _unpack(self.keyring.decrypt(blob, _txn_aad(txn_id)))
+        except DecryptError as exc:
+            log.error("txn %d: reversal fields cannot be decrypted: %s", txn_id, exc)
+            return None
+
+    def _recovery_plan(self, rows) -> list[tuple]:
+        """(txn_id, acquirer, sf state, payload blob, parked reason) for each unresolved row."""
+        plan = []
+        for txn_id, acquirer, link_stan, blob in rows:
+            fields = self._decrypt_reversal(txn_id, blob)
+            reason = None
+            if fields is None:
+                fields = {"11": link_stan}
+                reason = ("reversal fields missing or undecryptable at recovery; "
+                          "reverse manually")
+            payload = self.keyring.encrypt(_pack(fields), _sf_aad(acquirer, "reversal", txn_id))
+            plan.append((txn_id, acquirer, "parked" if reason else "queued", payload, reason))
+        return plan
+
+    async def recover_unknown_outcomes(self) -> list[tuple[int, str, str, dict | None]]:
+        """Forwarded transactions of dead instances with no known outcome and no reversal queued.
+
+        Read only: ``[(txn_id, acquirer, link_stan, reversal_fields)]`` (fields
+        None when missing or undecryptable). Prefer :meth:`recover_and_enqueue`.
+        """
+        rows = await self._fetchall(SQL_RECOVER_SELECT, self._dead_params())
+        return [(r[0], r[1], r[2], self._decrypt_reversal(r[0], r[3])) for r in rows]
+
+    async def recover_and_enqueue(self) -> int:
+        """Queue a reversal for every unresolved forwarded transaction of a dead instance.
+
+        One transaction: the entries are inserted and the transactions marked
+        together, so a second call queues nothing. Rows journaled as received
+        but never forwarded by a dead instance are marked ``abandoned`` (a
+        retransmission then gets "done" without a replay, i.e. 94). Returns
+        how many reversals were queued (parked ones included: an entry whose
+        fields cannot be decrypted is parked, visible, never dropped).
+        """
+        return await self._recover()
+
+    # -- backend primitives
+
+    @abc.abstractmethod
+    async def _start(self) -> None: ...
+
+    @abc.abstractmethod
+    async def _close(self) -> None: ...
+
+    @abc.abstractmethod
+    async def _heartbeat(self) -> None: ...
+
+    @abc.abstractmethod
+    async def _node_gone(self) -> None: ...
+
+    @abc.abstractmethod
+    async def _insert_txn(self, params: tuple) -> int | None: ...
+
+    @abc.abstractmethod
+    async def _exec(self, sql: str, params: tuple) -> int:
+        """Run one write statement durably; returns the number of rows changed."""
+
+    @abc.abstractmethod
+    async def _late_response(self, acquirer: str, link_stan: str, rc: str | None, now: float) -> int | None: ...
+
+    @abc.abstractmethod
+    async def _sf_insert(self, acquirer, kind, txn_id, blob, now, next_at) -> int: ...
+
+    @abc.abstractmethod
+    async def _sf_claim(self, acquirer: str, worker: str, now: float, lease_until: float): ...
+
+    @abc.abstractmethod
+    async def _recover(self) -> int: ...
+
+    @abc.abstractmethod
+    async def _fetchone(self, sql: str, params: tuple): ...
+
+    @abc.abstractmethod
+    async def _fetchall(self, sql: str, params: tuple, slow: bool = True) -> list: ...
+
+
+# --------------------------------------------------------------------------
+# SQLite: WAL + one writer thread with group commit
+
+_STOP = object()
+
+
+class _Op:
+    __slots__ = ("fn", "fut", "atomic")
+
+    def __init__(self, fn, fut, atomic):
+        self.fn = fn
+        self.fut = fut
+        self.atomic = atomic
+
+
+class SqliteJournal(Journal):
+    """SQLite in WAL mode with a dedicated group-committing writer thread.
+
+    ``group_commit_ms``: when the previous group held more than one write
+    (the switch is busy), the writer lingers up to this long after the first
+    write of a group to gather more before committing; an idle switch never
+    waits (its group is whatever is queued). Writes that arrive while a
+    commit is in progress always form the next group. ``synchronous``:
+    "FULL" (default; a commit survives power loss) or "NORMAL" (survives a
+    process crash; cheaper fsyncs).
+    """
+
+    backend = "sqlite"
+    MAX_GROUP = 1024
+
+    def __init__(self, path: str | Path, keyring: KeyRing, *, group_commit_ms: float = 2.0,
+                 synchronous: str = "FULL", node_id: str | None = None,
+                 stale_after: float = DEFAULT_STALE_AFTER, _temporary: bool = False):
+        self.path = Path(path) if str(path) != ":memory:" else None
+        self._temporary = _temporary or self.path is None
+        self._tmpdir: str | None = None
+        super().__init__(keyring, node_id=node_id, stale_after=stale_after)
+        if synchronous.upper() not in ("FULL", "NORMAL", "OFF", "EXTRA"):
+            raise ValueError("synchronous must be FULL, NORMAL, OFF or EXTRA")
+        self.synchronous = synchronous.upper()
+        self.group_commit_s = max(0.0, float(group_commit_ms) / 1000.0)
+        self._q: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._rconn: sqlite3.Connection | None = None  # loop-thread point reads
+        self._sconn: sqlite3.Connection | None = None  # worker-thread range reads
+        self._slock = threading.Lock()
+        self._closed = True
+        self._fatal: BaseException | None = None
+        self.stats = {"groups": 0, "writes": 0, "max_group": 0}
+
+    def _default_node_id(self) -> str:
+        # One process owns a SQLite journal: every other boot on this file is a
+        # previous life of this node, recovered at start-up.
+        return "sqlite:" + (str(self.path.resolve()) if self.path and not self._temporary else "memory")
+
+    def _connect(self, *, writer: bool) -> sqlite3.Connection:
+        conn = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False,
+                               timeout=30.0)
+        conn.execute("PRAGMA busy_timeout = 30000")
+        if writer:
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise JournalError(f"{self.path}: cannot switch the database to WAL mode")
+            conn.execute(f"PRAGMA synchronous = {self.synchronous}")
+            # deleted ciphertext is overwritten, not left in free pages
+            conn.execute("PRAGMA secure_delete = ON")
+        else:
+            conn.execute("PRAGMA query_only = ON")
+        return conn
+
+    async def _start(self) -> None:
+        if self.path is None:
+            base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+            self._tmpdir = tempfile.mkdtemp(prefix="isoswitch-journal-", dir=base)
+            os.chmod(self._tmpdir, 0o700)
+            self.path = Path(self._tmpdir) / "journal.db"
+            self.synchronous = "OFF"
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._loop = asyncio.get_running_loop()
+        ready: asyncio.Future = self._loop.create_future()
+        self._closed = False
+        self._thread = threading.Thread(target=self._writer_main, args=(ready,),
+                                        name="isoswitch-journal-writer", daemon=True)
+        self._thread.start()
+        await ready
+        self._rconn = self._connect(writer=False)
+        self._sconn = self._connect(writer=False)
+
+    async def _close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._thread is not None:
+            self._q.put(_STOP)
+            await asyncio.to_thread(self._thread.join)
+            self._thread = None
+        for c in (self._rconn, self._sconn):
+            if c is not None:
+                c.close()
+        self._rconn = self._sconn = None
+        if self._tmpdir:
+            shutil.rmtree(self._tmpdir, ignore_errors=True)
+            self._tmpdir = None
+            self.path = None
+
+    # -- the writer thread
+
+    def _writer_main(self, ready: asyncio.Future) -> None:
+        loop = self._loop
+        try:
+            conn = self._connect(writer=True)
+            conn.executescript(_SCHEMA_SQLITE)
+            conn.execute("INSERT OR IGNORE INTO journal_meta (k, v) VALUES ('schema_version', ?)",
+                         (SCHEMA_VERSION,))
+        except BaseException as exc:  # report start-up failure to start()
+            err = JournalError(f"{self.path}: cannot open the journal: {exc}")
+            loop.call_soon_threadsafe(lambda: ready.done() or ready.set_exception(err))
+            return
+        loop.call_soon_threadsafe(lambda: ready.done() or ready.set_result(None))
+        last_group = 1
+        stopping = False
+        try:
+            while not stopping:
+                first = self._q.get()
+                if first is _STOP:
+                    break
+                group = [first]
+                if self.group_commit_s > 0 and last_group > 1:
+                    deadline = time.monotonic() + self.group_commit_s
+                    while len(group) < self.MAX_GROUP:
+                        left = deadline - time.monotonic()
+                        if left <= 0:
+                            break
+                        try:
+                            item = self._q.get(timeout=left)
+                        except queue.Empty:
+                            break
+                        if item is _STOP:
+                            stopping = True
+                            break
+                        group.append(item)
+                while len(group) < self.MAX_GROUP and not stopping:
+                    try:
+                        item = self._q.get_nowait()
+                    except queue.Empty:
+                        break
+                    if item is _STOP:
+                        stopping = True
+                        break
+                    group.append(item)
+                last_group = len(group)
+                results = self._run_group(conn, group)
+                loop.call_soon_threadsafe(self._deliver, group, results)
+        except BaseException as exc:  # pragma: no cover - the writer must never die silently
+            self._fatal = exc
+            log.critical("journal writer stopped: %s", exc)
+        finally:
+            # fail anything still queued
+            leftover = []
+            while True:
+                try:
+                    item = self._q.get_nowait()
+                except queue.Empty:
+                    break
+                if item is not _STOP:
+                    leftover.append(item)
+            if leftover:
+                err = JournalError("journal is closed")
+                loop.call_soon_threadsafe(self._deliver, leftover, [(False, err)] * len(leftover))
+            try:
+                conn.close()
+            except Exception:
+                pass
+
+    def _run_group(self, conn: sqlite3.Connection, group: list) -> list:
+        n = len(group)
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            err = JournalError(f"journal write failed: {exc}")
+            return [(False, err)] * n
+        results = []
+        for op in group:
+            # A failing statement is undone by SQLite itself (statement-level
+            # atomicity); only multi-statement ops pay for a savepoint.
+            try:
+                if op.atomic:
+                    conn.execute("SAVEPOINT op")
+                try:
+                    results.append((True, op.fn(conn)))
+                except Exception as exc:
+                    if not conn.in_transaction:  # SQLite rolled the whole group back
+                        raise sqlite3.OperationalError(f"transaction rolled back: {exc}") from None
+                    if op.atomic:
+                        conn.execute("ROLLBACK TO op")
+                    results.append((False, exc if isinstance(exc, JournalError) else
+                                    JournalError(f"journal write failed: {type(exc).__name__}: {exc}")))
+                if op.atomic:
+                    conn.execute("RELEASE op")
+            except sqlite3.Error as exc:  # the transaction itself is broken
+                try:
+                    conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
+                err = JournalError(f"journal write failed: {exc}")
+                return [(False, err)] * n
+        try:
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            try:
+                conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+            err = JournalError(f"journal commit failed: {exc}")
+            return [(False, err)] * n
+        st = self.stats
+        st["groups"] += 1
+        st["writes"] += n
+        if n > st["max_group"]:
+            st["max_group"] = n
+        return results
+
+    @staticmethod
+    def _deliver(group: list, results: list) -> None:
+        for op, (ok, val) in zip(group, results):
+            if op.fut.done():
+                continue
+            if ok:
+                op.fut.set_result(val)
+            else:
+                op.fut.set_exception(val)
+
+    def _submit(self, fn: Callable[[sqlite3.Connection], Any], atomic: bool = False) -> asyncio.Future:
+        """Queue ``fn(conn)`` for the writer; ``atomic`` when it runs several statements."""
+        if self._closed or self._thread is None:
+            raise JournalError("journal is closed")
+        if self._fatal is not None:
+            raise JournalError("journal writer has stopped")
+        fut = self._loop.create_future()
+        self._q.put(_Op(fn, fut, atomic))
+        return fut
+
+    # -- primitives
+
+    async def _heartbeat(self) -> None:
+        now = time.time()
+        params = (self.boot_id, self.node_id, now, now)
+        await self._submit(lambda c: c.execute(SQL_NODE_UPSERT, params).rowcount)
+
+    async def _node_gone(self) -> None:
+        await self._submit(lambda c: c.execute(SQL_NODE_DELETE, (self.boot_id,)).rowcount)
+
+    async def _insert_txn(self, params: tuple) -> int | None:
+        def op(c):
+            r = c.execute(SQL_INSERT_TXN, params).fetchone()
+            return None if r is None else r[0]
+        return await self._submit(op)
+
+    async def _exec(self, sql: str, params: tuple) -> int:
+        return await self._submit(lambda c: c.execute(sql, params).rowcount)
+
+    async def _late_response(self, acquirer, link_stan, rc, now):
+        def op(c):
+            r = c.execute(SQL_LATE_FIND, (acquirer, link_stan)).fetchone()
+            txn_id = None if r is None else r[0]
+            if txn_id is not None:
+                c.execute(SQL_LATE_TXN, (rc, now, txn_id))
+            c.execute(SQL_LATE_INSERT, (acquirer, link_stan, rc, txn_id, now))
+            return txn_id
+        return await self._submit(op, atomic=True)
+
+    async def _sf_insert(self, acquirer, kind, txn_id, blob, now, next_at) -> int:
+        def op(c):
+            entry_id = c.execute(SQL_SF_INSERT, (acquirer, kind, txn_id, blob, "queued", now, next_at)).fetchone()[0]
+            if kind == "reversal" and txn_id is not None:
+                c.execute(SQL_SF_MARK_TXN, (txn_id,))
+            return entry_id
+        return await self._submit(op, atomic=kind == "reversal" and txn_id is not None)
+
+    async def _sf_claim(self, acquirer, worker, now, lease_until):
+        params = (worker, lease_until, acquirer, now, now)
+        return await self._submit(lambda c: c.execute(SQL_SF_CLAIM_SQLITE, params).fetchone())
+
+    async def _recover(self) -> int:
+        dead = self._dead_params()
+
+        def op(c):
+            rows = c.execute(SQL_RECOVER_SELECT, dead).fetchall()
+            plan = self._recovery_plan(rows)
+            now = time.time()
+            for txn_id, acquirer, state, payload, reason in plan:
+                entry_id = c.execute(SQL_SF_INSERT, (acquirer, "reversal", txn_id, payload, state, now, now)).fetchone()[0]
+                if reason:
+                    c.execute("UPDATE sf_queue SET parked_reason = ?, parked_at = ? WHERE id = ?",
+                              (reason, now, entry_id))
+                c.execute(SQL_RECOVER_MARK, (txn_id,))
+            c.execute(SQL_ABANDON, dead)
+            return len(plan)
+        return await self._submit(op, atomic=True)
+
+    async def _fetchone(self, sql: str, params: tuple):
+        if self._rconn is None:
+            raise JournalError("journal is closed")
+        return self._rconn.execute(sql, params).fetchone()
+
+    async def _fetchall(self, sql: str, params: tuple, slow: bool = True) -> list:
+        if not slow:
+            if self._rconn is None:
+                raise JournalError("journal is closed")
+            return self._rconn.execute(sql, params).fetchall()
+        conn = self._sconn
+        if conn is None:
+            raise JournalError("journal is closed")
+
+        def run():
+            with self._slock:
+                return conn.execute(sql, params).fetchall()
+        return await asyncio.to_thread(run)
+
+    # -- for tests and tools
+
+    def database_files(self) -> list[Path]:
+        """The database file and its WAL / shared-memory files, if present."""
+        if self.path is None:
+            return []
+        return [p for p in (self.path, Path(str(self.path) + "-wal"), Path(str(self.path) + "-shm"))
+                if p.exists()]
+
+
+# --------------------------------------------------------------------------
+# PostgreSQL: asyncpg pool, FOR UPDATE SKIP LOCKED claims
+
+
+class PostgresJournal(Journal):
+    """Journal and store-and-forward queue in PostgreSQL, shared by several switch processes.
+
+    Each write is one short transaction (PostgreSQL's own WAL flush does the
+    group commit across connections). Give every process a distinct, stable
+    ``node_id`` so a restarted process recovers its previous life's
+    transactions at once; the default (host:pid) is safe but leaves a
+    crashed process's transactions to be recovered by any node once its
+    heartbeat is ``stale_after`` seconds old.
+    """
+
+    backend = "postgres"
+
+    def __init__(self, dsn: str, keyring: KeyRing, *, min_size: int = 1, max_size: int = 10,
+                 node_id: str | None = None, stale_after: float = DEFAULT_STALE_AFTER, **pool_kwargs):
+        super().__init__(keyring, node_id=node_id, stale_after=stale_after)
+        self._dsn = dsn
+        self._pool_args = dict(min_size=min_size, max_size=max_size, **pool_kwargs)
+        self._pool = None
+        self._sql: dict[str, str] = {}
+
+    def __repr__(self) -> str:  # the DSN may hold a password
+        return f"PostgresJournal(node_id={self.node_id!r})"
+
+    def _q(self, sql: str) -> str:
+        s = self._sql.get(sql)
+        if s is None:
+            s = self._sql[sql] = _pg(sql)
+        return s
+
+    async def _start(self) -> None:
+        import asyncpg
+
+        try:
+            self._pool = await asyncpg.create_pool(self._dsn, **self._pool_args)
+        except Exception as exc:
+            # never echo the DSN (it may carry a password)
+            raise JournalError(f"cannot connect to the PostgreSQL journal: {type(exc).__name__}: "
+                               f"{getattr(exc, 'args', [''])[0] if not isinstance(exc, OSError) else exc.strerror}") from None
+        async with self._pool.acquire() as c:
+            async with c.transaction():
+                # one instance at a time creates the schema
+                await c.execute("SELECT pg_advisory_xact_lock(8583008583)")
+                await c.execute(_pg_schema())
+                await c.execute("INSERT INTO journal_meta (k, v) VALUES ('schema_version', $1) "
+                                "ON CONFLICT (k) DO NOTHING", SCHEMA_VERSION)
+
+    async def _close(self) -> None:
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            await pool.close()
+
+    def _p(self):
+        if self._pool is None:
+            raise JournalError("journal is closed")
+        return self._pool
+
+    async def _heartbeat(self) -> None:
+        now = time.time()
+        await self._p().execute(self._q(SQL_NODE_UPSERT), self.boot_id, self.node_id, now, now)
+
+    async def _node_gone(self) -> None:
+        await self._p().execute(self._q(SQL_NODE_DELETE), self.boot_id)
+
+    async def _insert_txn(self, params: tuple) -> int | None:
+        return await self._p().fetchval(self._q(SQL_INSERT_TXN), *params)
+
+    @staticmethod
+    def _count(status: str) -> int:
+        # "UPDATE 1" / "INSERT 0 1" / "DELETE 3"
+        try:
+            return int(status.rsplit(" ", 1)[1])
+        except (IndexError, ValueError):
+            return 0
+
+    async def _exec(self, sql: str, params: tuple) -> int:
+        return self._count(await self._p().execute(self._q(sql), *params))
+
+    async def _late_response(self, acquirer, link_stan, rc, now):
+        async with self._p().acquire() as c:
+            async with c.transaction():
+                txn_id = await c.fetchval(self._q(SQL_LATE_FIND), acquirer, link_stan)
+                if txn_id is not None:
+                    await c.execute(self._q(SQL_LATE_TXN), rc, now, txn_id)
+                await c.execute(self._q(SQL_LATE_INSERT), acquirer, link_stan, rc, txn_id, now)
+                return txn_id
+
+    async def _sf_insert(self, acquirer, kind, txn_id, blob, now, next_at) -> int:
+        async with self._p().acquire() as c:
+            async with c.transaction():
+                entry_id = await c.fetchval(self._q(SQL_SF_INSERT), acquirer, kind, txn_id, blob,
+                                            "queued", now, next_at)
+                if kind == "reversal" and txn_id is not None:
+                    await c.execute(self._q(SQL_SF_MARK_TXN), txn_id)
+                return entry_id
+
+    async def _sf_claim(self, acquirer, worker, now, lease_until):
+        r = await self._p().fetchrow(self._q(SQL_SF_CLAIM_PG), acquirer, now, now, worker, lease_until)
+        return None if r is None else tuple(r.values())
+
+    async def _recover(self) -> int:
+        dead = self._dead_params()
+        async with self._p().acquire() as c:
+            async with c.transaction():
+                rows = await c.fetch(self._q(SQL_RECOVER_SELECT + " FOR UPDATE OF t SKIP LOCKED"), *dead)
+                plan = self._recovery_plan([tuple(r.values()) for r in rows])
+                now = time.time()
+                for txn_id, acquirer, state, payload, reason in plan:
+                    entry_id = await c.fetchval(self._q(SQL_SF_INSERT), acquirer, "reversal", txn_id, payload,
+                                                state, now, now)
+                    if reason:
+                        await c.execute("UPDATE sf_queue SET parked_reason = $1, parked_at = $2 WHERE id = $3",
+                                        reason, now, entry_id)
+                    await c.execute(self._q(SQL_RECOVER_MARK), txn_id)
+                await c.execute(self._q(SQL_ABANDON), *dead)
+                return len(plan)
+
+    async def _fetchone(self, sql: str, params: tuple):
+        r = await self._p().fetchrow(self._q(sql), *params)
+        return None if r is None else tuple(r.values())
+
+    async def _fetchall(self, sql: str, params: tuple, slow: bool = True) -> list:
+        return [tuple(r.values()) for r in await self._p().fetch(self._q(sql), *params)]
+
+    # -- for tests and tools
+
+    async def table_names(self) -> list[str]:
+        rows = await self._p().fetch("SELECT tablename FROM pg_tables WHERE schemaname = current_schema()")
+        return [r[0] for r in rows]
+
+
+# --------------------------------------------------------------------------
+
+
+def make_journal(config, keyring: KeyRing, **kwargs) -> Journal:
+    """A journal for ``switch.config.JournalConfig`` (backend sqlite | postgres | memory)."""
+    backend = config.backend
+    if backend == "sqlite":
+        if config.path is None:
+            raise JournalError("journal.path is required for the sqlite backend")
+        return SqliteJournal(config.path, keyring, group_commit_ms=config.group_commit_ms, **kwargs)
+    if backend == "memory":
+        return SqliteJournal(":memory:", keyring, group_commit_ms=config.group_commit_ms, **kwargs)
+    if backend == "postgres":
+        if not config.dsn:
+            raise JournalError("journal.dsn is required for the postgres backend")
+        return PostgresJournal(config.dsn, keyring, **kwargs)
+    raise JournalError(f"unknown journal backend {backend!r}")

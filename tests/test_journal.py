@@ -1,0 +1,796 @@
+"""The transaction journal and store-and-forward queue, on SQLite and on a real PostgreSQL.
+
+One suite, parametrized over both backends (DESIGN.md invariants 2, 4-7 and
+the card-data rules). PostgreSQL tests use a throw-away server started by
+tests/pg.py and are skipped (with the reason) when PostgreSQL is missing
+outside CI.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import random
+import re
+import sqlite3
+import stat
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from switch.config import JournalConfig
+from switch.journal import (
+    DuplicateTransaction,
+    JournalError,
+    PostgresJournal,
+    SqliteJournal,
+    TxnRecord,
+    make_journal,
+    sanitize_replay,
+)
+from switch.keys import DecryptError, KeyFileError, KeyRing, init_keys, rotate_keys
+from tests.pg import pg_dsn, pg_server  # noqa: F401  (pytest fixtures)
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+# --------------------------------------------------------------------------
+# Test data
+
+
+def luhn_complete(prefix: str) -> str:
+    """Append the Luhn check digit to ``prefix``."""
+    total = 0
+    for i, ch in enumerate(reversed(prefix)):
+        d = int(ch)
+        if i % 2 == 0:
+            d *= 2
+            if d > 9:
+                d -= 9
+        total += d
+    return prefix + str((10 - total % 10) % 10)
+
+
+def luhn_ok(pan: str) -> bool:
+    total = 0
+    for i, ch in enumerate(reversed(pan)):
+        d = int(ch)
+        if i % 2 == 1:
+            d *= 2
+            if d > 9:
+                d -= 9
+        total += d
+    return total % 10 == 0
+
+
+def test_pans(n: int, seed: int = 8583) -> list[str]:
+    rnd = random.Random(seed)
+    out = []
+    for i in range(n):
+        bin_ = ("4", "51", "37", "6011")[i % 4]
+        length = 15 if bin_ == "37" else 16
+        body = bin_ + "".join(str(rnd.randrange(10)) for _ in range(length - len(bin_) - 1))
+        out.append(luhn_complete(body))
+    assert all(luhn_ok(p) for p in out)
+    return out
+
+
+test_pans.__test__ = False  # a helper, not a test
+
+
+def track2(pan: str) -> str:
+    return f"{pan}=2512101123456789"
+
+
+def pin_block(i: int) -> str:
+    return hashlib.sha256(b"pin%d" % i).hexdigest()[:16].upper()
+
+
+_seq = iter(range(1, 10**9))
+
+
+def txn(terminal="TERM0001", stan=None, tx_time="0520101500", mti="0200", pan="4111111111111111",
+        rrn=None, amount=1000, received_at=None) -> TxnRecord:
+    stan = stan or f"{next(_seq) % 1000000:06d}"
+    return TxnRecord(listener="terminals", terminal_id=terminal, terminal_stan=stan,
+                     terminal_tx_time=tx_time, mti=mti, rrn=rrn or f"R{stan}", amount=amount,
+                     currency="978", pan=pan, proc_code="000000",
+                     received_at=time.time() if received_at is None else received_at)
+
+
+def acq_fields(pan: str, link_stan: str, i: int = 0) -> dict:
+    """What a flow would hand the journal: includes card data that must never be stored."""
+    return {"t": "0200", "2": pan, "3": "000000", "4": "000000001000", "7": "0520101500",
+            "11": link_stan, "12": "101500", "13": "0520", "14": "2512", "22": "051",
+            "32": "123456", "37": f"RRN{link_stan}", "41": "TERM0001", "42": "MERCHANT0000001",
+            "49": "978", "35": track2(pan), "52": pin_block(i), "55": "9F2608" + "AB" * 8}
+
+
+def response_doc(pan: str, rc: str = "00", i: int = 0) -> dict:
+    return {"t": "0210", "2": pan, "3": "000000", "4": "000000001000", "11": "000001",
+            "37": "RRN000001", "38": "A1B2C3", "39": rc, "41": "TERM0001",
+            "35": track2(pan), "52": pin_block(i), "14": "2512"}
+
+
+# --------------------------------------------------------------------------
+# Backends
+
+
+@dataclass
+class Backend:
+    name: str
+    keyring: KeyRing
+    make: Callable[..., object]  # make(keyring=None, **kw) -> unstarted Journal
+    path: Path | None = None
+    dsn: str | None = None
+
+    async def dump(self) -> tuple[str, list[bytes]]:
+        """Every row of every table as text, and the raw storage bytes (SQLite only)."""
+        parts: list[str] = []
+        raw: list[bytes] = []
+        if self.name == "sqlite":
+            conn = sqlite3.connect(str(self.path))
+            try:
+                tables = [r[0] for r in conn.execute(
+                    "SELECT name FROM sqlite_master WHERE type = 'table'")]
+                assert {"txn", "sf_queue"} <= set(tables)
+                for t in tables:
+                    for row in conn.execute(f'SELECT * FROM "{t}"'):
+                        parts.append(f"{t}: {row!r}")
+                        for v in row:
+                            if isinstance(v, bytes):
+                                raw.append(v)
+            finally:
+                conn.close()
+            for suffix in ("", "-wal", "-shm"):
+                p = Path(str(self.path) + suffix)
+                if p.exists():
+                    raw.append(p.read_bytes())
+        else:
+            import asyncpg
+
+            conn = await asyncpg.connect(self.dsn)
+            try:
+                tables = [r[0] for r in await conn.fetch(
+                    "SELECT tablename FROM pg_tables WHERE schemaname = 'public'")]
+                assert {"txn", "sf_queue"} <= set(tables)
+                for t in tables:
+                    for row in await conn.fetch(f'SELECT t::text FROM "{t}" t'):
+                        parts.append(f"{t}: {row[0]}")
+                    for row in await conn.fetch(f'SELECT * FROM "{t}"'):
+                        for v in row.values():
+                            if isinstance(v, bytes):
+                                raw.append(v)
+            finally:
+                await conn.close()
+        return "\n".join(parts), raw
+
+    async def raw_blob(self, table: str, column: str, row_id: int) -> bytes | None:
+        sql = f"SELECT {column} FROM {table} WHERE id = "
+        if self.name == "sqlite":
+            conn = sqlite3.connect(str(self.path))
+            try:
+                r = conn.execute(sql + "?", (row_id,)).fetchone()
+            finally:
+                conn.close()
+        else:
+            import asyncpg
+
+            conn = await asyncpg.connect(self.dsn)
+            try:
+                r = await conn.fetchrow(sql + "$1", row_id)
+            finally:
+                await conn.close()
+        return None if r is None or r[0] is None else bytes(r[0])
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def backend(request, tmp_path) -> Backend:
+    keyring = KeyRing.generate()
+    if request.param == "sqlite":
+        path = tmp_path / "journal.db"
+
+        def make(keyring_=None, **kw):
+            kw.setdefault("group_commit_ms", 1.0)
+            return SqliteJournal(path, keyring_ or keyring, **kw)
+
+        return Backend("sqlite", keyring, make, path=path)
+    dsn = request.getfixturevalue("pg_dsn")
+
+    def make(keyring_=None, **kw):
+        return PostgresJournal(dsn, keyring_ or keyring, min_size=1, max_size=8, **kw)
+
+    return Backend("postgres", keyring, make, dsn=dsn)
+
+
+# --------------------------------------------------------------------------
+# Transaction lifecycle
+
+
+def test_lifecycle_rows(backend):
+    async def go():
+        j = backend.make()
+        await j.start()
+        try:
+            t0 = time.time()
+            rec = txn(terminal="TERMA", stan="000101", rrn="RRN101", received_at=t0)
+            tid = await j.record_received(rec)
+            row = await j.get(tid)
+            assert row["state"] == "received" and row["terminal_id"] == "TERMA"
+            assert row["pan_masked"] == "41111111****1111"
+            assert row["pan_fingerprint"] == backend.keyring.pan_fingerprint("4111111111111111")
+            assert row["pan_fingerprint"] != hashlib.sha256(b"4111111111111111").hexdigest()
+            assert row["amount"] == 1000 and row["currency"] == "978" and row["mti"] == "0200"
+
+            await j.record_forwarded(tid, "acq-a", "000042", acq_fields("4111111111111111", "000042"))
+            row = await j.get(tid)
+            assert (row["state"], row["acquirer"], row["link_stan"]) == ("forwarded", "acq-a", "000042")
+            assert row["has_reversal_fields"] and row["forwarded_at"] >= row["received_at"]
+
+            await j.record_outcome(tid, "00", "A1B2C3", response_doc("4111111111111111"), 12.5)
+            row = await j.get(tid)
+            assert (row["state"], row["response_code"], row["approval_code"]) == ("done", "00", "A1B2C3")
+            assert row["latency_ms"] == 12.5
+            assert not row["has_reversal_fields"], "reversal fields kept after a known outcome"
+            assert row["response"] == sanitize_replay(response_doc("4111111111111111"))
+            assert row["response"]["2"] == "41111111****1111"
+            assert not {"14", "35", "52"} & set(row["response"])
+
+            # a second transaction that times out, then gets a late response
+            rec2 = txn(terminal="TERMA", stan="000102", rrn="RRN102", received_at=t0 + 1)
+            tid2 = await j.record_received(rec2)
+            await j.record_forwarded(tid2, "acq-a", "000043", acq_fields("4111111111111111", "000043"))
+            await j.record_timeout(tid2)
+            assert (await j.get(tid2))["state"] == "timeout"
+            await j.record_outcome(tid2, "91", None, {"t": "0210", "39": "91"}, 30000.0)
+            row2 = await j.get(tid2)
+            assert row2["timed_out_at"] is not None and row2["response_code"] == "91"
+            assert row2["has_reversal_fields"], "reversal still pending: fields must stay"
+            assert await j.record_late_response("acq-a", "000043", "00") == tid2
+            assert (await j.get(tid2))["late_response_code"] == "00"
+            assert await j.record_late_response("acq-a", "999999", "00") is None
+
+            # failover: re-forwarding to another acquirer before any outcome
+            tid3 = await j.record_received(txn(terminal="TERMB", stan="000103", received_at=t0 + 2))
+            await j.record_forwarded(tid3, "acq-a", "000044", {"11": "000044"})
+            await j.record_forwarded(tid3, "acq-b", "000001", {"11": "000001"})
+            assert (await j.get(tid3))["acquirer"] == "acq-b"
+            with pytest.raises(JournalError):
+                await j.record_forwarded(tid, "acq-b", "000002", {})  # outcome already known
+            with pytest.raises(JournalError):
+                await j.record_outcome(10**9, "00", None, {}, 1.0)
+
+            # queries
+            assert [r["txn_id"] for r in await j.by_rrn("RRN101")] == [tid]
+            assert [r["txn_id"] for r in await j.by_terminal("TERMA")] == [tid, tid2]
+            assert [r["txn_id"] for r in await j.by_terminal("TERMA", since=t0 + 0.5)] == [tid2]
+            assert [r["txn_id"] for r in await j.by_terminal("TERMA", until=t0 + 0.5)] == [tid]
+            assert [r["txn_id"] for r in await j.by_terminal("TERMA", limit=1, offset=1)] == [tid2]
+            assert [r["txn_id"] for r in await j.by_time(t0 - 1, t0 + 10)] == [tid, tid2, tid3]
+            assert [r["txn_id"] for r in await j.by_time(t0 + 0.5, None, limit=5)] == [tid2, tid3]
+            assert await j.get(10**9) is None
+            for r in await j.by_time():
+                assert "pan" not in r and "reversal_fields" not in r
+        finally:
+            await j.close()
+        with pytest.raises(JournalError):
+            await j.record_received(txn())
+
+    run(go())
+
+
+# --------------------------------------------------------------------------
+# Duplicates and replay (invariant 6)
+
+
+def test_duplicate_detection_and_replay(backend):
+    async def go():
+        key = ("TERMD", "000777", "0520101500", "0200")
+        j = backend.make()
+        await j.start()
+        try:
+            assert await j.find_duplicate(*key) == (None, None)
+            tid = await j.record_received(txn(terminal=key[0], stan=key[1], tx_time=key[2], mti=key[3]))
+            assert await j.find_duplicate(*key) == ("in_flight", None)
+            with pytest.raises(DuplicateTransaction):
+                await j.record_received(txn(terminal=key[0], stan=key[1], tx_time=key[2], mti=key[3]))
+            # same STAN, different transmission time or MTI: not a duplicate
+            assert await j.find_duplicate(key[0], key[1], "0520101501", key[3]) == (None, None)
+            assert await j.find_duplicate(key[0], key[1], key[2], "0100") == (None, None)
+            await j.record_forwarded(tid, "acq-a", "000001", {"11": "000001"})
+            assert await j.find_duplicate(*key) == ("in_flight", None)
+            await j.record_outcome(tid, "05", None, response_doc("4111111111111111", "05"), 5.0)
+            state, replay = await j.find_duplicate(*key)
+            assert state == "done"
+            assert replay["39"] == "05" and replay["2"] == "41111111****1111"
+            assert "35" not in replay and "52" not in replay
+        finally:
+            await j.close()
+        # across a restart
+        j2 = backend.make()
+        await j2.start()
+        try:
+            state, replay = await j2.find_duplicate(*key)
+            assert state == "done" and replay["39"] == "05"
+            with pytest.raises(DuplicateTransaction):
+                await j2.record_received(txn(terminal=key[0], stan=key[1], tx_time=key[2], mti=key[3]))
+            # concurrent retransmissions: exactly one insert wins
+            key2 = ("TERMD", "000778", "0520101500", "0200")
+            results = await asyncio.gather(*[
+                j2.record_received(txn(terminal=key2[0], stan=key2[1], tx_time=key2[2]))
+                for _ in range(5)], return_exceptions=True)
+            assert sum(isinstance(r, int) for r in results) == 1
+            assert sum(isinstance(r, DuplicateTransaction) for r in results) == 4
+        finally:
+            await j2.close()
+
+    run(go())
+
+
+# --------------------------------------------------------------------------
+# Encryption of reversal fields, key rotation
+
+
+def test_reversal_fields_encrypted_and_rotation(backend, tmp_path):
+    keyfile = tmp_path / "keys.json"
+    init_keys(keyfile)
+    pan = test_pans(1)[0]
+
+    async def go():
+        kr1 = KeyRing.load(keyfile)
+        j = backend.make(kr1, node_id="node-1")
+        await j.start()
+        try:
+            tid = await j.record_received(txn(pan=pan))
+            fields = acq_fields(pan, "000501")
+            await j.record_forwarded(tid, "acq-a", "000501", fields)
+        finally:
+            await j.close()
+        blob = await backend.raw_blob("txn", "reversal_fields", tid)
+        assert blob is not None and pan.encode() not in blob
+        assert KeyRing.key_id_of(blob) == "k1"
+        with pytest.raises(DecryptError) as ei:
+            KeyRing.generate().decrypt(blob, b"isoswitch/txn/%d" % tid)
+        assert pan not in str(ei.value)
+        with pytest.raises(DecryptError):  # bound to its row
+            kr1.decrypt(blob, b"isoswitch/txn/%d" % (tid + 1))
+
+        assert rotate_keys(keyfile) == "k2"
+        kr2 = KeyRing.load(keyfile)
+        assert kr2.current_key_id == "k2" and kr2.key_ids == ("k1", "k2")
+        assert kr2.pan_fingerprint(pan) == kr1.pan_fingerprint(pan)
+        j2 = backend.make(kr2, node_id="node-1")
+        await j2.start()
+        try:
+            tid2 = await j2.record_received(txn(pan=pan))
+            await j2.record_forwarded(tid2, "acq-a", "000502", acq_fields(pan, "000502"))
+            assert KeyRing.key_id_of(await backend.raw_blob("txn", "reversal_fields", tid2)) == "k2"
+            # the old row (k1) is still readable after rotation: recovery decrypts it
+            found = {r[0]: r for r in await j2.recover_unknown_outcomes()}
+            assert set(found) == {tid}  # tid2 belongs to this (live) boot
+            _, acquirer, link_stan, got = found[tid]
+            assert (acquirer, link_stan) == ("acq-a", "000501")
+            expected = {k: v for k, v in fields.items() if k not in ("35", "52", "55")}
+            assert got == expected, "reversal fields must round-trip minus track/PIN/ICC data"
+        finally:
+            await j2.close()
+
+    run(go())
+
+
+# --------------------------------------------------------------------------
+# Store-and-forward (invariant 4)
+
+
+def test_sf_fifo_per_acquirer_and_retry(backend):
+    async def go():
+        j = backend.make()
+        await j.start()
+        try:
+            a1 = await j.sf_enqueue("acq-a", "reversal", None, {"11": "1"})
+            b1 = await j.sf_enqueue("acq-b", "reversal", None, {"11": "2"})
+            a2 = await j.sf_enqueue("acq-a", "advice", None, {"11": "3"})
+            a3 = await j.sf_enqueue("acq-a", "reversal", None, {"11": "4"})
+            assert await j.sf_depth() == 4 and await j.sf_depth("acq-a") == 3
+            e = await j.sf_claim("acq-a", "w1", 30)
+            assert (e.id, e.kind, e.payload, e.repeat) == (a1, "reversal", {"11": "1"}, False)
+            assert e.lease_owner == "w1" and e.lease_until > time.time()
+            # a1 is leased: the next claimer gets the next oldest
+            assert (await j.sf_claim("acq-a", "w2", 30)).id == a2
+            assert (await j.sf_claim("acq-b", "w3", 30)).id == b1
+            # retry a1 later with backoff: a3 becomes the oldest due entry
+            assert await j.sf_retry(a1, time.time() + 0.4, "timeout")
+            assert (await j.sf_claim("acq-a", "w1", 30)).id == a3
+            assert await j.sf_claim("acq-a", "w1", 30) is None
+            await asyncio.sleep(0.5)
+            e = await j.sf_claim("acq-a", "w1", 30)
+            assert e.id == a1 and e.attempts == 1 and e.repeat and e.last_error == "timeout"
+            for x in (a1, a2, a3, b1):
+                assert await j.sf_ack(x)
+            assert not await j.sf_ack(a1)  # already acknowledged
+            assert await j.sf_depth() == 0
+            assert await j.sf_claim("acq-a", "w1", 30) is None
+            assert await backend.raw_blob("sf_queue", "payload", a1) is None, "ciphertext kept after ack"
+            with pytest.raises(ValueError):
+                await j.sf_enqueue("acq-a", "bogus", None, {})
+        finally:
+            await j.close()
+
+    run(go())
+
+
+def test_sf_lease_expiry(backend):
+    async def go():
+        j = backend.make()
+        await j.start()
+        try:
+            eid = await j.sf_enqueue("acq-a", "reversal", None, {"11": "000001"})
+            e = await j.sf_claim("acq-a", "dead-worker", 0.3)
+            assert e.id == eid and not e.repeat
+            assert await j.sf_claim("acq-a", "w2", 30) is None
+            await asyncio.sleep(0.4)
+            e2 = await j.sf_claim("acq-a", "w2", 30)
+            assert e2.id == eid and e2.claims == 2 and e2.repeat, "a re-claimed reversal goes as 0401"
+            assert e2.lease_owner == "w2"
+        finally:
+            await j.close()
+
+    run(go())
+
+
+def test_sf_concurrent_claimers_each_entry_once(backend):
+    """Two journal instances on the same database, two workers each: 200 entries, each claimed once."""
+    n = 200
+
+    async def go():
+        j1, j2 = backend.make(), backend.make()
+        await j1.start()
+        await j2.start()
+        try:
+            ids = [await j1.sf_enqueue("acq-a", "reversal", None, {"11": f"{i:06d}"}) for i in range(n)]
+            claimed: list[tuple[str, int]] = []
+
+            async def worker(j, name):
+                while True:
+                    e = await j.sf_claim("acq-a", name, 60)
+                    if e is None:
+                        return
+                    claimed.append((name, e.id))
+                    assert e.payload == {"11": f"{ids.index(e.id):06d}"}
+                    await asyncio.sleep(0)
+                    assert await j.sf_ack(e.id)
+
+            await asyncio.gather(worker(j1, "j1w1"), worker(j1, "j1w2"),
+                                 worker(j2, "j2w1"), worker(j2, "j2w2"))
+            got = [eid for _, eid in claimed]
+            assert sorted(got) == sorted(ids), "every entry claimed exactly once"
+            assert len(set(got)) == n
+            assert len({w for w, _ in claimed}) >= 2, "claims were not concurrent"
+            assert await j1.sf_depth() == 0
+        finally:
+            await j1.close()
+            await j2.close()
+
+    run(go())
+
+
+def test_sf_park_list_requeue(backend):
+    async def go():
+        j = backend.make()
+        await j.start()
+        try:
+            e1 = await j.sf_enqueue("acq-a", "reversal", None, {"11": "1"})
+            e2 = await j.sf_enqueue("acq-b", "advice", None, {"11": "2"})
+            c = await j.sf_claim("acq-a", "w", 30)
+            assert await j.sf_park(c.id, "50 attempts")
+            assert await j.sf_parked_count() == 1 and await j.sf_depth() == 1
+            parked = await j.sf_list(parked=True)
+            assert [(p.id, p.parked, p.parked_reason) for p in parked] == [(e1, True, "50 attempts")]
+            assert parked[0].payload is None, "listing never decrypts payloads"
+            assert [p.id for p in await j.sf_list(parked=False)] == [e2]
+            assert [p.id for p in await j.sf_list()] == [e1, e2]
+            assert [p.id for p in await j.sf_list(acquirer="acq-b")] == [e2]
+            assert await j.sf_claim("acq-a", "w", 30) is None, "a parked entry is not sent"
+            assert await j.sf_requeue(e1)
+            assert not await j.sf_requeue(e1)  # no longer parked
+            assert await j.sf_parked_count() == 0
+            c = await j.sf_claim("acq-a", "w", 30)
+            assert c.id == e1 and c.payload == {"11": "1"} and c.repeat
+            assert (await j.sf_get(e1)).state == "queued"
+        finally:
+            await j.close()
+
+    run(go())
+
+
+# --------------------------------------------------------------------------
+# Crash recovery (invariant 7)
+
+
+def test_crash_recovery_queues_each_reversal_once(backend):
+    pan = test_pans(1)[0]
+
+    async def go():
+        a = backend.make(node_id="node-a")
+        await a.start()
+        t_unknown = await a.record_received(txn(pan=pan))
+        await a.record_forwarded(t_unknown, "acq-a", "000011", acq_fields(pan, "000011"))
+        t_done = await a.record_received(txn(pan=pan))
+        await a.record_forwarded(t_done, "acq-a", "000012", acq_fields(pan, "000012"))
+        await a.record_outcome(t_done, "00", "X", response_doc(pan), 3.0)
+        # timed out, terminal answered 91, crashed before queueing the reversal
+        t_answered = await a.record_received(txn(pan=pan))
+        await a.record_forwarded(t_answered, "acq-b", "000013", acq_fields(pan, "000013"))
+        await a.record_timeout(t_answered)
+        await a.record_outcome(t_answered, "91", None, {"t": "0210", "39": "91"}, 30000.0)
+        # timed out, reversal already queued by the flow
+        t_queued = await a.record_received(txn(pan=pan))
+        await a.record_forwarded(t_queued, "acq-a", "000014", acq_fields(pan, "000014"))
+        await a.record_timeout(t_queued)
+        flow_entry = await a.sf_enqueue("acq-a", "reversal", t_queued, acq_fields(pan, "000014"))
+        assert not (await a.get(t_queued))["has_reversal_fields"], "queue entry holds the copy"
+        # received, never forwarded
+        key_open = ("TERMO", "000015", "0520101500", "0200")
+        await a.record_received(txn(terminal=key_open[0], stan=key_open[1], tx_time=key_open[2]))
+
+        b = backend.make(node_id="node-b")
+        await b.start()
+        try:
+            # node-a is alive (fresh heartbeat): its in-flight requests are not touched
+            assert await b.recover_unknown_outcomes() == []
+            assert await b.recover_and_enqueue() == 0
+            await a.close()  # node-a goes away
+            pending = {r[0]: r for r in await b.recover_unknown_outcomes()}
+            assert set(pending) == {t_unknown, t_answered}
+            assert pending[t_unknown][3]["2"] == pan and "35" not in pending[t_unknown][3]
+            assert await b.recover_and_enqueue() == 2
+            assert await b.recover_and_enqueue() == 0, "second call must queue nothing"
+            assert await b.recover_unknown_outcomes() == []
+            entries = await b.sf_list()
+            assert sorted(e.txn_id for e in entries) == sorted([t_queued, t_unknown, t_answered])
+            assert flow_entry in [e.id for e in entries]
+            assert (await b.get(t_unknown))["state"] == "unknown"
+            assert not (await b.get(t_unknown))["has_reversal_fields"]
+            # the queued reversals carry the original acquirer-side fields
+            got = {}
+            for acq in ("acq-a", "acq-b"):
+                while (e := await b.sf_claim(acq, "w", 30)) is not None:
+                    got[e.txn_id] = (e.acquirer, e.kind, e.payload)
+            assert got[t_unknown][:2] == ("acq-a", "reversal") and got[t_unknown][2]["11"] == "000011"
+            assert got[t_answered][:2] == ("acq-b", "reversal") and got[t_answered][2]["11"] == "000013"
+            assert got[t_queued][2]["11"] == "000014"
+            # a retransmission of the never-forwarded request gets no replay (94)
+            assert await b.find_duplicate(*key_open) == ("done", None)
+            assert await b.find_duplicate(*(await _key_of(b, t_unknown))) == ("done", None)
+        finally:
+            await b.close()
+        # another restart of node-b: still nothing to queue
+        c = backend.make(node_id="node-b")
+        await c.start()
+        try:
+            assert await c.recover_and_enqueue() == 0
+            assert await c.sf_depth() == 3
+        finally:
+            await c.close()
+
+    run(go())
+
+
+async def _key_of(j, txn_id):
+    r = await j.get(txn_id)
+    return r["terminal_id"], r["terminal_stan"], r["terminal_tx_time"], r["mti"]
+
+
+def test_recovery_same_node_restart(backend):
+    """A restarted node (same node_id) recovers its previous life's transactions at once."""
+    async def go():
+        a = backend.make(node_id="node-x")
+        await a.start()
+        tid = await a.record_received(txn())
+        await a.record_forwarded(tid, "acq-a", "000021", {"11": "000021"})
+        # crash: no close, the heartbeat row stays fresh
+        a._heartbeat_task.cancel()
+        b = backend.make(node_id="node-x")
+        await b.start()
+        try:
+            assert await b.recover_and_enqueue() == 1
+            assert await b.recover_and_enqueue() == 0
+        finally:
+            await b.close()
+            await a.close()
+
+    run(go())
+
+
+def test_recovery_parks_undecryptable(backend):
+    async def go():
+        a = backend.make(node_id="n1")
+        await a.start()
+        tid = await a.record_received(txn())
+        await a.record_forwarded(tid, "acq-a", "000031", {"11": "000031"})
+        await a.close()
+        b = backend.make(KeyRing.generate(), node_id="n2")  # the key file was lost
+        await b.start()
+        try:
+            assert await b.recover_and_enqueue() == 1
+            parked = await b.sf_list(parked=True)
+            assert [p.txn_id for p in parked] == [tid]
+            assert "undecryptable" in parked[0].parked_reason
+            assert await b.sf_parked_count() == 1
+        finally:
+            await b.close()
+
+    run(go())
+
+
+# --------------------------------------------------------------------------
+# Card data never stored (PCI DSS 3.3.1, 3.4.1, 3.5.1)
+
+TRACK2_PATTERN = re.compile(r"[0-9]{12,19}[=D][0-9]{4}")
+
+
+def test_no_card_data_at_rest(backend):
+    pans = test_pans(24)
+    pins = [pin_block(i) for i in range(len(pans))]
+
+    async def go():
+        j = backend.make(node_id="scan-1")
+        await j.start()
+        try:
+            for i, pan in enumerate(pans):
+                link = f"{i + 1:06d}"
+                tid = await j.record_received(txn(pan=pan, stan=f"{9000 + i:06d}"))
+                await j.record_forwarded(tid, "acq-a", link, acq_fields(pan, link, i))
+                if i % 4 == 0:
+                    await j.record_outcome(tid, "00", "OK", response_doc(pan, "00", i), 5.0)
+                elif i % 4 == 1:
+                    await j.record_timeout(tid)
+                    await j.sf_enqueue("acq-a", "reversal", tid, acq_fields(pan, link, i))
+                    await j.record_outcome(tid, "91", None, response_doc(pan, "91", i), 30000.0)
+                    await j.record_late_response("acq-a", link, "00")
+                elif i % 4 == 2:
+                    await j.sf_enqueue("acq-b", "advice", tid, acq_fields(pan, link, i))
+                # i % 4 == 3: left without outcome, recovered below
+            e = await j.sf_claim("acq-b", "w", 30)
+            await j.sf_park(e.id, "test")
+            e = await j.sf_claim("acq-a", "w", 30)
+            await j.sf_ack(e.id)
+        finally:
+            await j.close()
+        j2 = backend.make(node_id="scan-2")
+        await j2.start()
+        try:
+            # i % 4 in (2, 3): forwarded, no outcome, no reversal queued (an advice is not one)
+            assert await j2.recover_and_enqueue() == len(pans) // 2
+        finally:
+            await j2.close()
+
+        text, raw = await backend.dump()
+        assert "41" in text or "51" in text  # masked PANs are there
+        for pan, pin in zip(pans, pins):
+            masked_shown = pan[:8] if len(pan) >= 16 else pan[:6]
+            assert masked_shown in text, "masked PAN expected"
+            assert pan not in text, "clear PAN stored"
+            assert pin not in text.upper(), "PIN block stored"
+            for blob in raw:
+                assert pan.encode() not in blob, "clear PAN in database bytes"
+                assert bytes.fromhex(pan + "0" * (len(pan) % 2)) not in blob, "BCD PAN in database bytes"
+                assert pin.encode() not in blob.upper(), "PIN block in database bytes"
+                assert bytes.fromhex(pin) not in blob, "binary PIN block in database bytes"
+                assert track2(pan).encode() not in blob
+        assert not TRACK2_PATTERN.search(text), "track-2 pattern in journal rows"
+        for blob in raw:
+            assert not re.search(rb"[0-9]{12,19}[=D][0-9]{4}", blob), "track-2 pattern in database bytes"
+
+    run(go())
+
+
+# --------------------------------------------------------------------------
+# Keys
+
+
+def test_key_file(tmp_path):
+    path = tmp_path / "state" / "keys.json"
+    init_keys(path)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    with pytest.raises(KeyFileError):
+        init_keys(path)  # never overwrite keys
+    kr = KeyRing.load(path)
+    assert kr.current_key_id == "k1"
+    secret = path.read_text()
+    assert "k1" in repr(kr)
+    for v in (repr(kr), str(kr)):
+        assert not any(tok in v for tok in re.findall(r'"([A-Za-z0-9+/=]{40,})"', secret))
+    blob = kr.encrypt(b"fields", b"aad")
+    assert kr.decrypt(blob, b"aad") == b"fields"
+    with pytest.raises(DecryptError) as ei:
+        kr.decrypt(blob, b"other")
+    assert "fields" not in str(ei.value)
+    with pytest.raises(DecryptError):
+        kr.decrypt(blob[:-1] + bytes([blob[-1] ^ 1]), b"aad")
+    with pytest.raises(DecryptError):
+        kr.decrypt(b"\x01\x02k9" + b"\0" * 40, b"aad")
+    with pytest.raises(DecryptError):
+        kr.decrypt(b"garbage", b"aad")
+    fp = kr.pan_fingerprint("4111 1111 1111 1111")
+    assert fp == kr.pan_fingerprint("4111111111111111") and len(fp) == 64
+    assert fp != hashlib.sha256(b"4111111111111111").hexdigest()
+    assert KeyRing.generate().pan_fingerprint("4111111111111111") != fp
+    assert rotate_keys(path) == "k2"
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    kr2 = KeyRing.load(path)
+    assert kr2.decrypt(blob, b"aad") == b"fields"
+    assert KeyRing.key_id_of(kr2.encrypt(b"x")) == "k2"
+    with pytest.raises(TypeError):
+        import pickle
+
+        pickle.dumps(kr2)
+    os.chmod(path, 0o644)
+    with pytest.raises(KeyFileError, match="chmod 600"):
+        KeyRing.load(path)
+    os.chmod(path, 0o600)
+    path.write_text('{"version": 1, "current": "k1", "data_keys": {"k1": "c2VjcmV0"}}')
+    os.chmod(path, 0o600)
+    with pytest.raises(KeyFileError) as ei:
+        KeyRing.load(path)
+    assert "c2VjcmV0" not in str(ei.value)
+    with pytest.raises(KeyFileError):
+        KeyRing.load(tmp_path / "missing.json")
+
+
+# --------------------------------------------------------------------------
+# Factory and the memory backend
+
+
+def test_make_journal_backends(tmp_path):
+    kr = KeyRing.generate()
+
+    async def go():
+        for cfg in (JournalConfig(backend="memory", path=None),
+                    JournalConfig(backend="sqlite", path=tmp_path / "j.db", group_commit_ms=0.5)):
+            j = make_journal(cfg, kr)
+            assert isinstance(j, SqliteJournal)
+            await j.start()
+            try:
+                tid = await j.record_received(txn())
+                await j.record_forwarded(tid, "a", "000001", {"11": "000001"})
+                await j.record_outcome(tid, "00", None, {"39": "00"}, 1.0)
+                assert (await j.get(tid))["state"] == "done"
+            finally:
+                await j.close()
+        pg = make_journal(JournalConfig(backend="postgres", path=None, dsn="postgresql://u:secret@h/db"), kr)
+        assert isinstance(pg, PostgresJournal) and "secret" not in repr(pg)
+        with pytest.raises(JournalError):
+            make_journal(JournalConfig(backend="postgres", path=None), kr)
+
+    run(go())
+
+
+def test_sqlite_group_commit_batches(tmp_path):
+    """Concurrent writes share commits: far fewer groups than writes."""
+    async def go():
+        j = SqliteJournal(tmp_path / "gc.db", KeyRing.generate(), group_commit_ms=2.0)
+        await j.start()
+        try:
+            async def one(i):
+                tid = await j.record_received(txn(stan=f"{i:06d}", terminal="GC"))
+                await j.record_forwarded(tid, "a", f"{i:06d}", {"11": f"{i:06d}"})
+                await j.record_outcome(tid, "00", None, {"39": "00"}, 1.0)
+
+            before = dict(j.stats)
+            await asyncio.gather(*(one(i) for i in range(300)))
+            writes = j.stats["writes"] - before["writes"]
+            groups = j.stats["groups"] - before["groups"]
+            assert writes == 900
+            assert groups < writes / 5, (groups, writes)
+        finally:
+            await j.close()
+
+    run(go())
