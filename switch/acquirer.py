@@ -60,6 +60,7 @@ class AcquirerReply:
     stan: str
     sent_doc: dict
     latency: float
+    acquirer: str = ""
 
 
 class _Pending:
@@ -146,6 +147,7 @@ class AcquirerLink:
         self.on_late = on_late
         self.pending: dict[str, _Pending] = {}
         self._slot_waiters: collections.deque[asyncio.Future] = collections.deque()
+        self._reserved: set[str] = set()  # STANs assigned, awaiting their journal write
         self._late: collections.OrderedDict[str, float] = collections.OrderedDict()
         self._stan = random.randrange(1, 999_999)
         self._conns: list[_LinkProtocol | None] = [None] * max(1, cfg.connections)
@@ -280,7 +282,7 @@ class AcquirerLink:
         for _ in range(999_999):
             s = s % 999_999 + 1
             key = f"{s:06d}"
-            if key not in pending and key not in late:
+            if key not in pending and key not in late and key not in self._reserved:
                 self._stan = s
                 return key
         raise NotSent(self.name, "no free trace number")
@@ -295,11 +297,14 @@ class AcquirerLink:
                 return c
         return None
 
-    async def request(self, doc: dict, timeout: float) -> AcquirerReply:
+    async def request(self, doc: dict, timeout: float, before_write=None) -> AcquirerReply:
         """Send `doc` (acquirer-side form, DE11 is replaced) and await the response.
 
         Raises NotSent when the request certainly did not leave, OutcomeUnknown
         when it may have (timeout, link lost after the write).
+        `before_write(stan, doc)` is awaited after the link STAN is assigned and
+        before any byte is written: the journal records the forwarding there
+        (DESIGN.md #2), so a crash after the write always finds it.
         """
         if self.draining:
             raise NotSent(self.name, "draining")
@@ -322,7 +327,7 @@ class AcquirerLink:
         conn = self._pick()
         if conn is None:
             raise NotSent(self.name, "link down")
-        return await self._send_on(conn, doc, timeout)
+        return await self._send_on(conn, doc, timeout, before_write)
 
     def _release_slot(self) -> None:
         waiters = self._slot_waiters
@@ -332,7 +337,8 @@ class AcquirerLink:
                 w.set_result(None)
                 return
 
-    async def _send_on(self, conn: _LinkProtocol, doc: dict, timeout: float) -> AcquirerReply:
+    async def _send_on(self, conn: _LinkProtocol, doc: dict, timeout: float,
+                       before_write=None) -> AcquirerReply:
         stan = self._next_stan()
         out = dict(doc)
         out["11"] = stan
@@ -341,6 +347,12 @@ class AcquirerLink:
         except iso8583.EncodeError as e:
             self.counters["encode_errors"] += 1
             raise NotSent(self.name, f"cannot encode for this acquirer: {e.msg}, field {e.field}") from None
+        if before_write is not None:
+            self._reserved.add(stan)
+            try:
+                await before_write(stan, out)
+            finally:
+                self._reserved.discard(stan)
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
         now = time.monotonic()
@@ -356,7 +368,7 @@ class AcquirerLink:
             raise OutcomeUnknown(self.name, "timeout", stan, out) from None
         except _Lost:
             raise OutcomeUnknown(self.name, "link lost", stan, out) from None
-        return AcquirerReply(reply, stan, out, time.monotonic() - now)
+        return AcquirerReply(reply, stan, out, time.monotonic() - now, self.name)
 
     def _expire(self, stan: str) -> None:
         p = self.pending.pop(stan, None)

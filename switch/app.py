@@ -17,6 +17,8 @@ from switch import certs
 from switch.acquirer import AcquirerLink
 from switch.config import Config
 from switch.flow import TransactionFlow
+from switch.journal import make_journal
+from switch.keys import ensure_keys
 from switch.listener import TerminalListener
 from switch.reversal import ReversalQueue
 from switch.router import Router
@@ -30,15 +32,23 @@ class Switch:
         self.simulators: dict = {}
         self.links: dict[str, AcquirerLink] = {}
         self.listeners: list[TerminalListener] = []
-        self.reversals = ReversalQueue()
+        self.journal = None
+        self.reversals: ReversalQueue | None = None
+        self.recovered = 0
         self.router: Router | None = None
         self.flow: TransactionFlow | None = None
         self.pki = None
         self.late_responses = 0
         self._stopped = asyncio.Event()
+        self._background: set[asyncio.Task] = set()
 
     async def start(self) -> "Switch":
         cfg = self.config
+        cfg.switch.state_dir.mkdir(parents=True, exist_ok=True)
+        keyring = await asyncio.to_thread(ensure_keys, cfg.security.key_file)
+        self.journal = make_journal(cfg.journal, keyring)
+        await self.journal.start()
+        self.reversals = ReversalQueue(self.journal)
         if cfg.uses_dev_pki:
             self.pki = await asyncio.to_thread(certs.ensure_dev_pki, cfg.switch.state_dir)
         acquirers = list(cfg.acquirers)
@@ -70,9 +80,15 @@ class Switch:
             healths[a.name] = link.health
         self.reversals.bind(self.links)
         self.router = Router(cfg.routing, healths)
-        self.flow = TransactionFlow(self.router, self.links, self.reversals)
+        self.flow = TransactionFlow(self.router, self.links, self.reversals, self.journal)
+        # DESIGN.md #7: whatever was forwarded without a journaled outcome
+        # before this start (a crash) is reversed, exactly once.
+        self.recovered = await self.journal.recover_and_enqueue()
+        if self.recovered:
+            log.warning("crash recovery: %d reversal(s) queued for unknown outcomes", self.recovered)
         for link in self.links.values():
             await link.start()
+        await self.reversals.start()
         for lc in cfg.listeners:
             ssl_ctx = None
             if lc.tls:
@@ -86,6 +102,10 @@ class Switch:
         # DESIGN.md #5: a late response is counted and never reaches the
         # terminal; the reversal queued at the timeout still goes out.
         self.late_responses += 1
+        task = asyncio.get_running_loop().create_task(
+            self.journal.record_late_response(acquirer, doc.get("11", ""), doc.get("39")))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def wait_links_up(self, timeout: float = 5.0) -> bool:
         deadline = time.monotonic() + timeout
@@ -106,11 +126,16 @@ class Switch:
             lst.stop_accepting()
         for lst in self.listeners:
             await lst.drain(grace)
-        await self.reversals.stop()
+        if self.reversals is not None:
+            await self.reversals.stop()
         for link in self.links.values():
             await link.stop()
         for sim in self.simulators.values():
             await sim.stop()
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+        if self.journal is not None:
+            await self.journal.close()
         self._stopped.set()
 
     async def __aenter__(self):

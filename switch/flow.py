@@ -16,10 +16,12 @@ import time
 from dataclasses import dataclass
 
 from switch.acquirer import AcquirerLink, NotSent, OutcomeUnknown
+from switch.journal import DuplicateTransaction, Journal, TxnRecord
 from switch.messages import (
     FINANCIAL_REQUESTS,
     NETWORK_REQUESTS,
     NEVER_ECHO,
+    RC_DUPLICATE,
     RC_FORMAT_ERROR,
     RC_INOPERATIVE,
     RC_NO_ROUTE,
@@ -46,7 +48,9 @@ REQUIRED = {
     "0420": ("3", "4", "11", "41"),
     "0421": ("3", "4", "11", "41"),
 }
-_DUP_MEMORY = 100_000
+# How often a retransmission of a request in flight elsewhere (another
+# process, or before a restart) looks for the original's journaled outcome.
+_DUP_POLL_S = 0.05
 
 
 @dataclass(slots=True)
@@ -59,17 +63,20 @@ class RequestContext:
 
 class TransactionFlow:
     def __init__(self, router: Router, links: dict[str, AcquirerLink], reversals: ReversalQueue,
-                 *, response_fields: frozenset[str] | None = None):
+                 journal: Journal):
         self.router = router
         self.links = links
         self.reversals = reversals
+        self.journal = journal
         self.counters = collections.Counter()
-        # retransmission detection: (DE41, DE11, DE7) -> future of the response
-        self._recent: collections.OrderedDict[tuple, asyncio.Future] = collections.OrderedDict()
-        # terminal key of an original -> (acquirer, acquirer-side doc), for 0400 routing
-        self._originals: collections.OrderedDict[tuple, tuple[str, dict]] = collections.OrderedDict()
+        # Retransmissions of a request still in flight in this process wait on
+        # its future; everything older is answered from the journal. Only
+        # in-flight entries are kept, so memory does not grow with traffic.
+        self._in_flight: dict[tuple, asyncio.Future] = {}
         # margin kept between the acquirer timeout and the terminal deadline
         self.answer_margin = 0.05
+        # observers (metrics): called as on_transaction(mti, acquirer, rc, seconds)
+        self.on_transaction = None
 
     # -- entry point -----------------------------------------------------------
 
@@ -78,29 +85,30 @@ class TransactionFlow:
         mti = req.get("t", "")
         # a repeat (0201) of a request already seen is that request again
         key = (req.get("41"), req.get("11"), req.get("7"), original_mti(mti))
-        if key[0] is not None and key[1] is not None:
-            prior = self._recent.get(key)
-            if prior is not None:
-                self.counters["retransmissions"] += 1
-                # in flight: wait for the original's answer; done: replay it
-                return dict(await asyncio.shield(prior))
-            fut = asyncio.get_running_loop().create_future()
-            self._recent[key] = fut
-            if len(self._recent) > _DUP_MEMORY:
-                self._recent.popitem(last=False)
-        else:
-            fut = None
+        if key[0] is None or key[1] is None or key[2] is None or mti in NETWORK_REQUESTS:
+            return await self._guarded(req, ctx, None)
+        prior = self._in_flight.get(key)
+        if prior is not None:
+            self.counters["retransmissions"] += 1
+            return dict(await asyncio.shield(prior))
+        fut = asyncio.get_running_loop().create_future()
+        self._in_flight[key] = fut
         try:
-            resp = await self._process(req, ctx)
-        except Exception:  # a bug must still produce an answer (invariant 1)
-            log.exception("flow failed for MTI %s", mti)
-            self.counters["system_errors"] += 1
-            resp = switch_response(req, RC_SYSTEM_ERROR)
-        if fut is not None and not fut.done():
-            fut.set_result(resp)
+            resp = await self._guarded(req, ctx, key)
+        finally:
+            del self._in_flight[key]
+        fut.set_result(resp)
         return resp
 
-    async def _process(self, req: dict, ctx: RequestContext) -> dict:
+    async def _guarded(self, req: dict, ctx: RequestContext, key) -> dict:
+        try:
+            return await self._process(req, ctx, key)
+        except Exception:  # a bug or a journal failure must still produce an answer (invariant 1)
+            log.exception("flow failed for MTI %s", req.get("t"))
+            self.counters["system_errors"] += 1
+            return switch_response(req, RC_SYSTEM_ERROR)
+
+    async def _process(self, req: dict, ctx: RequestContext, key) -> dict:
         mti = req.get("t", "")
         if mti in NETWORK_REQUESTS:
             self.counters["network"] += 1
@@ -115,9 +123,67 @@ class TransactionFlow:
         if not pan_of(req) and mti in FINANCIAL_REQUESTS:
             self.counters["format_errors"] += 1
             return switch_response(req, RC_FORMAT_ERROR)
+        if key is None:  # no DE7: cannot be told from a retransmission, so not journaled by key
+            self.counters["format_errors"] += 1
+            return switch_response(req, RC_FORMAT_ERROR)
+
+        replay = await self._journaled_answer(req, ctx, key)
+        if replay is not None:
+            return replay
+        try:
+            txn_id = await self.journal.record_received(self._txn_record(req, ctx, key))
+        except DuplicateTransaction:
+            replay = await self._journaled_answer(req, ctx, key)
+            return replay if replay is not None else switch_response(req, RC_DUPLICATE)
+        t0 = time.monotonic()
         if mti in REVERSAL_REQUESTS:
-            return await self._terminal_reversal(req, ctx)
-        return await self._forward(req, ctx)
+            resp, acquirer = await self._terminal_reversal(req, ctx, txn_id)
+        else:
+            resp, acquirer = await self._forward(req, ctx, txn_id)
+        elapsed = time.monotonic() - t0
+        # the outcome is durable before the terminal hears it (invariant 2)
+        await self.journal.record_outcome(txn_id, resp.get("39"), resp.get("38"), resp, elapsed * 1000.0)
+        if self.on_transaction is not None:
+            self.on_transaction(mti, acquirer, resp.get("39", ""), time.monotonic() - ctx.received)
+        return resp
+
+    def _txn_record(self, req: dict, ctx: RequestContext, key) -> TxnRecord:
+        amount = req.get("4")
+        return TxnRecord(
+            listener=ctx.listener, terminal_id=key[0], terminal_stan=key[1], terminal_tx_time=key[2],
+            mti=key[3], rrn=req.get("37"), amount=int(amount) if amount and amount.isdigit() else None,
+            currency=req.get("49"), pan=pan_of(req), proc_code=req.get("3"),
+        )
+
+    async def _journaled_answer(self, req: dict, ctx: RequestContext, key) -> dict | None:
+        """The replay for a retransmission known to the journal, else None.
+
+        A request in flight elsewhere (another process) is waited for until
+        its outcome is journaled or the deadline nears; then 94.
+        """
+        while True:
+            state, replay = await self.journal.find_duplicate(*key)
+            if state is None:
+                return None
+            self.counters["retransmissions"] += 1
+            if state == "done":
+                if replay is None:  # outcome unknown (recovered after a crash): no replay possible
+                    return switch_response(req, RC_DUPLICATE)
+                return self._replay(replay, req)
+            if time.monotonic() + _DUP_POLL_S > ctx.deadline - self.answer_margin:
+                return switch_response(req, RC_DUPLICATE)
+            await asyncio.sleep(_DUP_POLL_S)
+
+    @staticmethod
+    def _replay(stored: dict, req: dict) -> dict:
+        # the journal keeps DE2 masked: the replay carries the request's own
+        resp = dict(stored)
+        if "2" in req:
+            resp["2"] = req["2"]
+        else:
+            resp.pop("2", None)
+        resp["11"] = req["11"]
+        return resp
 
     # -- forwarding ------------------------------------------------------------
 
@@ -148,11 +214,12 @@ class TransactionFlow:
                 resp[k] = req[k]
         return resp
 
-    async def _forward(self, req: dict, ctx: RequestContext) -> dict:
+    async def _forward(self, req: dict, ctx: RequestContext, txn_id: int) -> tuple[dict, str]:
         decision = self.router.route(req)
         if not decision.configured:
             self.counters["no_route"] += 1
-            return switch_response(req, RC_NO_ROUTE)
+            return switch_response(req, RC_NO_ROUTE), ""
+        journal = self.journal
         last_answer = None
         for name in decision.ordered:
             link = self.links.get(name)
@@ -165,8 +232,12 @@ class TransactionFlow:
             if not link.health.allow_request(now):
                 continue
             acq_doc = self._acquirer_doc(req, link)
+
+            async def journal_forwarding(stan, sent, name=name):
+                await journal.record_forwarded(txn_id, name, stan, sent)
+
             try:
-                reply = await link.request(acq_doc, min(link.cfg.timeout, remaining))
+                reply = await link.request(acq_doc, min(link.cfg.timeout, remaining), journal_forwarding)
             except NotSent as e:
                 # certainly not received: safe to try the next candidate
                 self.counters["failover_not_sent"] += 1
@@ -178,10 +249,11 @@ class TransactionFlow:
                 # possibly received: reverse there, never re-send elsewhere
                 link.health.record_failure("timeout", time.monotonic())
                 self.counters["unknown_outcome"] += 1
-                self.reversals.enqueue(name, e.sent_doc, e.reason)
+                await journal.record_timeout(txn_id)
+                await self.reversals.enqueue(name, e.sent_doc, e.reason, txn_id)
                 log.warning("outcome unknown at %s (%s) for pan %s: reversal queued",
                             name, e.reason, mask_pan(pan_of(req)))
-                return switch_response(req, RC_INOPERATIVE)
+                return switch_response(req, RC_INOPERATIVE), name
             rc = reply.doc.get("39", "")
             if rc in link.cfg.try_elsewhere_codes:
                 link.health.record_failure("try_elsewhere", time.monotonic())
@@ -189,50 +261,49 @@ class TransactionFlow:
                 last_answer = reply
                 continue
             link.health.record_success(reply.latency, time.monotonic())
-            self._remember_original(req, name, reply.sent_doc)
             self.counters["answered"] += 1
-            return self._terminal_doc(reply.doc, req)
+            return self._terminal_doc(reply.doc, req), name
         if last_answer is not None:
             # every candidate declined with a "try elsewhere" code: pass the last one on
-            return self._terminal_doc(last_answer.doc, req)
+            return self._terminal_doc(last_answer.doc, req), last_answer.acquirer
         self.counters["no_acquirer"] += 1
-        return switch_response(req, RC_INOPERATIVE)
+        return switch_response(req, RC_INOPERATIVE), ""
 
-    def _remember_original(self, req: dict, acquirer: str, sent: dict) -> None:
-        key = (req.get("41"), req.get("11"), req.get("7"))
-        self._originals[key] = (acquirer, sent)
-        if len(self._originals) > _DUP_MEMORY:
-            self._originals.popitem(last=False)
-
-    async def _terminal_reversal(self, req: dict, ctx: RequestContext) -> dict:
+    async def _terminal_reversal(self, req: dict, ctx: RequestContext,
+                                 txn_id: int) -> tuple[dict, str]:
         """A terminal's own 0400/0420: acknowledge it and reverse at the right acquirer.
 
-        The reversal goes through the store-and-forward queue (it must reach
-        the acquirer even if the link is down now); the terminal is answered
-        at once, as acquirers answer reversals.
+        The original is found in the journal by the terminal's key (DE90 holds
+        its MTI, STAN and DE7); the reversal goes through the durable queue so
+        it reaches the acquirer even if the link is down now, and the terminal
+        is answered at once, as acquirers answer reversals.
         """
         de90 = req.get("90", "")
-        orig_key = (req.get("41"), de90[4:10] if len(de90) >= 10 else req.get("11"),
-                    de90[10:20] if len(de90) >= 20 else req.get("7"))
-        original = self._originals.get(orig_key)
-        if original is None:
-            # not seen by this process: route it as the original would have gone
-            decision = self.router.route(req)
-            if not decision.configured:
-                return switch_response(req, RC_NO_ROUTE)
-            name = (decision.ordered or decision.configured)[0]
+        orig_mti = de90[0:4] if len(de90) >= 20 and de90[0:4].isdigit() else "0200"
+        orig_stan = de90[4:10] if len(de90) >= 20 else req.get("11")
+        orig_time = de90[10:20] if len(de90) >= 20 else req.get("7")
+        original = await self.journal.find_txn(req.get("41"), orig_stan, orig_time, orig_mti)
+        if original is not None and original.get("acquirer") and original.get("link_stan"):
+            name = original["acquirer"]
             link = self.links.get(name)
-            if link is None:
-                return switch_response(req, RC_NO_ROUTE)
-            sent = self._acquirer_doc(req, link)
-            sent["t"] = "0200" if req["t"].startswith("04") else req["t"]
         else:
-            name, sent = original
-        self.reversals.enqueue(name, sent, "terminal reversal")
+            # not forwarded by this switch: route it as the original would have gone
+            decision = self.router.route(req)
+            name = (decision.ordered or decision.configured or ("",))[0]
+            link = self.links.get(name)
+            original = None
+        if link is None:
+            return switch_response(req, RC_NO_ROUTE), ""
+        sent = self._acquirer_doc(req, link)
+        sent["t"] = orig_mti
+        sent["7"] = orig_time
+        sent["11"] = original["link_stan"] if original is not None else orig_stan
+        sent.pop("90", None)
+        await self.reversals.enqueue(name, sent, "terminal reversal", txn_id)
         self.counters["terminal_reversals"] += 1
         resp = switch_response(req, "00")
         resp["t"] = response_mti(req["t"])
-        return resp
+        return resp, name
 
 
 def _translate_track2(doc: dict, spec: dict) -> None:

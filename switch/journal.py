@@ -541,6 +541,14 @@ class Journal(abc.ABC):
         d["has_reversal_fields"] = bool(d["has_reversal_fields"])
         return d
 
+    async def find_txn(self, terminal_id: str, terminal_stan: str, terminal_tx_time: str,
+                       mti: str) -> dict | None:
+        """The row for a terminal's request key (to route its reversal to the same acquirer)."""
+        r = await self._fetchone(
+            _TXN_SELECT + " WHERE terminal_id = ? AND terminal_stan = ? AND terminal_tx_time = ? "
+            "AND mti = ?", (str(terminal_id), str(terminal_stan), str(terminal_tx_time), str(mti)))
+        return None if r is None else self._txn_row(r)
+
     async def get(self, txn_id: int) -> dict | None:
         r = await self._fetchone(_TXN_SELECT + " WHERE id = ?", (txn_id,))
         return None if r is None else self._txn_row(r)

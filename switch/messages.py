@@ -50,16 +50,18 @@ def is_response_to(request_mti: str, response: str) -> bool:
 
 
 def mask_pan(pan: str | None) -> str:
-    """BIN (6, or 8 for PANs of 16+ digits) + last 4; never more (PCI DSS 3.4.1)."""
+    """First 6 + last 4, never more (PCI DSS 3.4.1).
+
+    DESIGN.md allows 8 leading digits only for 8-digit BINs; where a PAN is
+    masked the BIN length is not known, so 6 it is.
+    """
     if not pan:
         return ""
     digits = "".join(c for c in str(pan) if c.isdigit())
     n = len(digits)
     if n < 13:
         return "*" * n
-    head = 8 if n >= 16 else 6
-    head = min(head, n - 4 - 4)  # always hide at least 4 middle digits
-    return digits[:head] + "*" * (n - head - 4) + digits[-4:]
+    return digits[:6] + "*" * (n - 10) + digits[-4:]
 
 
 def pan_of(doc: dict) -> str | None:

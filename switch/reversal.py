@@ -5,17 +5,15 @@ acquirer it may have reached; the first attempt goes as 0400, repeats as
 0401; nothing is dropped: an entry past its attempt or age limit is parked
 and stays visible (`parked`) until re-queued.
 
-This queue keeps its entries in memory; a durable backend (the journal's
-store-and-forward table) plugs in through the same `ReversalStore` methods.
+Entries live in the journal database (switch/journal.py), so they survive
+a crash and several processes sharing a PostgreSQL journal drain one queue.
 """
 from __future__ import annotations
 
 import asyncio
 import collections
-import itertools
 import logging
 import time
-from dataclasses import dataclass, field
 
 from switch.messages import transmission_time
 
@@ -24,19 +22,6 @@ log = logging.getLogger("isoswitch.reversal")
 # Fields a reversal carries from the original request (the rest is not needed
 # to locate the original at the acquirer, and card data is kept to a minimum).
 REVERSAL_FIELDS = ("2", "3", "4", "12", "13", "14", "22", "32", "33", "37", "41", "42", "49")
-
-
-@dataclass
-class ReversalEntry:
-    id: int
-    acquirer: str
-    original: dict  # the acquirer-side request as sent, DE11 = link STAN
-    reason: str
-    created: float = field(default_factory=time.time)
-    attempts: int = 0
-    next_at: float = 0.0
-    last_result: str = ""
-    parked: bool = False
 
 
 def build_reversal(original: dict, repeat: bool) -> dict:
@@ -60,57 +45,84 @@ def build_reversal(original: dict, repeat: bool) -> dict:
     return rev
 
 
-class ReversalQueue:
-    """In-memory FIFO per acquirer with one sender task each."""
+def reversal_payload(sent: dict) -> dict:
+    """What the queue keeps of a request as sent: enough to build its reversal."""
+    return {k: sent[k] for k in ("t", "7", "11", *REVERSAL_FIELDS) if k in sent}
 
-    def __init__(self, *, max_attempts: int = 50, max_age: float = 86_400.0,
-                 backoff_min: float = 0.5, backoff_max: float = 60.0, timeout: float | None = None):
+
+class ReversalQueue:
+    """Durable store-and-forward of reversals in the journal database.
+
+    One sender task per acquirer per process. Entries are claimed from the
+    journal (SELECT ... FOR UPDATE SKIP LOCKED on PostgreSQL), so several
+    switch processes can drain one queue and each reversal goes out once.
+    FIFO per acquirer: after a failed attempt the sender waits out that
+    entry's backoff before claiming again, so the head is retried before
+    anything queued behind it.
+    """
+
+    def __init__(self, journal, *, max_attempts: int = 50, max_age: float = 86_400.0,
+                 backoff_min: float = 0.5, backoff_max: float = 60.0, lease_s: float = 60.0,
+                 poll_s: float = 0.5, worker_id: str | None = None):
+        import os
+        import socket
+
+        self.journal = journal
         self.max_attempts = max_attempts
         self.max_age = max_age
         self.backoff_min = backoff_min
         self.backoff_max = backoff_max
-        self.timeout = timeout
-        self._ids = itertools.count(1)
-        self._queues: dict[str, collections.deque[ReversalEntry]] = collections.defaultdict(collections.deque)
-        self._wake: dict[str, asyncio.Event] = {}
-        self._tasks: dict[str, asyncio.Task] = {}
-        self.parked: list[ReversalEntry] = []
+        self.lease_s = lease_s
+        self.poll_s = poll_s
+        self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
         self.links: dict = {}
         self.counters = collections.Counter()
+        self._wake: dict[str, asyncio.Event] = {}
+        self._tasks: dict[str, asyncio.Task] = {}
+        self._depth: dict[str, int] = {}
+        self._parked: list = []
         self._stopping = False
 
     def bind(self, links: dict) -> None:
         self.links = links
 
+    async def start(self) -> None:
+        for name in self.links:
+            self._ensure_worker(name)
+        await self.refresh()
+
+    async def refresh(self) -> None:
+        """Update the cached depth and parked list (for metrics and the admin API)."""
+        for name in self.links:
+            self._depth[name] = await self.journal.sf_depth(name)
+        self._parked = await self.journal.sf_list(parked=True)
+
     def depth(self, acquirer: str | None = None) -> int:
         if acquirer is not None:
-            return len(self._queues.get(acquirer, ()))
-        return sum(len(q) for q in self._queues.values())
+            return self._depth.get(acquirer, 0)
+        return sum(self._depth.values())
 
-    def entries(self, acquirer: str) -> list[ReversalEntry]:
-        return list(self._queues.get(acquirer, ()))
+    @property
+    def parked(self) -> list:
+        return list(self._parked)
 
-    def enqueue(self, acquirer: str, original: dict, reason: str) -> ReversalEntry:
-        e = ReversalEntry(next(self._ids), acquirer, dict(original), reason)
-        self._queues[acquirer].append(e)
+    async def enqueue(self, acquirer: str, original: dict, reason: str, txn_id: int | None = None) -> int:
+        entry_id = await self.journal.sf_enqueue(acquirer, "reversal", txn_id, reversal_payload(original))
         self.counters["queued"] += 1
+        self._depth[acquirer] = self._depth.get(acquirer, 0) + 1
+        log.warning("reversal %d queued for %s (%s)", entry_id, acquirer, reason)
         self._ensure_worker(acquirer)
         self._wake[acquirer].set()
-        return e
+        return entry_id
 
-    def requeue_parked(self, entry_id: int) -> bool:
-        for i, e in enumerate(self.parked):
-            if e.id == entry_id:
-                del self.parked[i]
-                e.parked = False
-                e.attempts = 0
-                e.created = time.time()
-                e.next_at = 0.0
-                self._queues[e.acquirer].append(e)
-                self._ensure_worker(e.acquirer)
-                self._wake[e.acquirer].set()
-                return True
-        return False
+    async def requeue_parked(self, entry_id: int) -> bool:
+        entry = await self.journal.sf_get(entry_id)
+        ok = await self.journal.sf_requeue(entry_id)
+        if ok and entry is not None:
+            self._ensure_worker(entry.acquirer)
+            self._wake[entry.acquirer].set()
+        await self.refresh()
+        return ok
 
     def _ensure_worker(self, acquirer: str) -> None:
         if acquirer not in self._wake:
@@ -128,53 +140,55 @@ class ReversalQueue:
 
     async def wait_empty(self, timeout: float = 10.0) -> bool:
         deadline = time.monotonic() + timeout
-        while self.depth() and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
-        return self.depth() == 0
+        while time.monotonic() < deadline:
+            if await self.journal.sf_depth() == 0:
+                await self.refresh()
+                return True
+            await asyncio.sleep(0.05)
+        return False
 
     async def _drain(self, acquirer: str) -> None:
         from switch.acquirer import NotSent, OutcomeUnknown
 
-        q = self._queues[acquirer]
         wake = self._wake[acquirer]
         while not self._stopping:
-            if not q:
-                wake.clear()
-                await wake.wait()
+            try:
+                entry = await self.journal.sf_claim(acquirer, self.worker_id, self.lease_s)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("store-and-forward claim failed for %s", acquirer)
+                await asyncio.sleep(self.poll_s)
                 continue
-            e = q[0]  # FIFO: the head blocks the rest until acknowledged or parked
-            now = time.time()
-            if e.attempts >= self.max_attempts or now - e.created > self.max_age:
-                q.popleft()
-                e.parked = True
-                self.parked.append(e)
-                self.counters["parked"] += 1
-                log.error("reversal %d for %s parked after %d attempts", e.id, acquirer, e.attempts)
-                continue
-            if e.next_at > now:
+            if entry is None:
+                self._depth[acquirer] = await self.journal.sf_depth(acquirer)
                 wake.clear()
                 try:
-                    await asyncio.wait_for(wake.wait(), e.next_at - now)
+                    await asyncio.wait_for(wake.wait(), self.poll_s)
                 except asyncio.TimeoutError:
                     pass
                 continue
+            if entry.attempts >= self.max_attempts or time.time() - entry.created_at > self.max_age:
+                await self.journal.sf_park(entry.id, f"gave up after {entry.attempts} attempts")
+                self.counters["parked"] += 1
+                log.error("reversal %d for %s parked after %d attempts", entry.id, acquirer, entry.attempts)
+                await self.refresh()
+                continue
             link = self.links.get(acquirer)
-            rev = build_reversal(e.original, repeat=e.attempts > 0)
-            e.attempts += 1
+            rev = build_reversal(entry.payload, repeat=entry.repeat or entry.attempts > 0)
             try:
                 if link is None:
                     raise NotSent(acquirer, "no such link")
-                timeout = self.timeout or link.cfg.timeout
-                reply = await link.request(rev, timeout)
+                reply = await link.request(rev, link.cfg.timeout)
             except (NotSent, OutcomeUnknown) as exc:
-                e.last_result = str(exc)
-                delay = min(self.backoff_min * (2 ** (e.attempts - 1)), self.backoff_max)
-                e.next_at = time.time() + delay
+                delay = min(self.backoff_min * (2 ** entry.attempts), self.backoff_max)
+                await self.journal.sf_retry(entry.id, time.time() + delay, str(exc))
                 self.counters["retries"] += 1
+                await asyncio.sleep(delay)  # FIFO: the head goes again before anything behind it
                 continue
             # Any 0410 acknowledges the reversal (00 reversed, 25 original not
             # found: either way the acquirer now knows it must not stand).
-            q.popleft()
-            e.last_result = reply.doc.get("39", "")
+            await self.journal.sf_ack(entry.id)
             self.counters["acknowledged"] += 1
-            log.info("reversal %d acknowledged by %s (rc %s)", e.id, acquirer, e.last_result)
+            self._depth[acquirer] = max(0, self._depth.get(acquirer, 1) - 1)
+            log.info("reversal %d acknowledged by %s (rc %s)", entry.id, acquirer, reply.doc.get("39"))
