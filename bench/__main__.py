@@ -1,6 +1,6 @@
 """``python -m bench``: the end-to-end bench (switch, simulators, load generator in separate processes).
 
-    python -m bench [--quick] [--scenarios steady,sweep,closed,slow,failover,burst,mixed,baselines]
+    python -m bench [--quick] [--scenarios steady,sweep,closed,slow,failover,burst,mixed,journal,baselines]
                     [--duration S] [--json FILE] [--png FILE] [--profile FILE]
 
 Prints one line per phase while running, then the table, the baseline ratios

@@ -39,7 +39,7 @@ from bench.loadgen import PhaseResult, RequestSource, StanSpace, closed_loop, co
 REPO = Path(__file__).resolve().parent.parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
-SCENARIOS = ("steady", "sweep", "closed", "slow", "failover", "burst", "mixed", "baselines")
+SCENARIOS = ("steady", "sweep", "closed", "slow", "failover", "burst", "mixed", "journal", "baselines")
 
 
 @dataclass
@@ -180,11 +180,13 @@ def _toml_str(p) -> str:
     return '"' + str(p).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def switch_config(path: Path, state_dir: Path, pki, acquirers: list[tuple[str, int]]) -> Path:
+def switch_config(path: Path, state_dir: Path, pki, acquirers: list[tuple[str, int]],
+                  journal: str = "sqlite") -> Path:
     """A switch config for the bench: one mTLS listener (port 0), the given acquirers in failover order."""
     lines = [
         "[switch]", f"state_dir = {_toml_str(state_dir)}", 'log_level = "warning"', 'log_format = "text"',
         "shutdown_grace = 1.0",
+        "[journal]", f'backend = "{journal}"', "group_commit_ms = 0.5",
         "[simulators]", "embedded = false",
         "[[listeners]]", 'name = "terminals"', 'host = "127.0.0.1"', "port = 0",
         f"cert = {_toml_str(pki.server_cert)}", f"key = {_toml_str(pki.server_key)}",
@@ -202,10 +204,10 @@ def switch_config(path: Path, state_dir: Path, pki, acquirers: list[tuple[str, i
 
 
 def start_switch(work: Path, tag: str, pki, acquirers: list[tuple[str, int]], *, pure_python: bool = False,
-                 profile: Path | None = None) -> Proc:
+                 profile: Path | None = None, journal: str = "sqlite") -> Proc:
     state = work / f"state-{tag}"
     state.mkdir(exist_ok=True)
-    cfg = switch_config(work / f"switch-{tag}.toml", state, pki, acquirers)
+    cfg = switch_config(work / f"switch-{tag}.toml", state, pki, acquirers, journal)
     argv = [sys.executable]
     if profile is not None:
         argv += ["-m", "cProfile", "-o", str(profile)]
@@ -266,16 +268,18 @@ class Bench:
         return stack
 
     async def switch_stack(self, tag: str, *, latency=("fixed", 0.0, None), acquirers=("acq-a",),
-                           pure_python=False, profile=None) -> Stack:
+                           pure_python=False, profile=None, journal="sqlite") -> Stack:
         sims = {n: start_acquirer(n, self.work, latency=latency) for n in acquirers}
         try:
             sw = start_switch(self.work, tag, self.pki, [(n, s.port) for n, s in sims.items()],
-                              pure_python=pure_python, profile=profile)
+                              pure_python=pure_python, profile=profile, journal=journal)
         except Exception:
             for s in sims.values():
                 s.stop()
             raise
         label = "switch (pure python)" if pure_python else "switch (cython)"
+        if journal != "sqlite":
+            label += f" journal {journal}"
         return await self._up(label, sw, sims)
 
     async def forwarder_stack(self) -> Stack:
@@ -352,6 +356,14 @@ class Bench:
                 stack.stop()
         if "failover" in scenarios:
             await self._failover()
+        if "journal" in scenarios:
+            # back to back, same parameters: what journaling every request costs
+            for tag, backend in (("journal-on", "sqlite"), ("journal-off", "none")):
+                stack = await self.switch_stack(tag, journal=backend)
+                try:
+                    await self.closed(stack, "journal", f"closed loop, journal {backend}", p.duration)
+                finally:
+                    stack.stop()
         if "baselines" in scenarios:
             for label, make in (("pure", lambda: self.switch_stack("pure", pure_python=True)),
                                 ("forwarder", self.forwarder_stack)):

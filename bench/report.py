@@ -18,6 +18,7 @@ GOAL_CLOSED_TPS = 20000.0
 GOAL_P99_1K_MS = 1.0
 GOAL_P99_10K_MS = 5.0
 GOAL_FORWARDER_SHARE = 0.5
+GOAL_JOURNAL_SHARE = 0.7  # issue 5: SQLite journal on keeps >= 70% of journal-off throughput
 
 
 def machine() -> dict:
@@ -119,6 +120,14 @@ def verdict(phases: list[dict]) -> dict:
         if closed.get("front_cpu_us_per_txn") and pure_closed.get("front_cpu_us_per_txn"):
             ratios["pure-python/cython CPU us per txn"] = round(
                 pure_closed["front_cpu_us_per_txn"] / closed["front_cpu_us_per_txn"], 2)
+    j_on = _find(phases, "journal", "switch (cython)", mode="closed")
+    j_off = _find(phases, "journal", "switch (cython) journal none", mode="closed")
+    if j_on and j_off and j_off["tps"]:
+        share = j_on["tps"] / j_off["tps"]
+        ratios["journal on/off TPS"] = round(share, 3)
+        goals.append(_check(f"SQLite journal on >= {GOAL_JOURNAL_SHARE:.0%} of journal off", share,
+                            share >= GOAL_JOURNAL_SHARE,
+                            f"{share:.0%} ({j_on['tps']:.0f} vs {j_off['tps']:.0f} TPS)", "journal closed loops"))
     return {"targets": targets, "goals": goals, "ratios": ratios}
 
 

@@ -48,6 +48,9 @@ class Switch:
         keyring = await asyncio.to_thread(ensure_keys, cfg.security.key_file)
         self.journal = make_journal(cfg.journal, keyring)
         await self.journal.start()
+        if cfg.journal.backend == "none":
+            log.warning("journal backend 'none': nothing is durable (no crash recovery, no "
+                        "replay after a restart); for measuring journal cost only")
         self.reversals = ReversalQueue(self.journal)
         if cfg.uses_dev_pki:
             self.pki = await asyncio.to_thread(certs.ensure_dev_pki, cfg.switch.state_dir)

@@ -66,7 +66,7 @@ FRAMINGS = {"binary2": 0xFFFF, "ascii4": 9999, "bcd2": 9999, "binary4": 0xFFFFFF
 MAX_FRAME_CAP = 1 << 20
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 LOG_FORMATS = ("json", "text")
-JOURNAL_BACKENDS = ("sqlite", "postgres", "memory")
+JOURNAL_BACKENDS = ("sqlite", "postgres", "memory", "none")
 CARD_TYPES = ("credit", "debit", "prepaid")
 # The switch assigns DE11 per acquirer link (trace numbers 000001-999999), so
 # a link can never have more requests outstanding than there are traces.
@@ -119,7 +119,7 @@ class SwitchConfig:
 
 @dataclass(frozen=True)
 class JournalConfig:
-    backend: str  # "sqlite" | "postgres" | "memory"
+    backend: str  # "sqlite" | "postgres" | "memory" | "none" (bench only: nothing durable)
     path: Path | None  # sqlite only
     dsn: str | None = field(default=None, repr=False)  # postgres only; may hold a password
     group_commit_ms: float = 2.0

@@ -127,19 +127,21 @@ class TransactionFlow:
             self.counters["format_errors"] += 1
             return switch_response(req, RC_FORMAT_ERROR)
 
-        replay = await self._journaled_answer(req, ctx, key)
-        if replay is not None:
-            return replay
+        t0 = time.monotonic()
+        txn = self._txn_record(req, ctx, key)
         try:
-            txn_id = await self.journal.record_received(self._txn_record(req, ctx, key))
+            if mti in REVERSAL_REQUESTS:
+                txn_id = await self.journal.record_received(txn)
+                resp, acquirer = await self._terminal_reversal(req, ctx, txn_id)
+            else:
+                txn_id, resp, acquirer = await self._forward(req, ctx, txn)
+                if txn_id is None:  # answered without forwarding (92, 91): journal it now
+                    txn_id = await self.journal.record_received(txn)
         except DuplicateTransaction:
+            # a retransmission of a request journaled before (another process,
+            # before a restart): nothing was sent; the original's answer is replayed
             replay = await self._journaled_answer(req, ctx, key)
             return replay if replay is not None else switch_response(req, RC_DUPLICATE)
-        t0 = time.monotonic()
-        if mti in REVERSAL_REQUESTS:
-            resp, acquirer = await self._terminal_reversal(req, ctx, txn_id)
-        else:
-            resp, acquirer = await self._forward(req, ctx, txn_id)
         elapsed = time.monotonic() - t0
         # the outcome is durable before the terminal hears it (invariant 2)
         await self.journal.record_outcome(txn_id, resp.get("39"), resp.get("38"), resp, elapsed * 1000.0)
@@ -214,12 +216,15 @@ class TransactionFlow:
                 resp[k] = req[k]
         return resp
 
-    async def _forward(self, req: dict, ctx: RequestContext, txn_id: int) -> tuple[dict, str]:
+    async def _forward(self, req: dict, ctx: RequestContext,
+                       txn: TxnRecord) -> tuple[int | None, dict, str]:
+        """(txn_id or None if nothing was journaled, response, acquirer)."""
         decision = self.router.route(req)
         if not decision.configured:
             self.counters["no_route"] += 1
-            return switch_response(req, RC_NO_ROUTE), ""
+            return None, switch_response(req, RC_NO_ROUTE), ""
         journal = self.journal
+        journaled: list[int] = []  # the txn_id once the first forwarding is journaled
         last_answer = None
         for name in decision.ordered:
             link = self.links.get(name)
@@ -234,7 +239,12 @@ class TransactionFlow:
             acq_doc = self._acquirer_doc(req, link)
 
             async def journal_forwarding(stan, sent, name=name):
-                await journal.record_forwarded(txn_id, name, stan, sent)
+                # one durable write before any byte leaves (DESIGN.md #2); a
+                # DuplicateTransaction here aborts the send (DESIGN.md #6)
+                if journaled:
+                    await journal.record_forwarded(journaled[0], name, stan, sent)
+                else:
+                    journaled.append(await journal.record_received_forwarded(txn, name, stan, sent))
 
             try:
                 reply = await link.request(acq_doc, min(link.cfg.timeout, remaining), journal_forwarding)
@@ -249,11 +259,12 @@ class TransactionFlow:
                 # possibly received: reverse there, never re-send elsewhere
                 link.health.record_failure("timeout", time.monotonic())
                 self.counters["unknown_outcome"] += 1
+                txn_id = journaled[0]
                 await journal.record_timeout(txn_id)
                 await self.reversals.enqueue(name, e.sent_doc, e.reason, txn_id)
                 log.warning("outcome unknown at %s (%s) for pan %s: reversal queued",
                             name, e.reason, mask_pan(pan_of(req)))
-                return switch_response(req, RC_INOPERATIVE), name
+                return txn_id, switch_response(req, RC_INOPERATIVE), name
             rc = reply.doc.get("39", "")
             if rc in link.cfg.try_elsewhere_codes:
                 link.health.record_failure("try_elsewhere", time.monotonic())
@@ -262,12 +273,13 @@ class TransactionFlow:
                 continue
             link.health.record_success(reply.latency, time.monotonic())
             self.counters["answered"] += 1
-            return self._terminal_doc(reply.doc, req), name
+            return journaled[0], self._terminal_doc(reply.doc, req), name
+        txn_id = journaled[0] if journaled else None
         if last_answer is not None:
             # every candidate declined with a "try elsewhere" code: pass the last one on
-            return self._terminal_doc(last_answer.doc, req), last_answer.acquirer
+            return txn_id, self._terminal_doc(last_answer.doc, req), last_answer.acquirer
         self.counters["no_acquirer"] += 1
-        return switch_response(req, RC_INOPERATIVE), ""
+        return txn_id, switch_response(req, RC_INOPERATIVE), ""
 
     async def _terminal_reversal(self, req: dict, ctx: RequestContext,
                                  txn_id: int) -> tuple[dict, str]:

@@ -476,16 +476,33 @@ class Journal(abc.ABC):
 
     # -- transaction lifecycle
 
-    async def record_received(self, txn: TxnRecord) -> int:
-        """Journal a request; returns its txn_id. Raises DuplicateTransaction on a repeat key."""
+    def _received_params(self, txn: TxnRecord) -> tuple:
         pan = txn.pan
-        params = (
+        return (
             txn.listener, str(txn.terminal_id), str(txn.terminal_stan), str(txn.terminal_tx_time),
             str(txn.mti), txn.rrn, None if txn.amount is None else int(txn.amount), txn.currency,
             mask_pan(pan) if pan else None, self.keyring.pan_fingerprint(pan) if pan else None,
             txn.proc_code, float(_ts(txn.received_at)), self.node_id, self.boot_id,
         )
-        txn_id = await self._insert_txn(params)
+
+    async def record_received(self, txn: TxnRecord) -> int:
+        """Journal a request; returns its txn_id. Raises DuplicateTransaction on a repeat key."""
+        txn_id = await self._insert_txn(self._received_params(txn))
+        if txn_id is None:
+            raise DuplicateTransaction(txn.terminal_id, txn.terminal_stan, txn.terminal_tx_time, txn.mti)
+        return txn_id
+
+    async def record_received_forwarded(self, txn: TxnRecord, acquirer: str, link_stan: str,
+                                        reversal_fields: dict) -> int:
+        """record_received + record_forwarded in one durable write (the hot path).
+
+        Call before writing the request to the acquirer. Raises
+        DuplicateTransaction when the terminal's key is already journaled:
+        then nothing may be sent (DESIGN.md #6).
+        """
+        packed = _pack(sanitize_fields(reversal_fields))
+        txn_id = await self._insert_forwarded(self._received_params(txn), acquirer, str(link_stan),
+                                              time.time(), packed)
         if txn_id is None:
             raise DuplicateTransaction(txn.terminal_id, txn.terminal_stan, txn.terminal_tx_time, txn.mti)
         return txn_id
@@ -723,6 +740,10 @@ class Journal(abc.ABC):
 
     @abc.abstractmethod
     async def _insert_txn(self, params: tuple) -> int | None: ...
+
+    @abc.abstractmethod
+    async def _insert_forwarded(self, params: tuple, acquirer: str, link_stan: str, now: float,
+                                packed_fields: bytes) -> int | None: ...
 
     @abc.abstractmethod
     async def _exec(self, sql: str, params: tuple) -> int:
@@ -1007,6 +1028,19 @@ class SqliteJournal(Journal):
             return None if r is None else r[0]
         return await self._submit(op)
 
+    async def _insert_forwarded(self, params, acquirer, link_stan, now, packed_fields):
+        keyring = self.keyring
+
+        def op(c):
+            r = c.execute(SQL_INSERT_TXN, params).fetchone()
+            if r is None:
+                return None
+            txn_id = r[0]
+            blob = keyring.encrypt(packed_fields, _txn_aad(txn_id))  # bound to this row
+            c.execute(SQL_FORWARDED, (acquirer, link_stan, now, blob, txn_id))
+            return txn_id
+        return await self._submit(op, atomic=True)
+
     async def _exec(self, sql: str, params: tuple) -> int:
         return await self._submit(lambda c: c.execute(sql, params).rowcount)
 
@@ -1149,6 +1183,16 @@ class PostgresJournal(Journal):
     async def _insert_txn(self, params: tuple) -> int | None:
         return await self._p().fetchval(self._q(SQL_INSERT_TXN), *params)
 
+    async def _insert_forwarded(self, params, acquirer, link_stan, now, packed_fields):
+        async with self._p().acquire() as conn:
+            async with conn.transaction():
+                txn_id = await conn.fetchval(self._q(SQL_INSERT_TXN), *params)
+                if txn_id is None:
+                    return None
+                blob = self.keyring.encrypt(packed_fields, _txn_aad(txn_id))
+                await conn.execute(self._q(SQL_FORWARDED), acquirer, link_stan, now, blob, txn_id)
+                return txn_id
+
     @staticmethod
     def _count(status: str) -> int:
         # "UPDATE 1" / "INSERT 0 1" / "DELETE 3"
@@ -1216,9 +1260,120 @@ class PostgresJournal(Journal):
 # --------------------------------------------------------------------------
 
 
+class NullJournal:
+    """No journal at all: for measuring what journaling costs (the bench), never for traffic.
+
+    Nothing survives the process: no crash recovery, retransmissions are
+    caught only while in flight. Store-and-forward entries are kept in memory
+    so reversals still go out while the process lives.
+    """
+
+    durable = False
+
+    def __init__(self):
+        self._ids = 0
+        self._sf: dict[int, SfEntry] = {}
+        self._payloads: dict[int, dict] = {}
+
+    async def start(self):
+        return None
+
+    async def close(self):
+        return None
+
+    async def record_received(self, txn) -> int:
+        self._ids += 1
+        return self._ids
+
+    async def record_forwarded(self, *a, **k):
+        return None
+
+    async def record_received_forwarded(self, *a, **k) -> int:
+        self._ids += 1
+        return self._ids
+
+    async def record_outcome(self, *a, **k):
+        return None
+
+    async def record_timeout(self, *a, **k):
+        return None
+
+    async def record_late_response(self, *a, **k):
+        return None
+
+    async def find_duplicate(self, *a, **k):
+        return None, None
+
+    async def find_txn(self, *a, **k):
+        return None
+
+    async def recover_and_enqueue(self) -> int:
+        return 0
+
+    async def sf_enqueue(self, acquirer, kind, txn_id, payload_fields, *, next_at=None) -> int:
+        self._ids += 1
+        now = time.time()
+        self._sf[self._ids] = SfEntry(self._ids, acquirer, kind, txn_id, "queued", now,
+                                      now if next_at is None else next_at, 0, 0)
+        self._payloads[self._ids] = dict(payload_fields)
+        return self._ids
+
+    async def sf_claim(self, acquirer, worker_id, lease_s=30.0):
+        now = time.time()
+        for e in self._sf.values():
+            if e.acquirer == acquirer and e.state == "queued" and e.next_at <= now:
+                e.claims += 1
+                e.payload = self._payloads[e.id]
+                return e
+        return None
+
+    async def sf_ack(self, entry_id) -> bool:
+        self._payloads.pop(entry_id, None)
+        return self._sf.pop(entry_id, None) is not None
+
+    async def sf_retry(self, entry_id, next_at, error) -> bool:
+        e = self._sf.get(entry_id)
+        if e is not None:
+            e.attempts += 1
+            e.next_at = next_at
+            e.last_error = error
+        return e is not None
+
+    async def sf_park(self, entry_id, reason) -> bool:
+        e = self._sf.get(entry_id)
+        if e is not None:
+            e.state = "parked"
+            e.parked_reason = reason
+        return e is not None
+
+    async def sf_requeue(self, entry_id) -> bool:
+        e = self._sf.get(entry_id)
+        if e is not None and e.state == "parked":
+            e.state, e.attempts, e.next_at = "queued", 0, time.time()
+            return True
+        return False
+
+    async def sf_get(self, entry_id):
+        return self._sf.get(entry_id)
+
+    async def sf_list(self, parked=None, acquirer=None, **k):
+        return [e for e in self._sf.values()
+                if (parked is None or (e.state == "parked") == parked)
+                and (acquirer is None or e.acquirer == acquirer)]
+
+    async def sf_depth(self, acquirer=None) -> int:
+        return sum(1 for e in self._sf.values() if e.state == "queued"
+                   and (acquirer is None or e.acquirer == acquirer))
+
+    async def sf_parked_count(self) -> int:
+        return sum(1 for e in self._sf.values() if e.state == "parked")
+
+
 def make_journal(config, keyring: KeyRing, **kwargs) -> Journal:
-    """A journal for ``switch.config.JournalConfig`` (backend sqlite | postgres | memory)."""
+    """A journal for ``switch.config.JournalConfig`` (backend sqlite | postgres | memory | none)."""
     backend = config.backend
+    if backend == "none":
+        return NullJournal()
     if backend == "sqlite":
         if config.path is None:
             raise JournalError("journal.path is required for the sqlite backend")

@@ -224,7 +224,7 @@ def test_lifecycle_rows(backend):
             tid = await j.record_received(rec)
             row = await j.get(tid)
             assert row["state"] == "received" and row["terminal_id"] == "TERMA"
-            assert row["pan_masked"] == "41111111****1111"
+            assert row["pan_masked"] == "411111******1111"
             assert row["pan_fingerprint"] == backend.keyring.pan_fingerprint("4111111111111111")
             assert row["pan_fingerprint"] != hashlib.sha256(b"4111111111111111").hexdigest()
             assert row["amount"] == 1000 and row["currency"] == "978" and row["mti"] == "0200"
@@ -240,7 +240,7 @@ def test_lifecycle_rows(backend):
             assert row["latency_ms"] == 12.5
             assert not row["has_reversal_fields"], "reversal fields kept after a known outcome"
             assert row["response"] == sanitize_replay(response_doc("4111111111111111"))
-            assert row["response"]["2"] == "41111111****1111"
+            assert row["response"]["2"] == "411111******1111"
             assert not {"14", "35", "52"} & set(row["response"])
 
             # a second transaction that times out, then gets a late response
@@ -309,7 +309,7 @@ def test_duplicate_detection_and_replay(backend):
             await j.record_outcome(tid, "05", None, response_doc("4111111111111111", "05"), 5.0)
             state, replay = await j.find_duplicate(*key)
             assert state == "done"
-            assert replay["39"] == "05" and replay["2"] == "41111111****1111"
+            assert replay["39"] == "05" and replay["2"] == "411111******1111"
             assert "35" not in replay and "52" not in replay
         finally:
             await j.close()
@@ -675,7 +675,7 @@ def test_no_card_data_at_rest(backend):
         text, raw = await backend.dump()
         assert "41" in text or "51" in text  # masked PANs are there
         for pan, pin in zip(pans, pins):
-            masked_shown = pan[:8] if len(pan) >= 16 else pan[:6]
+            masked_shown = pan[:6] + "*" * (len(pan) - 10) + pan[-4:]  # BIN 6 + last 4
             assert masked_shown in text, "masked PAN expected"
             assert pan not in text, "clear PAN stored"
             assert pin not in text.upper(), "PIN block stored"
