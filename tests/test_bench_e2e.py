@@ -25,7 +25,9 @@ def test_bench_quick_every_scenario(tmp_path, capsys):
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert {d["scenario"] for d in report["phases"]} == set(SCENARIOS)
     targets = {d["target"] for d in report["phases"]}
-    assert targets == {"switch (cython)", "switch (pure python)", "forwarder"}
+    assert targets == {"switch (cython)", "switch (pure python)", "forwarder",
+                       "switch (cython) journal none"}
+    assert "journal on/off TPS" in report["verdict"]["ratios"]
     for d in report["phases"]:
         assert d["sent"] > 0, d["name"]
         assert d["answered"] > 0, d["name"]

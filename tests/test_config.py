@@ -236,7 +236,7 @@ BAD = [
      'journal.dsn: required when backend = "postgres"'),
     ("journal-backend",
      '[journal]\nbackend = "mysql"\n',
-     'journal.backend: unknown journal backend "mysql" (expected one of sqlite, postgres, memory)'),
+     'journal.backend: unknown journal backend "mysql" (expected one of sqlite, postgres, memory, none)'),
     ("log-level",
      '[switch]\nlog_level = "loud"\n',
      'switch.log_level: unknown log level "loud" (expected one of debug, info, warning, error, critical)'),
