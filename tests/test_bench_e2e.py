@@ -50,7 +50,7 @@ def test_bench_quick_every_scenario(tmp_path, capsys):
     assert set(burst["windows_latency_ms"]) == {"before", "burst", "after"}
 
     v = report["verdict"]
-    assert len(v["targets"]) == 2 and len(v["goals"]) == 4
+    assert len(v["targets"]) == 2 and len(v["goals"]) == 5  # 4 speed goals + journal on/off
     for check in v["targets"] + v["goals"]:
         assert check["result"] in ("PASS", "MISS", "n/a") and check["measured"]
     assert {"switch/forwarder TPS", "cython/pure-python TPS"} <= set(v["ratios"])
