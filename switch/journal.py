@@ -500,9 +500,7 @@ class Journal(abc.ABC):
         DuplicateTransaction when the terminal's key is already journaled:
         then nothing may be sent (DESIGN.md #6).
         """
-        packed = _pack(sanitize_fields(reversal_fields))
-        txn_id = await self._insert_forwarded(self._received_params(txn), acquirer, str(link_stan),
-                                              time.time(), packed)
+        txn_id = await self._insert_forwarded(txn, acquirer, str(link_stan), time.time(), reversal_fields)
         if txn_id is None:
             raise DuplicateTransaction(txn.terminal_id, txn.terminal_stan, txn.terminal_tx_time, txn.mti)
         return txn_id
@@ -519,10 +517,8 @@ class Journal(abc.ABC):
     async def record_outcome(self, txn_id: int, response_code: str | None, approval_code: str | None,
                              response_doc_for_replay: dict | None, latency_ms: float | None) -> None:
         """Journal the answer the terminal gets (kept sanitized for replay); call BEFORE answering."""
-        doc = _pack(sanitize_replay(response_doc_for_replay))
-        n = await self._exec(SQL_OUTCOME, (response_code, approval_code, doc,
-                                           None if latency_ms is None else float(latency_ms),
-                                           time.time(), txn_id))
+        n = await self._outcome(txn_id, response_code, approval_code, dict(response_doc_for_replay or {}),
+                                None if latency_ms is None else float(latency_ms), time.time())
         if n != 1:
             raise JournalError(f"txn {txn_id}: unknown transaction")
 
@@ -741,9 +737,13 @@ class Journal(abc.ABC):
     @abc.abstractmethod
     async def _insert_txn(self, params: tuple) -> int | None: ...
 
+    async def _outcome(self, txn_id, response_code, approval_code, doc, latency_ms, now) -> int:
+        packed = _pack(sanitize_replay(doc))
+        return await self._exec(SQL_OUTCOME, (response_code, approval_code, packed, latency_ms, now, txn_id))
+
     @abc.abstractmethod
-    async def _insert_forwarded(self, params: tuple, acquirer: str, link_stan: str, now: float,
-                                packed_fields: bytes) -> int | None: ...
+    async def _insert_forwarded(self, txn: TxnRecord, acquirer: str, link_stan: str, now: float,
+                                reversal_fields: dict) -> int | None: ...
 
     @abc.abstractmethod
     async def _exec(self, sql: str, params: tuple) -> int:
@@ -1028,10 +1028,15 @@ class SqliteJournal(Journal):
             return None if r is None else r[0]
         return await self._submit(op)
 
-    async def _insert_forwarded(self, params, acquirer, link_stan, now, packed_fields):
+    async def _insert_forwarded(self, txn, acquirer, link_stan, now, reversal_fields):
         keyring = self.keyring
+        fields = dict(reversal_fields)  # the caller's dict may change once we return
 
         def op(c):
+            # masking, HMAC, msgpack and AES-GCM run here, on the writer thread,
+            # not on the event loop that serves terminals (measured: ~15 us/txn)
+            params = self._received_params(txn)
+            packed_fields = _pack(sanitize_fields(fields))
             r = c.execute(SQL_INSERT_TXN, params).fetchone()
             if r is None:
                 return None
@@ -1043,6 +1048,13 @@ class SqliteJournal(Journal):
 
     async def _exec(self, sql: str, params: tuple) -> int:
         return await self._submit(lambda c: c.execute(sql, params).rowcount)
+
+    async def _outcome(self, txn_id, response_code, approval_code, doc, latency_ms, now) -> int:
+        def op(c):  # sanitising and packing on the writer thread
+            packed = _pack(sanitize_replay(doc))
+            return c.execute(SQL_OUTCOME, (response_code, approval_code, packed, latency_ms, now,
+                                           txn_id)).rowcount
+        return await self._submit(op)
 
     async def _late_response(self, acquirer, link_stan, rc, now):
         def op(c):
@@ -1183,7 +1195,9 @@ class PostgresJournal(Journal):
     async def _insert_txn(self, params: tuple) -> int | None:
         return await self._p().fetchval(self._q(SQL_INSERT_TXN), *params)
 
-    async def _insert_forwarded(self, params, acquirer, link_stan, now, packed_fields):
+    async def _insert_forwarded(self, txn, acquirer, link_stan, now, reversal_fields):
+        params = self._received_params(txn)
+        packed_fields = _pack(sanitize_fields(reversal_fields))
         async with self._p().acquire() as conn:
             async with conn.transaction():
                 txn_id = await conn.fetchval(self._q(SQL_INSERT_TXN), *params)
