@@ -169,21 +169,17 @@ def sanitize_fields(fields: dict | None) -> dict:
     """Field dict with string keys and no sensitive authentication data (35/36/45/52/55)."""
     if not fields:
         return {}
-    return {_key(k): v for k, v in fields.items() if _key(k) not in NEVER_STORED}
+    return {k: v for k, v in ((_key(k), v) for k, v in fields.items()) if k not in NEVER_STORED}
 
 
 def sanitize_replay(doc: dict | None) -> dict:
     """A response safe to keep for replay: DE2 masked, DE14/35/36/45/52/55 removed."""
     if not doc:
         return {}
-    out = {}
-    for k, v in doc.items():
-        k = _key(k)
-        if k in NOT_REPLAYED:
-            continue
-        if k == "2":
-            v = mask_pan(v if isinstance(v, str) else str(v))
-        out[k] = v
+    out = {k: v for k, v in ((_key(k), v) for k, v in doc.items()) if k not in NOT_REPLAYED}
+    pan = out.get("2")
+    if pan is not None:
+        out["2"] = mask_pan(pan if isinstance(pan, str) else str(pan))
     return out
 
 
@@ -199,6 +195,12 @@ def _unpack(b: bytes | None) -> Any:
 
 def _txn_aad(txn_id: int) -> bytes:
     return b"isoswitch/txn/%d" % txn_id
+
+
+def _txn_key_aad(terminal_id, terminal_stan, terminal_tx_time, mti) -> bytes:
+    """Binds reversal fields written with the row's insert to its unique terminal key
+    (the row id is not known before the insert, and one statement is cheaper than two)."""
+    return f"isoswitch/txnkey/{terminal_id}/{terminal_stan}/{terminal_tx_time}/{mti}".encode()
 
 
 def _sf_aad(acquirer: str, kind: str, txn_id: int | None) -> bytes:
@@ -330,6 +332,15 @@ SQL_INSERT_TXN = (
     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'received') "
     "ON CONFLICT (terminal_id, terminal_stan, terminal_tx_time, mti) DO NOTHING RETURNING id"
 )
+# The hot path: received and forwarded in one statement (reversal fields bound
+# to the terminal key, see _txn_key_aad)
+SQL_INSERT_FWD = (
+    "INSERT INTO txn (listener, terminal_id, terminal_stan, terminal_tx_time, mti, rrn, amount, "
+    "currency, pan_masked, pan_fingerprint, proc_code, received_at, node_id, boot_id, state, "
+    "acquirer, link_stan, forwarded_at, reversal_fields) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'forwarded', ?, ?, ?, ?) "
+    "ON CONFLICT (terminal_id, terminal_stan, terminal_tx_time, mti) DO NOTHING RETURNING id"
+)
 # A failover re-forwards to the next acquirer: allowed while no outcome and no timeout.
 SQL_FORWARDED = (
     "UPDATE txn SET state = 'forwarded', acquirer = ?, link_stan = ?, forwarded_at = ?, "
@@ -389,7 +400,8 @@ _DEAD = ("t.boot_id <> ? AND NOT EXISTS (SELECT 1 FROM journal_node n WHERE n.bo
          "AND n.heartbeat_at >= ? AND n.node_id <> ?)")
 _UNRESOLVED = ("t.forwarded_at IS NOT NULL AND t.reversal_queued = 0 "
                "AND (t.response_code IS NULL OR t.timed_out_at IS NOT NULL)")
-SQL_RECOVER_SELECT = ("SELECT t.id, t.acquirer, t.link_stan, t.reversal_fields FROM txn t WHERE "
+SQL_RECOVER_SELECT = ("SELECT t.id, t.acquirer, t.link_stan, t.reversal_fields, t.terminal_id, "
+                      "t.terminal_stan, t.terminal_tx_time, t.mti FROM txn t WHERE "
                       + _UNRESOLVED + " AND " + _DEAD + " ORDER BY t.id")
 SQL_RECOVER_MARK = ("UPDATE txn SET reversal_queued = 1, reversal_fields = NULL, "
                     "state = CASE WHEN response_code IS NULL THEN 'unknown' ELSE state END WHERE id = ?")
@@ -676,20 +688,25 @@ class Journal(abc.ABC):
     def _dead_params(self) -> tuple:
         return (self.boot_id, time.time() - self.stale_after, self.node_id)
 
-    def _decrypt_reversal(self, txn_id: int, blob) -> dict | None:
+    def _decrypt_reversal(self, txn_id: int, blob, key: tuple | None = None) -> dict | None:
         if blob is None:
             return None
-        try:
-            return _unpack(self.keyring.decrypt(blob, _txn_aad(txn_id)))
-        except DecryptError as exc:
-            log.error("txn %d: reversal fields cannot be decrypted: %s", txn_id, exc)
-            return None
+        # written with the insert (bound to the terminal key) or by a failover
+        # re-forward (bound to the row id); GCM authenticates exactly one of them
+        aads = ([_txn_key_aad(*key)] if key else []) + [_txn_aad(txn_id)]
+        for aad in aads:
+            try:
+                return _unpack(self.keyring.decrypt(blob, aad))
+            except DecryptError as exc:
+                err = exc
+        log.error("txn %d: reversal fields cannot be decrypted: %s", txn_id, err)
+        return None
 
     def _recovery_plan(self, rows) -> list[tuple]:
         """(txn_id, acquirer, sf state, payload blob, parked reason) for each unresolved row."""
         plan = []
-        for txn_id, acquirer, link_stan, blob in rows:
-            fields = self._decrypt_reversal(txn_id, blob)
+        for txn_id, acquirer, link_stan, blob, *key in rows:
+            fields = self._decrypt_reversal(txn_id, blob, tuple(key))
             reason = None
             if fields is None:
                 fields = {"11": link_stan}
@@ -706,7 +723,7 @@ class Journal(abc.ABC):
         None when missing or undecryptable). Prefer :meth:`recover_and_enqueue`.
         """
         rows = await self._fetchall(SQL_RECOVER_SELECT, self._dead_params())
-        return [(r[0], r[1], r[2], self._decrypt_reversal(r[0], r[3])) for r in rows]
+        return [(r[0], r[1], r[2], self._decrypt_reversal(r[0], r[3], tuple(r[4:8]))) for r in rows]
 
     async def recover_and_enqueue(self) -> int:
         """Queue a reversal for every unresolved forwarded transaction of a dead instance.
@@ -1036,15 +1053,10 @@ class SqliteJournal(Journal):
             # masking, HMAC, msgpack and AES-GCM run here, on the writer thread,
             # not on the event loop that serves terminals (measured: ~15 us/txn)
             params = self._received_params(txn)
-            packed_fields = _pack(sanitize_fields(fields))
-            r = c.execute(SQL_INSERT_TXN, params).fetchone()
-            if r is None:
-                return None
-            txn_id = r[0]
-            blob = keyring.encrypt(packed_fields, _txn_aad(txn_id))  # bound to this row
-            c.execute(SQL_FORWARDED, (acquirer, link_stan, now, blob, txn_id))
-            return txn_id
-        return await self._submit(op, atomic=True)
+            blob = keyring.encrypt(_pack(sanitize_fields(fields)), _txn_key_aad(*params[1:5]))
+            r = c.execute(SQL_INSERT_FWD, params + (acquirer, link_stan, now, blob)).fetchone()
+            return None if r is None else r[0]
+        return await self._submit(op)
 
     async def _exec(self, sql: str, params: tuple) -> int:
         return await self._submit(lambda c: c.execute(sql, params).rowcount)
@@ -1197,15 +1209,8 @@ class PostgresJournal(Journal):
 
     async def _insert_forwarded(self, txn, acquirer, link_stan, now, reversal_fields):
         params = self._received_params(txn)
-        packed_fields = _pack(sanitize_fields(reversal_fields))
-        async with self._p().acquire() as conn:
-            async with conn.transaction():
-                txn_id = await conn.fetchval(self._q(SQL_INSERT_TXN), *params)
-                if txn_id is None:
-                    return None
-                blob = self.keyring.encrypt(packed_fields, _txn_aad(txn_id))
-                await conn.execute(self._q(SQL_FORWARDED), acquirer, link_stan, now, blob, txn_id)
-                return txn_id
+        blob = self.keyring.encrypt(_pack(sanitize_fields(reversal_fields)), _txn_key_aad(*params[1:5]))
+        return await self._p().fetchval(self._q(SQL_INSERT_FWD), *params, acquirer, link_stan, now, blob)
 
     @staticmethod
     def _count(status: str) -> int:

@@ -292,5 +292,6 @@ class KeyRing:
 
     def pan_fingerprint(self, pan: str) -> str:
         """HMAC-SHA256 (hex) of the PAN's digits with the fingerprint key; never a plain hash."""
-        digits = "".join(c for c in str(pan) if c.isdigit())
-        return hmac.new(self._fp_key, digits.encode("ascii"), hashlib.sha256).hexdigest()
+        digits = pan if isinstance(pan, str) and pan.isascii() and pan.isdigit() else "".join(
+            c for c in str(pan) if c.isdigit())
+        return hmac.digest(self._fp_key, digits.encode("ascii"), "sha256").hex()

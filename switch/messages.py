@@ -57,7 +57,7 @@ def mask_pan(pan: str | None) -> str:
     """
     if not pan:
         return ""
-    digits = "".join(c for c in str(pan) if c.isdigit())
+    digits = pan if isinstance(pan, str) and pan.isascii() and pan.isdigit() else "".join(c for c in str(pan) if c.isdigit())
     n = len(digits)
     if n < 13:
         return "*" * n
