@@ -1,0 +1,1102 @@
+"""The REST shim: JSON payments into the same TransactionFlow terminals use, plus admin.
+
+The shim runs in the switch's event loop (aiohttp), turns a JSON request into
+an ISO 8583 document and calls ``switch.flow.process`` - the same routing,
+failover, reversal and (once wired) journal path as terminal traffic.
+
+Card data: the PAN is validated (digits, Luhn, expiry) and goes into the
+ISO document only; the transaction store and every response, error, log
+line and webhook carry the masked PAN. Follow-up operations that must carry
+the PAN again (refund, capture) read it from an in-memory vault holding it
+AES-GCM encrypted under a per-process key (PCI DSS 3.5.1); the CVV is used
+for the request only (``ApiSettings.cvv_field``), never stored.
+
+Errors are RFC 9457 problem details (``application/problem+json``) naming the
+field and the problem; they never echo card data.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import csv
+import datetime as _dt
+import inspect
+import io
+import itertools
+import json
+import logging
+import math
+import random
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from aiohttp import web
+
+from switch.api.auth import ApiKey, ApiKeyStore, IdempotencyCache, IdempotencyConflict
+from switch.messages import luhn_ok, mask_pan, transmission_time
+from switch.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from switch.metrics import Metrics
+
+log = logging.getLogger("isoswitch.api")
+
+HERE = Path(__file__).resolve().parent
+OPENAPI_PATH = HERE / "openapi.json"
+DASHBOARD_PATH = HERE / "dashboard.html"
+
+PROBLEM_CT = "application/problem+json"
+APPROVED_CODES = frozenset({"00", "08", "10", "11", "000", "001", "003"})
+
+# ISO 4217: alpha -> (numeric, minor-unit exponent). A small table of the
+# currencies a shop is likely to send; extend as needed.
+CURRENCIES: dict[str, tuple[str, int]] = {
+    "USD": ("840", 2), "EUR": ("978", 2), "GBP": ("826", 2), "JPY": ("392", 0), "CAD": ("124", 2),
+    "AUD": ("036", 2), "NZD": ("554", 2), "CHF": ("756", 2), "SEK": ("752", 2), "NOK": ("578", 2),
+    "DKK": ("208", 2), "PLN": ("985", 2), "CZK": ("203", 2), "HUF": ("348", 2), "RON": ("946", 2),
+    "TRY": ("949", 2), "ILS": ("376", 2), "AED": ("784", 2), "SAR": ("682", 2), "INR": ("356", 2),
+    "CNY": ("156", 2), "HKD": ("344", 2), "SGD": ("702", 2), "KRW": ("410", 0), "MXN": ("484", 2),
+    "BRL": ("986", 2), "ZAR": ("710", 2),
+}
+NUMERIC_TO_ALPHA = {num: alpha for alpha, (num, _) in CURRENCIES.items()}
+MAX_AMOUNT = 999_999_999_999  # DE4 n12
+
+
+# ---------------------------------------------------------------------------
+# Transaction store
+
+
+class TransactionStore(Protocol):
+    """Where the API keeps its transactions (masked PAN only, never card data).
+
+    The journal backs this later; ``MemoryTransactionStore`` is the
+    in-process default. Records are dicts as built by the API (see
+    ``public_view`` for the fields clients see).
+    """
+
+    def add(self, record: dict) -> None: ...
+
+    def update(self, txn_id: str, changes: dict) -> None: ...
+
+    def get(self, txn_id: str) -> dict | None: ...
+
+    def list(self, limit: int, offset: int, filters: dict) -> list[dict]:
+        """Newest first; filters: status, terminal_id, since, until (epoch s), owner."""
+        ...
+
+
+_FORBIDDEN_KEYS = frozenset({"pan", "cvv", "track2", "pin", "2", "35", "45", "52", "55", "expiry"})
+
+
+class MemoryTransactionStore:
+    """Bounded in-memory store (oldest dropped first); never holds a clear PAN."""
+
+    def __init__(self, max_records: int = 100_000):
+        self.max_records = max_records
+        self._items: collections.OrderedDict[str, dict] = collections.OrderedDict()
+
+    def add(self, record: dict) -> None:
+        bad = _FORBIDDEN_KEYS & record.keys()
+        if bad:  # defence in depth: a coding slip must not store card data
+            raise ValueError(f"transaction record must not carry {sorted(bad)}")
+        self._items[record["id"]] = dict(record)
+        while len(self._items) > self.max_records:
+            self._items.popitem(last=False)
+
+    def update(self, txn_id: str, changes: dict) -> None:
+        if _FORBIDDEN_KEYS & changes.keys():
+            raise ValueError("transaction record must not carry card data")
+        rec = self._items.get(txn_id)
+        if rec is not None:
+            rec.update(changes)
+
+    def get(self, txn_id: str) -> dict | None:
+        rec = self._items.get(txn_id)
+        return dict(rec) if rec is not None else None
+
+    def list(self, limit: int, offset: int, filters: dict) -> list[dict]:
+        out = []
+        skipped = 0
+        status = filters.get("status")
+        terminal = filters.get("terminal_id")
+        since = filters.get("since")
+        until = filters.get("until")
+        owner = filters.get("owner")
+        for rec in reversed(self._items.values()):
+            if status is not None and rec["status"] != status:
+                continue
+            if terminal is not None and rec["terminal_id"] != terminal:
+                continue
+            if since is not None and rec["created_ts"] < since:
+                continue
+            if until is not None and rec["created_ts"] >= until:
+                continue
+            if owner is not None and rec.get("owner") != owner:
+                continue
+            if skipped < offset:
+                skipped += 1
+                continue
+            out.append(dict(rec))
+            if len(out) >= limit:
+                break
+        return out
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+PUBLIC_FIELDS = ("id", "type", "status", "approved", "response_code", "approval_code", "masked_pan",
+                 "amount", "currency", "terminal_id", "merchant_id", "created", "parent_id",
+                 "captured_amount", "refunded_amount")
+
+
+def public_view(rec: dict) -> dict:
+    return {k: rec.get(k) for k in PUBLIC_FIELDS}
+
+
+# ---------------------------------------------------------------------------
+# Card vault (follow-ups need the PAN again)
+
+
+class CardVault:
+    """txn id -> AES-GCM(PAN, expiry) under a per-process key; bounded, memory only.
+
+    The key is generated at start and never written anywhere, so a restart
+    forgets every card: a refund or capture of an older transaction then
+    answers 409 (the merchant must send the card again). The journal-backed
+    store can replace this with its encrypted columns.
+    """
+
+    def __init__(self, max_items: int = 100_000):
+        from switch.keys import KeyRing
+
+        self._ring = KeyRing.generate()
+        self._items: collections.OrderedDict[str, bytes] = collections.OrderedDict()
+        self.max_items = max_items
+
+    def put(self, txn_id: str, pan: str, expiry: str) -> None:
+        self._items[txn_id] = self._ring.encrypt(f"{pan}|{expiry}".encode(), txn_id.encode())
+        while len(self._items) > self.max_items:
+            self._items.popitem(last=False)
+
+    def get(self, txn_id: str) -> tuple[str, str] | None:
+        blob = self._items.get(txn_id)
+        if blob is None:
+            return None
+        pan, _, expiry = self._ring.decrypt(blob, txn_id.encode()).decode().partition("|")
+        return pan, expiry
+
+    def link(self, new_id: str, from_id: str) -> None:
+        got = self.get(from_id)
+        if got is not None:
+            self.put(new_id, *got)
+
+
+# ---------------------------------------------------------------------------
+# Problems (RFC 9457)
+
+
+class Problem(Exception):
+    def __init__(self, status: int, title: str, detail: str, *, errors: list[dict] | None = None,
+                 slug: str | None = None, headers: dict | None = None, extra: dict | None = None):
+        super().__init__(detail)
+        self.status, self.title, self.detail = status, title, detail
+        self.errors = errors
+        self.slug = slug or title.lower().replace(" ", "-")
+        self.headers = headers or {}
+        self.extra = extra or {}
+
+    def response(self) -> web.Response:
+        body = {"type": f"urn:isoswitch:problem:{self.slug}", "title": self.title,
+                "status": self.status, "detail": self.detail}
+        if self.errors:
+            body["errors"] = self.errors
+        body.update(self.extra)
+        return web.Response(status=self.status, body=_dumps(body), content_type=PROBLEM_CT,
+                            headers=self.headers)
+
+
+def invalid(errors: list[dict], detail: str | None = None) -> Problem:
+    return Problem(400, "Invalid request", detail or "; ".join(f"{e['field']}: {e['problem']}" for e in errors),
+                   errors=errors, slug="invalid-request")
+
+
+def _dumps(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def json_response(obj: Any, status: int = 200, headers: dict | None = None) -> web.Response:
+    return web.Response(status=status, body=_dumps(obj), content_type="application/json", headers=headers)
+
+
+# ---------------------------------------------------------------------------
+# Settings and state
+
+
+@dataclass
+class ApiSettings:
+    timeout: float = 10.0  # the deadline given to the flow for one API request
+    cvv_field: str | None = None  # ISO field that carries the CVV2 to the acquirer, if any
+    public_metrics: bool = True  # /metrics without an API key (Prometheus scrapers)
+    max_body: int = 1 << 20  # BIN tables can be large; payments are tiny
+    listener_name: str = "api"
+
+
+API_STATE = web.AppKey("isoswitch_api", object)
+API_KEY = web.RequestKey("isoswitch_api_key", ApiKey)
+BODY = web.RequestKey("isoswitch_body", bytes)
+
+
+class ApiState:
+    def __init__(self, switch, keys: ApiKeyStore, store: TransactionStore, webhooks, metrics: Metrics,
+                 settings: ApiSettings):
+        self.switch = switch
+        self.keys = keys
+        self.store = store
+        self.webhooks = webhooks
+        self.metrics = metrics
+        self.settings = settings
+        self.idempotency = IdempotencyCache()
+        self.vault = CardVault()
+        # a random start: STAN + DE7 must not repeat a pre-restart request's key
+        self._stan = itertools.count(random.randrange(999_999))
+        self._locks: dict[str, asyncio.Lock] = {}
+        self.started = time.time()
+        self.openapi = OPENAPI_PATH.read_bytes()
+        self.dashboard = DASHBOARD_PATH.read_bytes()
+
+    def next_stan(self) -> str:
+        return f"{next(self._stan) % 999_999 + 1:06d}"
+
+    def lock_for(self, txn_id: str) -> asyncio.Lock:
+        lock = self._locks.get(txn_id)
+        if lock is None:
+            if len(self._locks) > 10_000:
+                for k in [k for k, v in self._locks.items() if not v.locked()]:
+                    del self._locks[k]
+            lock = self._locks[txn_id] = asyncio.Lock()
+        return lock
+
+
+def _state(request: web.Request) -> ApiState:
+    return request.app[API_STATE]
+
+
+# ---------------------------------------------------------------------------
+# Middlewares
+
+
+def _route_name(request: web.Request) -> str:
+    info = request.match_info
+    route = getattr(info, "route", None)
+    resource = getattr(route, "resource", None)
+    if resource is None or isinstance(info, web.UrlMappingMatchInfo) and info.http_exception is not None:
+        return "unmatched"
+    return getattr(resource, "canonical", "unmatched")
+
+
+@web.middleware
+async def problem_middleware(request: web.Request, handler):
+    st = _state(request)
+    t0 = time.perf_counter()
+    try:
+        resp = await handler(request)
+    except Problem as p:
+        resp = p.response()
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        title = e.reason or "Error"
+        detail = {404: "no such resource", 405: f"method {request.method} not allowed here",
+                  413: "request body too large"}.get(e.status, title)
+        resp = Problem(e.status, title, detail, headers={k: v for k, v in e.headers.items()
+                                                        if k.lower() == "allow"}).response()
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("API handler failed for %s %s", request.method, _route_name(request))
+        resp = Problem(500, "Internal error", "the request could not be completed",
+                       slug="internal-error").response()
+    st.metrics.observe_api(_route_name(request), request.method, resp.status, time.perf_counter() - t0)
+    return resp
+
+
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/openapi.json", "/dashboard"})
+
+
+def _clear_key(request: web.Request) -> str | None:
+    auth = request.headers.get("Authorization")
+    if auth:
+        scheme, _, value = auth.partition(" ")
+        if scheme.lower() == "bearer" and value.strip():
+            return value.strip()
+        return None
+    return request.headers.get("X-API-Key")
+
+
+def _required_scope(path: str) -> str:
+    return "admin" if path.startswith("/v1/admin/") else "payments"
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler):
+    st = _state(request)
+    path = request.path
+    if path in PUBLIC_PATHS or (path == "/metrics" and st.settings.public_metrics) \
+            or not (path.startswith("/v1/") or path == "/metrics"):
+        return await handler(request)
+    key = st.keys.authenticate(_clear_key(request))
+    if key is None:
+        raise Problem(401, "Unauthorized", "a valid API key is required (Authorization: Bearer <key> "
+                      "or X-API-Key)", headers={"WWW-Authenticate": 'Bearer realm="isoswitch"'})
+    scope = "admin" if path == "/metrics" else _required_scope(path)
+    # a transactions listing is readable by admin keys too
+    allowed = scope in key.scopes or (path.startswith("/v1/transactions") and "admin" in key.scopes)
+    if not allowed:
+        raise Problem(403, "Forbidden", f"this API key lacks the '{scope}' scope", slug="forbidden")
+    wait = st.keys.check_rate(key)
+    if wait > 0:
+        st.metrics.rate_limited(key.name)
+        raise Problem(429, "Too many requests", f"rate limit of {key.rate_per_s:g}/s exceeded",
+                      slug="rate-limited", headers={"Retry-After": str(max(1, math.ceil(wait)))})
+    request[API_KEY] = key
+    return await handler(request)
+
+
+@web.middleware
+async def idempotency_middleware(request: web.Request, handler):
+    if request.method != "POST" or not request.path.startswith("/v1/"):
+        return await handler(request)
+    key: ApiKey = request[API_KEY]
+    idem = request.headers.get("Idempotency-Key")
+    if idem is None or not idem.strip():
+        raise invalid([{"field": "Idempotency-Key", "problem": "header is required on every POST"}])
+    if len(idem) > 255 or not idem.isascii() or not idem.isprintable():
+        raise invalid([{"field": "Idempotency-Key", "problem": "must be 1-255 printable ASCII characters"}])
+    st = _state(request)
+    body = await _read_body(request, st.settings.max_body)
+    fp = IdempotencyCache.fingerprint(request.method, request.path, body)
+    while True:
+        try:
+            rec, new = st.idempotency.begin(key.id, idem, fp)
+        except IdempotencyConflict:
+            raise Problem(422, "Idempotency key reused",
+                          "this Idempotency-Key was used with a different request",
+                          slug="idempotency-conflict",
+                          errors=[{"field": "Idempotency-Key", "problem": "already used with another request"}])
+        if new:
+            break
+        await asyncio.shield(rec.done)
+        if rec.status:
+            return web.Response(status=rec.status, body=rec.body, content_type=rec.content_type,
+                                headers={"Idempotent-Replayed": "true"})
+        # the first attempt died without an answer: run this one
+    try:
+        try:
+            resp = await handler(request)
+        except Problem as p:
+            resp = p.response()
+    except BaseException:
+        st.idempotency.abandon(key.id, idem, rec)
+        raise
+    st.idempotency.finish(key.id, idem, rec, resp.status, resp.body, resp.content_type)
+    return resp
+
+
+async def _read_body(request: web.Request, limit: int) -> bytes:
+    if BODY in request:
+        return request[BODY]
+    if request.content_length is not None and request.content_length > limit:
+        raise Problem(413, "Payload too large", f"the body must be at most {limit} bytes", slug="too-large")
+    try:
+        body = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise Problem(413, "Payload too large", f"the body must be at most {limit} bytes",
+                      slug="too-large") from None
+    request[BODY] = body
+    return body
+
+
+async def _json_object(request: web.Request, *, optional: bool = False) -> dict:
+    body = await _read_body(request, _state(request).settings.max_body)
+    if optional and not body.strip():
+        return {}
+    try:
+        doc = json.loads(body)
+    except UnicodeDecodeError:
+        raise invalid([{"field": "body", "problem": "not UTF-8 text"}]) from None
+    except json.JSONDecodeError as e:
+        # e.msg/lineno/colno never include the input itself
+        raise invalid([{"field": "body", "problem": f"not valid JSON ({e.msg} at line {e.lineno} "
+                                                   f"column {e.colno})"}]) from None
+    if not isinstance(doc, dict):
+        raise invalid([{"field": "body", "problem": "must be a JSON object"}])
+    return doc
+
+
+# ---------------------------------------------------------------------------
+# Validation
+
+
+def _field_name(name: str) -> str:
+    from switch.logs import mask_text
+
+    name = mask_text(str(name))
+    return name if len(name) <= 64 else name[:61] + "..."
+
+
+def _check_unknown(doc: dict, allowed: set[str], errors: list[dict]) -> None:
+    for k in doc:
+        if k not in allowed:
+            errors.append({"field": _field_name(k), "problem": "unknown field"})
+
+
+def _amount(doc: dict, errors: list[dict], *, required: bool) -> int | None:
+    if "amount" not in doc:
+        if required:
+            errors.append({"field": "amount", "problem": "is required"})
+        return None
+    v = doc["amount"]
+    if isinstance(v, bool) or not isinstance(v, int):
+        errors.append({"field": "amount", "problem": "must be a positive integer in minor units (e.g. 1000 "
+                                                     "for 10.00)"})
+        return None
+    if v <= 0:
+        errors.append({"field": "amount", "problem": "must be a positive integer"})
+        return None
+    if v > MAX_AMOUNT:
+        errors.append({"field": "amount", "problem": f"must be at most {MAX_AMOUNT}"})
+        return None
+    return v
+
+
+def _currency(v: Any, errors: list[dict]) -> tuple[str, str] | None:
+    """(numeric, alpha) for an ISO 4217 code given either way."""
+    if not isinstance(v, str):
+        errors.append({"field": "currency", "problem": "must be an ISO 4217 code such as \"USD\" or \"840\""})
+        return None
+    code = v.strip().upper()
+    if code in CURRENCIES:
+        return CURRENCIES[code][0], code
+    if code in NUMERIC_TO_ALPHA:
+        return code, NUMERIC_TO_ALPHA[code]
+    shown = code if len(code) <= 3 and code.isalnum() else "the value given"
+    errors.append({"field": "currency", "problem": f"unknown currency {shown} (supported: "
+                                                   f"{', '.join(sorted(CURRENCIES))} or their numeric codes)"})
+    return None
+
+
+def _printable_id(doc: dict, name: str, max_len: int, errors: list[dict]) -> str | None:
+    if name not in doc:
+        return None
+    v = doc[name]
+    if not isinstance(v, str) or not 1 <= len(v) <= max_len or not v.isascii() or not v.isprintable():
+        errors.append({"field": name, "problem": f"must be 1-{max_len} printable ASCII characters"})
+        return None
+    return v
+
+
+def validate_payment(doc: dict, key: ApiKey, settings: ApiSettings, now: float | None = None) -> dict:
+    errors: list[dict] = []
+    _check_unknown(doc, {"pan", "expiry", "amount", "currency", "type", "terminal_id", "merchant_id", "cvv"},
+                   errors)
+    out: dict[str, Any] = {}
+    pan = doc.get("pan")
+    if pan is None:
+        errors.append({"field": "pan", "problem": "is required"})
+    elif not isinstance(pan, str) or not pan.isdigit() or not pan.isascii() or not 12 <= len(pan) <= 19:
+        errors.append({"field": "pan", "problem": "must be a string of 12-19 digits"})
+    elif not luhn_ok(pan):
+        errors.append({"field": "pan", "problem": "fails the Luhn check (mistyped card number)"})
+    else:
+        out["pan"] = pan
+    exp = doc.get("expiry")
+    if exp is None:
+        errors.append({"field": "expiry", "problem": "is required"})
+    elif not isinstance(exp, str) or len(exp) != 4 or not exp.isdigit() or not exp.isascii() \
+            or not 1 <= int(exp[2:]) <= 12:
+        errors.append({"field": "expiry", "problem": "must be YYMM (4 digits, month 01-12)"})
+    else:
+        t = time.gmtime(now if now is not None else time.time())
+        if (int(exp[:2]), int(exp[2:])) < (t.tm_year % 100, t.tm_mon):
+            errors.append({"field": "expiry", "problem": "card has expired"})
+        else:
+            out["expiry"] = exp
+    out["amount"] = _amount(doc, errors, required=True)
+    if "currency" not in doc:
+        errors.append({"field": "currency", "problem": "is required"})
+    else:
+        out["currency"] = _currency(doc["currency"], errors)
+    kind = doc.get("type", "purchase")
+    if kind not in ("authorization", "purchase"):
+        errors.append({"field": "type", "problem": "must be \"authorization\" or \"purchase\""})
+    out["type"] = kind
+    out["terminal_id"] = _printable_id(doc, "terminal_id", 8, errors) or key.terminal_id
+    out["merchant_id"] = _printable_id(doc, "merchant_id", 15, errors) or key.merchant_id
+    cvv = doc.get("cvv")
+    if cvv is not None and (not isinstance(cvv, str) or not cvv.isdigit() or not cvv.isascii()
+                            or len(cvv) not in (3, 4)):
+        errors.append({"field": "cvv", "problem": "must be 3 or 4 digits"})
+    else:
+        out["cvv"] = cvv
+    if errors:
+        raise invalid(errors)
+    return out
+
+
+def validate_followup(doc: dict, *, allow_amount: bool) -> int | None:
+    errors: list[dict] = []
+    _check_unknown(doc, {"amount"} if allow_amount else set(), errors)
+    amount = _amount(doc, errors, required=False) if allow_amount else None
+    if errors:
+        raise invalid(errors)
+    return amount
+
+
+# ---------------------------------------------------------------------------
+# ISO documents
+
+
+def _iso_base(st: ApiState, mti: str, now: float) -> dict:
+    t = time.gmtime(now)
+    stan = st.next_stan()
+    return {
+        "t": mti,
+        "7": transmission_time(now),
+        "11": stan,
+        "12": time.strftime("%H%M%S", t),
+        "13": time.strftime("%m%d", t),
+        # RRN: last digit of the year + Julian day + hour + STAN (12 an)
+        "37": f"{t.tm_year % 10}{t.tm_yday:03d}{t.tm_hour:02d}{stan}",
+    }
+
+
+def _pad(v: str, n: int) -> str:
+    return v.ljust(n)[:n]
+
+
+def _iso_time(ts: float) -> str:
+    return _dt.datetime.fromtimestamp(ts, _dt.timezone.utc).isoformat(timespec="milliseconds").replace(
+        "+00:00", "Z")
+
+
+async def _run_flow(st: ApiState, req: dict) -> dict:
+    from switch.flow import RequestContext
+
+    now = time.monotonic()
+    ctx = RequestContext(st.settings.listener_name, None, now, now + st.settings.timeout)
+    return await st.switch.flow.process(req, ctx)
+
+
+def _new_record(kind: str, key: ApiKey, *, status: str, rc: str, approval: str | None, masked: str,
+                amount: int, currency: str, terminal: str, merchant: str, iso: dict, parent: str | None,
+                now: float) -> dict:
+    return {
+        "id": "txn_" + uuid.uuid4().hex,
+        "type": kind,
+        "status": status,
+        "approved": rc in APPROVED_CODES,
+        "response_code": rc,
+        "approval_code": approval,
+        "masked_pan": masked,
+        "amount": amount,
+        "currency": currency,
+        "terminal_id": terminal,
+        "merchant_id": merchant,
+        "created": _iso_time(now),
+        "created_ts": now,
+        "parent_id": parent,
+        "captured_amount": None,
+        "refunded_amount": None,
+        "owner": key.id,
+        # ISO keys of the original (no card data): what a 0400/0220 must quote
+        "iso_mti": iso.get("t"),
+        "iso_stan": iso.get("11"),
+        "iso_de7": iso.get("7"),
+        "iso_rrn": iso.get("37"),
+        "iso_pc": iso.get("3"),
+        "iso_de22": iso.get("22"),
+    }
+
+
+async def _emit(st: ApiState, rec: dict, event: str) -> None:
+    if st.webhooks is None:
+        return
+    try:
+        await st.webhooks.enqueue(rec["parent_id"] or rec["id"], event, public_view(rec))
+    except Exception:
+        log.exception("webhook event %s for %s not queued", event, rec["id"])
+
+
+# ---------------------------------------------------------------------------
+# Payments
+
+
+async def create_payment(request: web.Request) -> web.Response:
+    st = _state(request)
+    key: ApiKey = request[API_KEY]
+    p = validate_payment(await _json_object(request), key, st.settings)
+    now = time.time()
+    numeric, alpha = p["currency"]
+    req = _iso_base(st, "0100" if p["type"] == "authorization" else "0200", now)
+    req.update({"2": p["pan"], "3": "000000", "4": f"{p['amount']:012d}", "14": p["expiry"],
+                "22": "010", "25": "59", "41": _pad(p["terminal_id"], 8), "42": _pad(p["merchant_id"], 15),
+                "49": numeric})
+    if p.get("cvv") and st.settings.cvv_field:
+        req[st.settings.cvv_field] = p["cvv"]
+    resp = await _run_flow(st, req)
+    rc = resp.get("39", "96")
+    approved = rc in APPROVED_CODES
+    rec = _new_record(p["type"], key, status="approved" if approved else "declined", rc=rc,
+                      approval=resp.get("38") if approved else None, masked=mask_pan(p["pan"]),
+                      amount=p["amount"], currency=alpha, terminal=p["terminal_id"],
+                      merchant=p["merchant_id"], iso=req, parent=None, now=now)
+    del req  # the only object holding the clear PAN in this handler
+    if approved:
+        st.vault.put(rec["id"], p["pan"], p["expiry"])
+    st.store.add(rec)
+    await _emit(st, rec, f"{p['type']}.{'approved' if approved else 'declined'}")
+    return json_response(public_view(rec), status=201)
+
+
+def _original(st: ApiState, key: ApiKey, txn_id: str) -> dict:
+    rec = st.store.get(txn_id)
+    if rec is None or (rec.get("owner") != key.id and "admin" not in key.scopes):
+        raise Problem(404, "Not found", "no such transaction", slug="not-found")
+    return rec
+
+
+def _conflict(detail: str) -> Problem:
+    return Problem(409, "Conflict", detail, slug="conflict")
+
+
+def _de90(orig: dict) -> str:
+    return (orig["iso_mti"] or "0200") + (orig["iso_stan"] or "000000") + (orig["iso_de7"] or "0" * 10) + "0" * 22
+
+
+async def reverse_payment(request: web.Request) -> web.Response:
+    st = _state(request)
+    key: ApiKey = request[API_KEY]
+    validate_followup(await _json_object(request, optional=True), allow_amount=False)
+    txn_id = request.match_info["id"]
+    async with st.lock_for(txn_id):
+        orig = _original(st, key, txn_id)
+        if orig["type"] not in ("authorization", "purchase"):
+            raise _conflict(f"a {orig['type']} cannot be reversed; reverse the payment it belongs to")
+        if orig["status"] != "approved":
+            raise _conflict(f"transaction is {orig['status']}; only an approved, not yet captured, "
+                            "refunded or reversed payment can be reversed")
+        now = time.time()
+        req = _iso_base(st, "0400", now)
+        req.update({"3": orig["iso_pc"] or "000000", "4": f"{orig['amount']:012d}", "22": orig["iso_de22"] or "010",
+                    "25": "59", "37": orig["iso_rrn"], "41": _pad(orig["terminal_id"], 8),
+                    "42": _pad(orig["merchant_id"], 15), "49": CURRENCIES[orig["currency"]][0],
+                    "90": _de90(orig)})
+        card = st.vault.get(txn_id)
+        if card is not None:  # lets the flow route it even if it no longer remembers the original
+            req["2"] = card[0]
+        resp = await _run_flow(st, req)
+        rc = resp.get("39", "96")
+        approved = rc in APPROVED_CODES
+        rec = _new_record("reversal", key, status="approved" if approved else "declined", rc=rc,
+                          approval=None, masked=orig["masked_pan"], amount=orig["amount"],
+                          currency=orig["currency"], terminal=orig["terminal_id"],
+                          merchant=orig["merchant_id"], iso=req, parent=txn_id, now=now)
+        del req, card
+        st.store.add(rec)
+        if approved:
+            st.store.update(txn_id, {"status": "reversed"})
+        await _emit(st, rec, f"reversal.{'approved' if approved else 'declined'}")
+    return json_response(public_view(rec), status=201)
+
+
+async def refund_payment(request: web.Request) -> web.Response:
+    st = _state(request)
+    key: ApiKey = request[API_KEY]
+    amount = validate_followup(await _json_object(request, optional=True), allow_amount=True)
+    txn_id = request.match_info["id"]
+    async with st.lock_for(txn_id):
+        orig = _original(st, key, txn_id)
+        refundable = (orig["type"] == "purchase" and orig["status"] in ("approved", "partially_refunded")) or \
+                     (orig["type"] == "authorization" and orig["status"] in ("captured", "partially_refunded"))
+        if not refundable:
+            raise _conflict(f"a {orig['type']} that is {orig['status']} cannot be refunded "
+                            "(refund an approved purchase or a captured authorization)")
+        base = orig["captured_amount"] if orig["type"] == "authorization" else orig["amount"]
+        remaining = base - (orig["refunded_amount"] or 0)
+        amount = remaining if amount is None else amount
+        if amount > remaining:
+            raise Problem(400, "Invalid request", f"amount exceeds the refundable amount ({remaining})",
+                          errors=[{"field": "amount", "problem": f"must be at most {remaining}"}],
+                          slug="invalid-request")
+        card = st.vault.get(txn_id)
+        if card is None:
+            raise _conflict("the card data for this transaction is no longer held; refund with the card")
+        now = time.time()
+        req = _iso_base(st, "0200", now)
+        req.update({"2": card[0], "14": card[1], "3": "200000", "4": f"{amount:012d}", "22": "010", "25": "59",
+                    "41": _pad(orig["terminal_id"], 8), "42": _pad(orig["merchant_id"], 15),
+                    "49": CURRENCIES[orig["currency"]][0]})
+        resp = await _run_flow(st, req)
+        rc = resp.get("39", "96")
+        approved = rc in APPROVED_CODES
+        rec = _new_record("refund", key, status="approved" if approved else "declined", rc=rc,
+                          approval=resp.get("38") if approved else None, masked=orig["masked_pan"],
+                          amount=amount, currency=orig["currency"], terminal=orig["terminal_id"],
+                          merchant=orig["merchant_id"], iso=req, parent=txn_id, now=now)
+        del req, card
+        st.store.add(rec)
+        if approved:
+            refunded = (orig["refunded_amount"] or 0) + amount
+            st.store.update(txn_id, {"refunded_amount": refunded,
+                                     "status": "refunded" if refunded >= base else "partially_refunded"})
+        await _emit(st, rec, f"refund.{'approved' if approved else 'declined'}")
+    return json_response(public_view(rec), status=201)
+
+
+async def capture_payment(request: web.Request) -> web.Response:
+    st = _state(request)
+    key: ApiKey = request[API_KEY]
+    amount = validate_followup(await _json_object(request, optional=True), allow_amount=True)
+    txn_id = request.match_info["id"]
+    async with st.lock_for(txn_id):
+        orig = _original(st, key, txn_id)
+        if orig["type"] != "authorization" or orig["status"] != "approved":
+            raise _conflict(f"a {orig['type']} that is {orig['status']} cannot be captured "
+                            "(capture an approved authorization once)")
+        amount = orig["amount"] if amount is None else amount
+        if amount > orig["amount"]:
+            raise Problem(400, "Invalid request", f"amount exceeds the authorized amount ({orig['amount']})",
+                          errors=[{"field": "amount", "problem": f"must be at most {orig['amount']}"}],
+                          slug="invalid-request")
+        card = st.vault.get(txn_id)
+        if card is None:
+            raise _conflict("the card data for this authorization is no longer held; it cannot be captured")
+        now = time.time()
+        req = _iso_base(st, "0220", now)
+        req.update({"2": card[0], "14": card[1], "3": "000000", "4": f"{amount:012d}", "22": "010", "25": "59",
+                    "37": orig["iso_rrn"], "38": orig["approval_code"] or "",
+                    "41": _pad(orig["terminal_id"], 8), "42": _pad(orig["merchant_id"], 15),
+                    "49": CURRENCIES[orig["currency"]][0], "90": _de90(orig)})
+        if not req["38"]:
+            del req["38"]
+        resp = await _run_flow(st, req)
+        rc = resp.get("39", "96")
+        approved = rc in APPROVED_CODES
+        rec = _new_record("capture", key, status="approved" if approved else "declined", rc=rc,
+                          approval=orig["approval_code"] if approved else None, masked=orig["masked_pan"],
+                          amount=amount, currency=orig["currency"], terminal=orig["terminal_id"],
+                          merchant=orig["merchant_id"], iso=req, parent=txn_id, now=now)
+        del req, card
+        st.store.add(rec)
+        if approved:
+            st.store.update(txn_id, {"status": "captured", "captured_amount": amount})
+        await _emit(st, rec, f"capture.{'approved' if approved else 'declined'}")
+    return json_response(public_view(rec), status=201)
+
+
+# ---------------------------------------------------------------------------
+# Transactions
+
+STATUSES = ("approved", "declined", "reversed", "captured", "refunded", "partially_refunded")
+
+
+def _query_int(q, name: str, default: int, lo: int, hi: int, errors: list[dict]) -> int:
+    v = q.get(name)
+    if v is None:
+        return default
+    if not v.isascii() or not v.lstrip("-").isdigit() or len(v) > 12 or not lo <= int(v) <= hi:
+        errors.append({"field": name, "problem": f"must be an integer from {lo} to {hi}"})
+        return default
+    return int(v)
+
+
+def _query_time(q, name: str, errors: list[dict]) -> float | None:
+    v = q.get(name)
+    if v is None:
+        return None
+    try:
+        d = _dt.datetime.fromisoformat(v.strip().upper().replace("Z", "+00:00"))
+    except ValueError:
+        errors.append({"field": name, "problem": "must be an RFC 3339 date-time, e.g. 2025-01-31T12:00:00Z"})
+        return None
+    if d.tzinfo is None:
+        d = d.replace(tzinfo=_dt.timezone.utc)
+    try:
+        return d.timestamp()
+    except (OverflowError, ValueError, OSError):
+        errors.append({"field": name, "problem": "date-time out of range"})
+        return None
+
+
+async def list_transactions(request: web.Request) -> web.Response:
+    st = _state(request)
+    key: ApiKey = request[API_KEY]
+    q = request.query
+    errors: list[dict] = []
+    for name in q:
+        if name not in ("limit", "offset", "status", "terminal_id", "since", "until"):
+            errors.append({"field": _field_name(name), "problem": "unknown query parameter"})
+    limit = _query_int(q, "limit", 50, 1, 500, errors)
+    offset = _query_int(q, "offset", 0, 0, 1_000_000, errors)
+    filters: dict[str, Any] = {}
+    status = q.get("status")
+    if status is not None:
+        if status not in STATUSES:
+            errors.append({"field": "status", "problem": f"must be one of {', '.join(STATUSES)}"})
+        filters["status"] = status
+    terminal = q.get("terminal_id")
+    if terminal is not None:
+        if not 1 <= len(terminal) <= 8:
+            errors.append({"field": "terminal_id", "problem": "must be 1-8 characters"})
+        filters["terminal_id"] = terminal
+    filters["since"] = _query_time(q, "since", errors)
+    filters["until"] = _query_time(q, "until", errors)
+    if errors:
+        raise invalid(errors)
+    if "admin" not in key.scopes:
+        filters["owner"] = key.id
+    rows = st.store.list(limit + 1, offset, filters)
+    has_more = len(rows) > limit
+    rows = rows[:limit]
+    return json_response({"data": [public_view(r) for r in rows], "limit": limit, "offset": offset,
+                          "has_more": has_more, "next_offset": offset + limit if has_more else None})
+
+
+async def get_transaction(request: web.Request) -> web.Response:
+    st = _state(request)
+    rec = _original(st, request[API_KEY], request.match_info["id"])
+    return json_response(public_view(rec))
+
+
+# ---------------------------------------------------------------------------
+# Admin
+
+
+def acquirer_view(st: ApiState, name: str, link) -> dict:
+    from core.health import STATE_NAMES
+
+    h = link.health
+    state = STATE_NAMES[h.advance(time.monotonic())] if hasattr(h, "advance") else h.state_name
+    return {
+        "name": name,
+        "up": bool(link.up),
+        "draining": bool(getattr(link, "draining", False)),
+        "circuit_state": state.lower(),
+        "success_ewma": round(float(h.ewma_success), 4),
+        "latency_ewma_ms": round(float(h.ewma_latency) * 1000, 3),
+        "in_flight": int(link.in_flight),
+        "queue_depth": int(st.switch.reversals.depth(name)),
+    }
+
+
+async def list_acquirers(request: web.Request) -> web.Response:
+    st = _state(request)
+    return json_response({"acquirers": [acquirer_view(st, n, l) for n, l in st.switch.links.items()]})
+
+
+def _link(st: ApiState, name: str):
+    link = st.switch.links.get(name)
+    if link is None:
+        raise Problem(404, "Not found", "no such acquirer", slug="not-found")
+    return link
+
+
+async def drain_acquirer(request: web.Request) -> web.Response:
+    st = _state(request)
+    name = request.match_info["name"]
+    link = _link(st, name)
+    link.draining = True
+    log.warning("acquirer %s drained by API key %s", name, request[API_KEY].name)
+    return json_response(acquirer_view(st, name, link))
+
+
+async def enable_acquirer(request: web.Request) -> web.Response:
+    st = _state(request)
+    name = request.match_info["name"]
+    link = _link(st, name)
+    link.draining = False
+    log.warning("acquirer %s enabled by API key %s", name, request[API_KEY].name)
+    return json_response(acquirer_view(st, name, link))
+
+
+async def replace_bin_table(request: web.Request) -> web.Response:
+    from core.bintable import BinTable, BinTableError
+
+    st = _state(request)
+    body = await _read_body(request, st.settings.max_body)
+    try:
+        text = body.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise invalid([{"field": "body", "problem": "not UTF-8 text"}]) from None
+    try:
+        table = await asyncio.to_thread(BinTable.from_csv, io.StringIO(text, newline=""))
+    except BinTableError as e:
+        raise Problem(400, "Invalid BIN table", f"line {e.line}: {e.msg}", slug="invalid-bin-table",
+                      errors=[{"field": f"body line {e.line}", "problem": e.msg}], extra={"line": e.line})
+    except (ValueError, TypeError, csv.Error) as e:
+        raise Problem(400, "Invalid BIN table", f"unreadable CSV ({type(e).__name__})",
+                      slug="invalid-bin-table", errors=[{"field": "body", "problem": "unreadable CSV"}])
+    st.switch.router.bins.swap(table)
+    log.warning("BIN table replaced by API key %s (%d rows)", request[API_KEY].name, len(table))
+    return json_response({"rows": len(table), "generation": st.switch.router.bins.generation})
+
+
+def _parked_view(e) -> dict:
+    # Only bookkeeping: the entry's payload (the reversal's fields, card data
+    # included) is never shown. Works with the journal's SfEntry and the
+    # older in-memory ReversalEntry.
+    created = getattr(e, "created_at", None) or getattr(e, "created", 0.0)
+    return {"id": int(e.id), "acquirer": e.acquirer,
+            "reason": getattr(e, "parked_reason", None) or getattr(e, "reason", None) or "",
+            "attempts": int(e.attempts), "created": _iso_time(created),
+            "last_result": getattr(e, "last_error", None) or getattr(e, "last_result", None) or ""}
+
+
+async def _maybe_await(v):
+    return await v if inspect.isawaitable(v) else v
+
+
+async def list_parked(request: web.Request) -> web.Response:
+    st = _state(request)
+    rev = st.switch.reversals
+    if hasattr(rev, "refresh"):  # the journal-backed queue caches its parked list
+        await rev.refresh()
+    return json_response({"parked": [_parked_view(e) for e in list(rev.parked)]})
+
+
+async def requeue_parked(request: web.Request) -> web.Response:
+    st = _state(request)
+    raw = request.match_info["id"]
+    if not raw.isascii() or not raw.isdigit() or len(raw) > 18:
+        raise Problem(404, "Not found", "no such parked entry", slug="not-found")
+    if not await _maybe_await(st.switch.reversals.requeue_parked(int(raw))):
+        raise Problem(404, "Not found", "no such parked entry", slug="not-found")
+    log.warning("parked reversal %s re-queued by API key %s", raw, request[API_KEY].name)
+    return json_response({"id": int(raw), "requeued": True})
+
+
+async def admin_stats(request: web.Request) -> web.Response:
+    st = _state(request)
+    sw = st.switch
+    now = time.time()
+    snap = st.metrics.live.snapshot(now)
+    # one count per second for the last window, oldest first, gaps as 0
+    counts = {p["t"]: p["count"] for p in snap.pop("per_second")}
+    sec = int(now)
+    snap["per_second"] = [counts.get(t, 0) for t in range(sec - snap["window_seconds"], sec)]
+    recent = []
+    for row in list(st.metrics.live.recent)[:25]:
+        row = dict(row)
+        row["currency"] = NUMERIC_TO_ALPHA.get(row.get("currency"), row.get("currency"))
+        recent.append(row)
+    flow = getattr(sw, "flow", None)
+    return json_response({
+        "time": _iso_time(time.time()),
+        "uptime_s": round(time.time() - st.started, 1),
+        **snap,
+        "acquirers": [acquirer_view(st, n, l) for n, l in sw.links.items()],
+        "listeners": [{"name": l.cfg.name, "in_flight": l.in_flight} for l in sw.listeners],
+        "parked": len(sw.reversals.parked),
+        "late_responses": getattr(sw, "late_responses", 0),
+        "flow": {k: v for k, v in (flow.counters.items() if flow is not None else ())},
+        "recent": recent,
+    })
+
+
+# ---------------------------------------------------------------------------
+# Operational
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    st = _state(request)
+    links = st.switch.links
+    up = [n for n, l in links.items() if l.up and not getattr(l, "draining", False)]
+    body = {"ready": bool(up), "acquirers_up": len(up), "acquirers": len(links)}
+    return json_response(body, status=200 if up else 503)
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return web.Response(body=_state(request).openapi, content_type="application/json")
+
+
+async def metrics_endpoint(request: web.Request) -> web.Response:
+    body = _state(request).metrics.exposition()
+    return web.Response(body=body, headers={"Content-Type": METRICS_CONTENT_TYPE})
+
+
+async def dashboard(request: web.Request) -> web.Response:
+    return web.Response(body=_state(request).dashboard, content_type="text/html", charset="utf-8",
+                        headers={"Cache-Control": "no-store",
+                                 "Content-Security-Policy": "default-src 'self'; script-src 'unsafe-inline'; "
+                                                            "style-src 'unsafe-inline'; connect-src 'self'",
+                                 "X-Frame-Options": "DENY"})
+
+
+# ---------------------------------------------------------------------------
+# Factory
+
+
+def make_app(switch, *, keys: ApiKeyStore, store: TransactionStore | None = None, webhooks=None,
+             metrics: Metrics | None = None, settings: ApiSettings | None = None) -> web.Application:
+    settings = settings or ApiSettings()
+    metrics = metrics or Metrics()
+    store = store if store is not None else MemoryTransactionStore()
+    app = web.Application(middlewares=[problem_middleware, auth_middleware, idempotency_middleware],
+                          client_max_size=settings.max_body)
+    app[API_STATE] = ApiState(switch, keys, store, webhooks, metrics, settings)
+    r = app.router
+    r.add_post("/v1/payments", create_payment)
+    r.add_post("/v1/payments/{id}/reverse", reverse_payment)
+    r.add_post("/v1/payments/{id}/refund", refund_payment)
+    r.add_post("/v1/payments/{id}/capture", capture_payment)
+    r.add_get("/v1/transactions", list_transactions)
+    r.add_get("/v1/transactions/{id}", get_transaction)
+    r.add_get("/v1/admin/acquirers", list_acquirers)
+    r.add_post("/v1/admin/acquirers/{name}/drain", drain_acquirer)
+    r.add_post("/v1/admin/acquirers/{name}/enable", enable_acquirer)
+    r.add_put("/v1/admin/bin-table", replace_bin_table)
+    r.add_get("/v1/admin/store-and-forward/parked", list_parked)
+    r.add_post("/v1/admin/store-and-forward/{id}/requeue", requeue_parked)
+    r.add_get("/v1/admin/stats", admin_stats)
+    r.add_get("/openapi.json", openapi)
+    r.add_get("/metrics", metrics_endpoint)
+    r.add_get("/healthz", healthz)
+    r.add_get("/readyz", readyz)
+    r.add_get("/dashboard", dashboard)
+    return app
+
+
+async def start_api(switch, api_cfg=None, *, keys: ApiKeyStore, store: TransactionStore | None = None,
+                    webhooks=None, metrics: Metrics | None = None, settings: ApiSettings | None = None,
+                    ssl_context=None) -> web.AppRunner:
+    """Serve the API on ``api_cfg.host:port`` (HTTPS when ``api_cfg.tls``) in this event loop.
+
+    Returns the started runner (``await runner.cleanup()`` stops it);
+    ``bound_port(runner)`` is the real port when ``api_cfg.port`` is 0.
+    """
+    from switch import certs
+
+    api_cfg = api_cfg if api_cfg is not None else switch.config.api
+    if ssl_context is None and api_cfg.tls:
+        if api_cfg.dev_pki:
+            await asyncio.to_thread(certs.ensure_dev_pki, switch.config.switch.state_dir)
+        # a client_ca turns on mutual TLS; without one, API keys authenticate
+        ssl_context = certs.server_context(api_cfg.cert, api_cfg.key, api_cfg.client_ca)
+    app = make_app(switch, keys=keys, store=store, webhooks=webhooks, metrics=metrics, settings=settings)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, api_cfg.host, api_cfg.port, ssl_context=ssl_context, backlog=1024)
+    await site.start()
+    log.info("REST API listening on %s:%d (%s)", api_cfg.host, bound_port(runner),
+             "https" if ssl_context is not None else "http")
+    return runner
+
+
+def bound_port(runner: web.AppRunner) -> int:
+    return runner.addresses[0][1]

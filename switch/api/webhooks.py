@@ -1,0 +1,341 @@
+"""Transaction-outcome webhooks: a durable SQLite outbox, signed deliveries, retries.
+
+Each event is written to the outbox (``<state_dir>/webhooks.sqlite``, WAL)
+before the API answers; a sender task delivers it with aiohttp and marks it
+delivered on any 2xx. Failures (non-2xx, timeouts, refused connections) are
+retried with exponential backoff and jitter; an event past ``max_attempts``
+is parked ("dead") and stays in the table for an operator. Delivery is at
+least once: a receiver dedupes by the event id (``X-Isoswitch-Event-Id`` and
+the body's ``id``).
+
+Order per transaction: an event is not sent while an earlier event of the
+same transaction is undelivered, so a receiver sees "approved" before
+"reversed" for one payment. Events of different transactions go in parallel.
+
+Signature (like Stripe's)::
+
+    X-Isoswitch-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256(secret, f"{t}.{body}")>
+
+``verify_signature`` is the receiver's check: it recomputes the HMAC over
+the raw body bytes, compares in constant time and refuses timestamps more
+than ``tolerance_s`` away (replay protection).
+
+SQLite runs on one dedicated thread (the stdlib driver is blocking); writes
+from concurrent API requests are grouped into one transaction (group commit).
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import hashlib
+import hmac
+import json
+import logging
+import random
+import sqlite3
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+
+__all__ = ["WebhookSender", "verify_signature", "sign", "SIGNATURE_HEADER", "EVENT_ID_HEADER"]
+
+log = logging.getLogger("isoswitch.webhooks")
+
+SIGNATURE_HEADER = "X-Isoswitch-Signature"
+EVENT_ID_HEADER = "X-Isoswitch-Event-Id"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS outbox (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    event_id TEXT NOT NULL UNIQUE,
+    txn_id TEXT NOT NULL,
+    type TEXT NOT NULL,
+    body TEXT NOT NULL,
+    created REAL NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_at REAL NOT NULL DEFAULT 0,
+    state TEXT NOT NULL DEFAULT 'pending',   -- pending | delivered | dead
+    delivered_at REAL,
+    last_error TEXT
+);
+CREATE INDEX IF NOT EXISTS outbox_pending ON outbox (state, txn_id, seq);
+"""
+
+
+def sign(secret: str | bytes, body: bytes, timestamp: int | None = None) -> str:
+    """The signature header value for ``body`` at ``timestamp``."""
+    ts = int(time.time()) if timestamp is None else int(timestamp)
+    key = secret.encode() if isinstance(secret, str) else secret
+    mac = hmac.new(key, str(ts).encode() + b"." + body, hashlib.sha256).hexdigest()
+    return f"t={ts},v1={mac}"
+
+
+def verify_signature(secret: str | bytes, header: str | None, body: bytes | str,
+                     tolerance_s: float = 300, *, now: float | None = None) -> bool:
+    """True when ``header`` signs ``body`` (the raw request bytes) with ``secret``.
+
+    Accepts several ``v1=`` entries (a sender rotating secrets signs with
+    both). False for a missing/malformed header, a bad MAC, or a timestamp
+    further than ``tolerance_s`` seconds from now.
+    """
+    if not header:
+        return False
+    if isinstance(body, str):
+        body = body.encode("utf-8")
+    ts = None
+    sigs = []
+    for part in header.split(","):
+        k, _, v = part.strip().partition("=")
+        if k == "t" and v.isdigit():
+            ts = int(v)
+        elif k == "v1" and v:
+            sigs.append(v)
+    if ts is None or not sigs:
+        return False
+    now = time.time() if now is None else now
+    if abs(now - ts) > tolerance_s:
+        return False
+    key = secret.encode() if isinstance(secret, str) else secret
+    expected = hmac.new(key, str(ts).encode() + b"." + body, hashlib.sha256).hexdigest()
+    return any(hmac.compare_digest(expected, s) for s in sigs)
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    url: str
+    secret: str
+
+
+class WebhookSender:
+    """Durable outbox + delivery task. ``await start()``, ``await enqueue(...)``, ``await stop()``."""
+
+    def __init__(self, db_path: Path | str, url: str, secret: str, *, timeout: float = 5.0,
+                 backoff_min: float = 1.0, backoff_max: float = 300.0, max_attempts: int = 25,
+                 concurrency: int = 16, poll_interval: float = 1.0, ssl=None, metrics=None):
+        if not url.startswith(("http://", "https://")):
+            raise ValueError("webhook url must be http:// or https://")
+        if len(secret) < 16:
+            raise ValueError("webhook secret must be at least 16 characters")
+        self.db_path = Path(db_path)
+        self.endpoint = Endpoint(url, secret)
+        self.timeout = timeout
+        self.backoff_min = backoff_min
+        self.backoff_max = backoff_max
+        self.max_attempts = max_attempts
+        self.concurrency = concurrency
+        self.poll_interval = poll_interval
+        self.ssl = ssl
+        self.metrics = metrics
+        self._db: sqlite3.Connection | None = None
+        self._exec = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="webhooks-db")
+        self._pending: list[tuple] = []
+        self._pending_futs: list[asyncio.Future] = []
+        self._flush_task: asyncio.Task | None = None
+        self._task: asyncio.Task | None = None
+        self._wake = asyncio.Event()
+        self._session: aiohttp.ClientSession | None = None
+        self._inflight: set[str] = set()  # txn ids with a delivery under way
+        self._stopping = False
+        self.counters: dict[str, int] = {"queued": 0, "delivered": 0, "failed_attempts": 0, "dead": 0}
+
+    # -- database (runs on the single db thread) ---------------------------
+
+    async def _run(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._exec, fn, *args)
+
+    def _open(self) -> None:
+        self.db_path.parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(str(self.db_path), check_same_thread=False, isolation_level=None)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.executescript(_SCHEMA)
+        self._db = db
+        try:
+            self.db_path.chmod(0o600)
+        except OSError:
+            pass
+
+    def _insert_many(self, rows: list[tuple]) -> None:
+        db = self._db
+        db.execute("BEGIN")
+        try:
+            db.executemany("INSERT OR IGNORE INTO outbox (event_id, txn_id, type, body, created) "
+                           "VALUES (?, ?, ?, ?, ?)", rows)
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    def _due(self, now: float, limit: int, busy: tuple[str, ...]) -> list[tuple]:
+        # the head (lowest seq) pending event of each transaction, if due
+        rows = self._db.execute(
+            "SELECT o.seq, o.event_id, o.txn_id, o.body, o.attempts FROM outbox o "
+            "WHERE o.state = 'pending' AND o.next_at <= ? AND o.seq = ("
+            "  SELECT MIN(p.seq) FROM outbox p WHERE p.txn_id = o.txn_id AND p.state = 'pending') "
+            "ORDER BY o.seq LIMIT ?", (now, limit + len(busy))).fetchall()
+        return [r for r in rows if r[2] not in busy][:limit]
+
+    def _next_due(self) -> float | None:
+        row = self._db.execute("SELECT MIN(next_at) FROM outbox WHERE state = 'pending'").fetchone()
+        return row[0] if row else None
+
+    def _mark(self, seq: int, state: str, attempts: int, next_at: float, error: str | None) -> None:
+        self._db.execute("UPDATE outbox SET state = ?, attempts = ?, next_at = ?, last_error = ?, "
+                         "delivered_at = CASE WHEN ? = 'delivered' THEN ? ELSE delivered_at END "
+                         "WHERE seq = ?", (state, attempts, next_at, error, state, time.time(), seq))
+
+    def _count(self, state: str) -> int:
+        return self._db.execute("SELECT COUNT(*) FROM outbox WHERE state = ?", (state,)).fetchone()[0]
+
+    # -- public ------------------------------------------------------------
+
+    async def start(self) -> "WebhookSender":
+        await self._run(self._open)
+        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout))
+        self._task = asyncio.get_running_loop().create_task(self._deliver_loop(), name="webhooks")
+        return self
+
+    async def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        if self._flush_task is not None:
+            await asyncio.gather(self._flush_task, return_exceptions=True)
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        if self._session is not None:
+            await self._session.close()
+        if self._db is not None:
+            await self._run(self._db.close)
+        self._exec.shutdown(wait=True)
+
+    async def enqueue(self, txn_id: str, event_type: str, data: dict) -> str:
+        """Write one event durably (group commit) and wake the sender; its id."""
+        event_id = "evt_" + uuid.uuid4().hex
+        created = time.time()
+        body = json.dumps({"id": event_id, "type": event_type, "created": round(created, 3),
+                           "data": data}, separators=(",", ":"), sort_keys=True)
+        fut = asyncio.get_running_loop().create_future()
+        self._pending.append((event_id, txn_id, event_type, body, created))
+        self._pending_futs.append(fut)
+        if self._flush_task is None or self._flush_task.done():
+            self._flush_task = asyncio.get_running_loop().create_task(self._flush())
+        await fut
+        self.counters["queued"] += 1
+        return event_id
+
+    async def _flush(self) -> None:
+        while self._pending:
+            rows, futs = self._pending, self._pending_futs
+            self._pending, self._pending_futs = [], []
+            try:
+                await self._run(self._insert_many, rows)
+            except Exception as e:  # the API answers 5xx-free but must know the event is not durable
+                for f in futs:
+                    if not f.done():
+                        f.set_exception(e)
+                continue
+            for f in futs:
+                if not f.done():
+                    f.set_result(None)
+            self._wake.set()
+
+    async def stats(self) -> dict:
+        pending = await self._run(self._count, "pending")
+        dead = await self._run(self._count, "dead")
+        return {"pending": pending, "dead": dead, **self.counters}
+
+    async def wait_idle(self, timeout: float = 30.0) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self._pending and await self._run(self._count, "pending") == 0:
+                return True
+            await asyncio.sleep(0.05)
+        return False
+
+    # -- delivery ----------------------------------------------------------
+
+    async def _deliver_loop(self) -> None:
+        sem = asyncio.Semaphore(self.concurrency)
+        tasks: set[asyncio.Task] = set()
+        while not self._stopping:
+            self._wake.clear()
+            try:
+                rows = await self._run(self._due, time.time(), self.concurrency,
+                                       tuple(self._inflight))
+            except Exception:
+                log.exception("webhook outbox read failed")
+                rows = []
+            for seq, event_id, txn_id, body, attempts in rows:
+                await sem.acquire()
+                self._inflight.add(txn_id)
+                t = asyncio.get_running_loop().create_task(
+                    self._deliver_one(seq, event_id, txn_id, body, attempts))
+                tasks.add(t)
+
+                def _done(t, txn_id=txn_id):
+                    tasks.discard(t)
+                    self._inflight.discard(txn_id)
+                    sem.release()
+                    self._wake.set()
+                t.add_done_callback(_done)
+            if rows:
+                continue
+            # sleep until woken by a new event / finished delivery, or the next retry is due
+            try:
+                nxt = await self._run(self._next_due)
+            except Exception:
+                nxt = None
+            delay = self.poll_interval if nxt is None else max(0.0, min(self.poll_interval, nxt - time.time()))
+            try:
+                await asyncio.wait_for(self._wake.wait(), delay)
+            except asyncio.TimeoutError:
+                pass
+        for t in list(tasks):
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _deliver_one(self, seq: int, event_id: str, txn_id: str, body: str, attempts: int) -> None:
+        raw = body.encode("utf-8")
+        headers = {
+            "Content-Type": "application/json",
+            SIGNATURE_HEADER: sign(self.endpoint.secret, raw),
+            EVENT_ID_HEADER: event_id,
+            "User-Agent": "isoswitch-webhooks/1",
+        }
+        error = None
+        try:
+            async with self._session.post(self.endpoint.url, data=raw, headers=headers,
+                                          ssl=self.ssl if self.ssl is not None else True) as resp:
+                await resp.read()
+                if 200 <= resp.status < 300:
+                    await self._run(self._mark, seq, "delivered", attempts + 1, 0.0, None)
+                    self.counters["delivered"] += 1
+                    if self.metrics is not None:
+                        self.metrics.webhook_delivery("delivered")
+                    return
+                error = f"HTTP {resp.status}"
+        except asyncio.CancelledError:
+            raise
+        except asyncio.TimeoutError:
+            error = "timeout"
+        except aiohttp.ClientError as e:
+            error = type(e).__name__
+        except OSError as e:
+            error = type(e).__name__
+        attempts += 1
+        self.counters["failed_attempts"] += 1
+        if self.metrics is not None:
+            self.metrics.webhook_delivery("failed")
+        if attempts >= self.max_attempts:
+            await self._run(self._mark, seq, "dead", attempts, 0.0, error)
+            self.counters["dead"] += 1
+            log.error("webhook event %s dead after %d attempts (%s)", event_id, attempts, error)
+            return
+        delay = min(self.backoff_min * 2 ** (attempts - 1), self.backoff_max)
+        delay *= 0.5 + random.random() / 2  # jitter: receivers coming back are not stampeded
+        await self._run(self._mark, seq, "pending", attempts, time.time() + delay, error)
+        log.info("webhook event %s attempt %d failed (%s); retry in %.1fs", event_id, attempts, error, delay)

@@ -1,0 +1,189 @@
+"""Structured logging (JSON lines or text) whose formatter masks card data itself.
+
+PCI DSS v4 3.3.1/3.4.1 (DESIGN.md "Card data"): logs never carry a full PAN,
+track data or a PIN block, even when a caller logs one by mistake. The
+masking is done by the formatter, not by callers, so it covers the message,
+its %-args, ``extra=`` fields and exception text alike:
+
+* a run of 13-19 digits (optionally grouped by single spaces or dashes, as
+  people type card numbers) that passes the Luhn check is replaced by its
+  masked form (BIN + last 4, ``switch.messages.mask_pan``);
+* track 2 equivalents (``;PAN=YYMM...`` or ``PAN D YYMM...``) are removed;
+* a 16-hex-digit value in a field named like a PIN block (``pin``,
+  ``pin_block``, ``52``) is removed, as are values of fields named
+  ``cvv``/``cvc``/``cvv2``/``track2``/``35``/``45``/``55``.
+
+Non-Luhn digit runs (trace numbers, RRNs, amounts) pass through unchanged, so
+logs stay useful.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import re
+import sys
+import traceback
+from typing import Any
+
+from switch.messages import luhn_ok, mask_pan
+
+__all__ = ["configure_logging", "mask_text", "mask_value", "JsonFormatter", "TextFormatter"]
+
+# Track 2: PAN, separator '=' (text) or 'D' (BCD nibble), then expiry +
+# service code + discretionary data. Checked before the PAN pattern so a
+# whole track is removed rather than just its PAN being masked.
+_TRACK2 = re.compile(r";?\b\d{12,19}[=Dd]\d{4,}[0-9A-Fa-f]*\??")
+# 13-19 contiguous digits, or the groupings people type (4-4-4-x, Amex
+# 4-6-5) with single spaces or dashes; never part of a longer digit run
+# (lookarounds), so a 24-digit id is left alone and separate numbers on one
+# line (a STAN next to a time) are not joined into a false "PAN".
+_PAN = re.compile(r"(?<![0-9])(?:\d{13,19}|\d{4}(?:[ -]\d{4}){2}[ -]\d{1,7}|\d{4}[ -]\d{6}[ -]\d{5})"
+                  r"(?![0-9])")
+_HEX16 = re.compile(r"\b[0-9A-Fa-f]{16}\b")
+
+TRACK_REMOVED = "[track data removed]"
+PIN_REMOVED = "[pin block removed]"
+SECRET_REMOVED = "[removed]"
+
+# Field names (lower case) whose values are never logged in any form.
+_REMOVE_FIELDS = frozenset({"cvv", "cvv2", "cvc", "cvc2", "cid", "track", "track1", "track2",
+                            "35", "45", "55", "icc", "emv"})
+_PIN_FIELDS = frozenset({"pin", "pin_block", "pinblock", "52"})
+
+
+def _mask_pan_match(m: re.Match) -> str:
+    raw = m.group(0)
+    digits = raw.replace(" ", "").replace("-", "")
+    if len(digits) < 13 or not luhn_ok(digits):
+        return raw
+    return mask_pan(digits)
+
+
+def mask_text(text: str) -> str:
+    """``text`` with track data removed and Luhn-valid PANs masked."""
+    if not text or not any(c.isdigit() for c in text):
+        return text
+    text = _TRACK2.sub(TRACK_REMOVED, text)
+    return _PAN.sub(_mask_pan_match, text)
+
+
+def mask_value(value: Any, key: str | None = None, _depth: int = 0) -> Any:
+    """A JSON-safe, card-data-free copy of ``value`` (a field named ``key``)."""
+    k = key.lower() if isinstance(key, str) else None
+    if k in _REMOVE_FIELDS:
+        return SECRET_REMOVED
+    if k in _PIN_FIELDS:
+        if isinstance(value, (bytes, bytearray)) or (isinstance(value, str) and _HEX16.search(value)):
+            return PIN_REMOVED
+        if value is not None and not isinstance(value, (int, float, bool)):
+            return PIN_REMOVED
+    if _depth > 6:
+        return "..."
+    if value is None or isinstance(value, (bool, float)):
+        return value
+    if isinstance(value, int):
+        s = str(value)
+        return mask_text(s) if len(s) >= 13 and mask_text(s) != s else value
+    if isinstance(value, str):
+        return mask_text(value)
+    if isinstance(value, (bytes, bytearray)):
+        return mask_text(value.hex()) if len(value) <= 64 else f"<{len(value)} bytes>"
+    if isinstance(value, dict):
+        return {str(kk): mask_value(vv, str(kk), _depth + 1) for kk, vv in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [mask_value(v, None, _depth + 1) for v in value]
+    return mask_text(str(value))
+
+
+# Attributes every LogRecord has; anything else came from ``extra=``.
+_STANDARD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {
+    "message", "asctime", "taskName"}
+
+
+def _record_message(record: logging.LogRecord) -> str:
+    try:
+        msg = record.getMessage()
+    except Exception:  # a bad format string must not lose the line
+        msg = f"{record.msg!r} (unformattable args)"
+    return mask_text(msg)
+
+
+def _exception_text(record: logging.LogRecord) -> str | None:
+    if record.exc_info and record.exc_info[0] is not None:
+        text = "".join(traceback.format_exception(*record.exc_info)).rstrip()
+    elif record.exc_text:
+        text = record.exc_text
+    else:
+        return None
+    return mask_text(text)
+
+
+def _extras(record: logging.LogRecord) -> dict[str, Any]:
+    return {k: mask_value(v, k) for k, v in record.__dict__.items()
+            if k not in _STANDARD_ATTRS and not k.startswith("_")}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ts, level, logger, msg, extra fields, exc."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "ts": _dt.datetime.fromtimestamp(record.created, _dt.timezone.utc)
+            .isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": _record_message(record),
+        }
+        for k, v in _extras(record).items():
+            out.setdefault(k, v)
+        exc = _exception_text(record)
+        if exc:
+            out["exc"] = exc
+        if record.stack_info:
+            out["stack"] = mask_text(record.stack_info)
+        return json.dumps(out, ensure_ascii=False, default=str, separators=(",", ":"))
+
+
+class TextFormatter(logging.Formatter):
+    """Human-readable lines with the same masking as JsonFormatter."""
+
+    def __init__(self):
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = (f"{self.formatTime(record)} {record.levelname} {record.name}: "
+                f"{_record_message(record)}")
+        extras = _extras(record)
+        if extras:
+            line += " " + " ".join(f"{k}={json.dumps(v, default=str)}" for k, v in extras.items())
+        exc = _exception_text(record)
+        if exc:
+            line += "\n" + exc
+        return line
+
+
+_HANDLER_MARK = "_isoswitch_handler"
+
+
+def configure_logging(level: str | int = "info", fmt: str = "json", stream=None) -> logging.Handler:
+    """Install one masking handler on the root logger (replacing an earlier one).
+
+    Handlers installed by other code are left in place but get the masking
+    formatter too only if they are ours; call this once at start-up.
+    """
+    if fmt not in ("json", "text"):
+        raise ValueError(f"log format must be 'json' or 'text', not {fmt!r}")
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        if getattr(h, _HANDLER_MARK, False):
+            root.removeHandler(h)
+    handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    setattr(handler, _HANDLER_MARK, True)
+    root.addHandler(handler)
+    root.setLevel(level.upper() if isinstance(level, str) else level)
+    # aiohttp's access log carries request lines; keep it at warning so
+    # per-request lines do not flood the JSON stream at thousands per second.
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    return handler

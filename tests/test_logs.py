@@ -1,0 +1,106 @@
+"""The logging layer masks card data itself, whatever the caller logs by mistake."""
+from __future__ import annotations
+
+import io
+import json
+import logging
+
+import pytest
+
+from switch.logs import configure_logging, mask_text
+from switch.messages import TEST_PAN, luhn_check_digit, mask_pan
+
+AMEX = "37828224631000" + luhn_check_digit("37828224631000")  # 15 digits
+MC = "541333000000000" + luhn_check_digit("541333000000000")
+GROUPED = " ".join(TEST_PAN[i:i + 4] for i in range(0, 16, 4))
+TRACK2 = f"{TEST_PAN}={'2912'}101123456789"
+PIN_BLOCK = "0412AC89ABCDEF67"
+
+
+@pytest.fixture
+def captured():
+    buf = io.StringIO()
+    root = logging.getLogger()
+    old_level, old_handlers = root.level, list(root.handlers)
+    handler = configure_logging("debug", "json", stream=buf)
+    yield buf
+    root.removeHandler(handler)
+    root.setLevel(old_level)
+    assert root.handlers == old_handlers
+
+
+def lines(buf: io.StringIO) -> list[dict]:
+    return [json.loads(l) for l in buf.getvalue().splitlines() if l.strip()]
+
+
+def assert_clean(text: str) -> None:
+    for secret in (TEST_PAN, AMEX, MC, GROUPED, PIN_BLOCK, "101123456789"):
+        assert secret not in text, secret
+
+
+def test_mask_text_rules():
+    assert mask_text(f"pan {TEST_PAN} ok") == f"pan {mask_pan(TEST_PAN)} ok"
+    assert mask_text(GROUPED) == mask_pan(TEST_PAN)
+    assert mask_text(f"amex {AMEX}") == f"amex {mask_pan(AMEX)}"
+    assert "[track data removed]" in mask_text(f"t2 ;{TRACK2}?") and TEST_PAN not in mask_text(TRACK2)
+    assert TEST_PAN not in mask_text(TRACK2.replace("=", "D"))
+    # not card numbers: non-Luhn runs, STAN/RRN/amounts, long ids, separate numbers
+    bad_luhn = TEST_PAN[:-1] + str((int(TEST_PAN[-1]) + 1) % 10)
+    for keep in (bad_luhn, "stan 000123 rrn 512312000123 amount 000000001000",
+                 "id 123456789012345678901234", "0200 000123 0101120000"):
+        assert mask_text(keep) == keep
+
+
+def test_message_args_extra_and_exceptions_masked(captured):
+    log = logging.getLogger("isoswitch.test")
+    log.info("oops %s", TEST_PAN)
+    log.warning(f"f-string {MC} and grouped {GROUPED}")
+    log.info("doc", extra={"doc": {"2": TEST_PAN, "35": TRACK2, "52": PIN_BLOCK, "4": "000000001000",
+                                   "nested": [AMEX, {"pin": PIN_BLOCK}]},
+                           "cvv": "123", "card": TEST_PAN})
+    try:
+        raise ValueError(f"bad card {TEST_PAN} track {TRACK2}")
+    except ValueError:
+        log.exception("failed")
+    log.error("as int %d", int(TEST_PAN))
+    out = captured.getvalue()
+    assert_clean(out)
+    recs = lines(captured)
+    assert recs[0]["msg"] == f"oops {mask_pan(TEST_PAN)}" and recs[0]["level"] == "info"
+    assert recs[0]["logger"] == "isoswitch.test" and recs[0]["ts"].endswith("Z")
+    doc = recs[2]["doc"]
+    assert doc["2"] == mask_pan(TEST_PAN) and doc["4"] == "000000001000"
+    assert doc["35"] == "[removed]" and doc["52"] == "[pin block removed]"
+    assert doc["nested"][0] == mask_pan(AMEX) and doc["nested"][1]["pin"] == "[pin block removed]"
+    assert recs[2]["cvv"] == "[removed]" and recs[2]["card"] == mask_pan(TEST_PAN)
+    assert "ValueError" in recs[3]["exc"] and mask_pan(TEST_PAN) in recs[3]["exc"]
+    assert recs[4]["msg"] == f"as int {mask_pan(TEST_PAN)}"
+
+
+def test_text_format_masks_too():
+    buf = io.StringIO()
+    level = logging.getLogger().level
+    handler = configure_logging("info", "text", stream=buf)
+    try:
+        logging.getLogger("isoswitch.t").warning("card %s", TEST_PAN, extra={"track2": TRACK2})
+    finally:
+        logging.getLogger().removeHandler(handler)
+        logging.getLogger().setLevel(level)
+    out = buf.getvalue()
+    assert_clean(out)
+    assert mask_pan(TEST_PAN) in out and "WARNING isoswitch.t" in out
+
+
+def test_configure_logging_replaces_its_own_handler():
+    root = logging.getLogger()
+    before, level = list(root.handlers), root.level
+    h1 = configure_logging("info", "json", stream=io.StringIO())
+    h2 = configure_logging("info", "json", stream=io.StringIO())
+    try:
+        assert h1 not in root.handlers and h2 in root.handlers
+    finally:
+        root.removeHandler(h2)
+        root.setLevel(level)
+    assert root.handlers == before
+    with pytest.raises(ValueError):
+        configure_logging("info", "xml")
