@@ -297,7 +297,8 @@ class AcquirerLink:
                 return c
         return None
 
-    async def request(self, doc: dict, timeout: float, before_write=None) -> AcquirerReply:
+    async def request(self, doc: dict, timeout: float, before_write=None, *,
+                      draining_ok: bool = False) -> AcquirerReply:
         """Send `doc` (acquirer-side form, DE11 is replaced) and await the response.
 
         Raises NotSent when the request certainly did not leave, OutcomeUnknown
@@ -305,8 +306,9 @@ class AcquirerLink:
         `before_write(stan, doc)` is awaited after the link STAN is assigned and
         before any byte is written: the journal records the forwarding there
         (DESIGN.md #2), so a crash after the write always finds it.
+        `draining_ok`: reversals of earlier traffic still go to a drained link.
         """
-        if self.draining:
+        if self.draining and not draining_ok:
             raise NotSent(self.name, "draining")
         if len(self.pending) >= self.cfg.max_in_flight:
             # Backpressure, not rejection: wait for a slot within half the

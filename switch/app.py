@@ -39,6 +39,8 @@ class Switch:
         self.flow: TransactionFlow | None = None
         self.pki = None
         self.late_responses = 0
+        self.metrics = None
+        self.api_runner = None
         self._stopped = asyncio.Event()
         self._background: set[asyncio.Task] = set()
 
@@ -92,6 +94,11 @@ class Switch:
         for link in self.links.values():
             await link.start()
         await self.reversals.start()
+        if cfg.metrics.enabled or cfg.api.enabled:
+            from switch.metrics import Metrics
+
+            self.metrics = Metrics(self)
+            self.metrics.instrument(self)
         for lc in cfg.listeners:
             ssl_ctx = None
             if lc.tls:
@@ -99,6 +106,12 @@ class Switch:
             listener = TerminalListener(lc, self.flow, ssl_ctx)
             await listener.start()
             self.listeners.append(listener)
+        if cfg.api.enabled:
+            from switch.api import ApiKeyStore, MemoryTransactionStore, start_api
+
+            keys = ApiKeyStore(cfg.switch.state_dir / "api_keys.json")
+            self.api_runner = await start_api(self, cfg.api, keys=keys, store=MemoryTransactionStore(),
+                                              metrics=self.metrics)
         return self
 
     def _on_late(self, acquirer: str, doc: dict) -> None:
@@ -125,6 +138,8 @@ class Switch:
         if self._stopped.is_set():
             return
         grace = self.config.switch.shutdown_grace if grace is None else grace
+        if self.api_runner is not None:
+            await self.api_runner.cleanup()
         for lst in self.listeners:
             lst.stop_accepting()
         for lst in self.listeners:

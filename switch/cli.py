@@ -35,6 +35,9 @@ async def _run(args) -> int:
     except ConfigError as e:
         print(f"configuration error:\n{e}", file=sys.stderr)
         return 2
+    from switch.logs import configure_logging
+
+    configure_logging(args.log_level or cfg.switch.log_level, args.log_format or cfg.switch.log_format)
     sw = Switch(cfg)
     await sw.start()
     loop = asyncio.get_running_loop()
@@ -57,6 +60,11 @@ async def _run(args) -> int:
     for name, link in sw.links.items():
         print(f"isoswitch: acquirer {name} -> {link.cfg.host}:{link.port} "
               f"({'up' if link.up else 'connecting'})", flush=True)
+    if sw.api_runner is not None:
+        from switch.api.server import bound_port
+
+        print(f"isoswitch: REST API and dashboard on https://{cfg.api.host}:{bound_port(sw.api_runner)}",
+              flush=True)
     if sw.listeners:
         lst = sw.listeners[0]
         extra = "" if lst.ssl_context is not None else " --no-tls"
@@ -74,7 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the switch")
     run.add_argument("--config", type=Path, default=None, help="TOML config (default: embedded defaults)")
-    run.add_argument("--log-level", default="info")
+    run.add_argument("--log-level", default=None, help="default: the config's switch.log_level")
+    run.add_argument("--log-format", choices=("json", "text"), default=None,
+                     help="default: the config's switch.log_format")
     sim = sub.add_parser("sim", help="simulated acquirers and terminals")
     simsub = sim.add_subparsers(dest="sim_command", required=True)
     from switch.sim.acquirer import add_acquirer_parser, run_acquirer_cli
@@ -83,8 +93,11 @@ def main(argv: list[str] | None = None) -> int:
     add_acquirer_parser(simsub)
     add_terminal_parser(simsub)
     args = ap.parse_args(argv)
-    logging.basicConfig(level=getattr(args, "log_level", "info").upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from switch.logs import configure_logging
+
+    # Card data is masked by the logging layer itself, whatever a caller logs.
+    configure_logging((getattr(args, "log_level", None) or "info"),
+                      getattr(args, "log_format", None) or "text")
     _install_loop(True)
     try:
         if args.command == "run":

@@ -234,6 +234,9 @@ class TransactionFlow:
             remaining = ctx.deadline - now - self.answer_margin
             if remaining <= 0:
                 break
+            if link.draining:  # taken out of service by an operator: not a failure
+                self.counters["skipped_draining"] += 1
+                continue
             if not link.health.allow_request(now):
                 continue
             acq_doc = self._acquirer_doc(req, link)

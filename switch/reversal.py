@@ -179,7 +179,7 @@ class ReversalQueue:
             try:
                 if link is None:
                     raise NotSent(acquirer, "no such link")
-                reply = await link.request(rev, link.cfg.timeout)
+                reply = await link.request(rev, link.cfg.timeout, draining_ok=True)
             except (NotSent, OutcomeUnknown) as exc:
                 delay = min(self.backoff_min * (2 ** entry.attempts), self.backoff_max)
                 await self.journal.sf_retry(entry.id, time.time() + delay, str(exc))
