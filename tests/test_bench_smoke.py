@@ -7,3 +7,11 @@ def test_bench_codec_runs_and_implementations_agree(capsys):
     out = capsys.readouterr().out
     assert "pyiso8583" in out and "python" in out
     assert codec.TEST_PAN not in out
+
+
+def test_bench_rest_runs(capsys):
+    from bench import rest
+
+    assert rest.main(["--quick", "--connections", "4", "--rate", "50"]) == 0
+    out = capsys.readouterr().out
+    assert "payments/s" in out and "HTTP {201:" in out
