@@ -86,8 +86,10 @@ class _LinkProtocol(asyncio.Protocol):
             header=link.cfg.framing, max_frame=link.cfg.max_frame, tpdu=link.cfg.tpdu
         )
         self.ready = False
-        self.closed = asyncio.get_running_loop().create_future()
+        self.loop = asyncio.get_running_loop()
+        self.closed = self.loop.create_future()
         self.last_rx = time.monotonic()
+        self._out: list[bytes] = []
 
     def connection_made(self, transport):
         self.transport = transport
@@ -114,13 +116,27 @@ class _LinkProtocol(asyncio.Protocol):
             self.closed.set_result(None)
 
     def write(self, payload: bytes) -> bool:
+        """Queue one request for this loop iteration's single write.
+
+        True means "possibly sent" from here on: if the connection dies before
+        the flush, the caller treats the outcome as unknown and reverses it,
+        the safe side of DESIGN.md #3.
+        """
         t = self.transport
         if t is None or t.is_closing():
             return False
         if self.link.cfg.tpdu:
             payload = _DEFAULT_TPDU + payload
-        t.write(framing.build_frame(payload, self.link.cfg.framing, self.link.cfg.max_frame))
+        if not self._out:
+            self.loop.call_soon(self._flush)
+        self._out.append(framing.build_frame(payload, self.link.cfg.framing, self.link.cfg.max_frame))
         return True
+
+    def _flush(self) -> None:
+        out, self._out = self._out, []
+        t = self.transport
+        if t is not None and not t.is_closing():
+            t.write(out[0] if len(out) == 1 else b"".join(out))
 
 
 class AcquirerLink:

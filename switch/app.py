@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import logging
 import time
 
@@ -41,6 +42,7 @@ class Switch:
         self.late_responses = 0
         self.metrics = None
         self.api_runner = None
+        self.webhooks = None
         self._stopped = asyncio.Event()
         self._background: set[asyncio.Task] = set()
 
@@ -110,8 +112,17 @@ class Switch:
             from switch.api import ApiKeyStore, MemoryTransactionStore, start_api
 
             keys = ApiKeyStore(cfg.switch.state_dir / "api_keys.json")
+            if cfg.api.webhook_url:
+                from switch.api.webhooks import WebhookSender
+
+                secret = cfg.api.webhook_secret_file.read_text().strip()
+                self.webhooks = await WebhookSender(cfg.switch.state_dir / "webhooks.sqlite",
+                                                    cfg.api.webhook_url, secret).start()
             self.api_runner = await start_api(self, cfg.api, keys=keys, store=MemoryTransactionStore(),
-                                              metrics=self.metrics)
+                                              webhooks=self.webhooks, metrics=self.metrics)
+        # Start-up objects (specs, tables, certificates, modules) live forever:
+        # keep them out of every later collection.
+        gc.freeze()
         return self
 
     def _on_late(self, acquirer: str, doc: dict) -> None:
@@ -144,6 +155,8 @@ class Switch:
             lst.stop_accepting()
         for lst in self.listeners:
             await lst.drain(grace)
+        if self.webhooks is not None:
+            await self.webhooks.stop()
         if self.reversals is not None:
             await self.reversals.stop()
         for link in self.links.values():

@@ -86,27 +86,25 @@ class TransactionFlow:
         # a repeat (0201) of a request already seen is that request again
         key = (req.get("41"), req.get("11"), req.get("7"), original_mti(mti))
         if key[0] is None or key[1] is None or key[2] is None or mti in NETWORK_REQUESTS:
-            return await self._guarded(req, ctx, None)
-        prior = self._in_flight.get(key)
-        if prior is not None:
-            self.counters["retransmissions"] += 1
-            return dict(await asyncio.shield(prior))
-        fut = asyncio.get_running_loop().create_future()
-        self._in_flight[key] = fut
+            key = fut = None
+        else:
+            prior = self._in_flight.get(key)
+            if prior is not None:
+                self.counters["retransmissions"] += 1
+                return dict(await asyncio.shield(prior))
+            fut = self._in_flight[key] = asyncio.get_running_loop().create_future()
         try:
-            resp = await self._guarded(req, ctx, key)
-        finally:
-            del self._in_flight[key]
-        fut.set_result(resp)
-        return resp
-
-    async def _guarded(self, req: dict, ctx: RequestContext, key) -> dict:
-        try:
-            return await self._process(req, ctx, key)
+            resp = await self._process(req, ctx, key)
         except Exception:  # a bug or a journal failure must still produce an answer (invariant 1)
-            log.exception("flow failed for MTI %s", req.get("t"))
+            log.exception("flow failed for MTI %s", mti)
             self.counters["system_errors"] += 1
-            return switch_response(req, RC_SYSTEM_ERROR)
+            resp = switch_response(req, RC_SYSTEM_ERROR)
+        finally:
+            if fut is not None:
+                del self._in_flight[key]
+        if fut is not None:
+            fut.set_result(resp)
+        return resp
 
     async def _process(self, req: dict, ctx: RequestContext, key) -> dict:
         mti = req.get("t", "")
