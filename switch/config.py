@@ -250,6 +250,8 @@ class ApiConfig:
     key: Path | None = None
     client_ca: Path | None = None  # None: no client certificates asked for
     dev_pki: bool = False
+    webhook_url: str = ""  # "" = no webhooks; else transaction outcomes are POSTed here
+    webhook_secret_file: Path | None = None  # HMAC-SHA256 signing secret (>= 16 chars)
 
 
 @dataclass(frozen=True)
@@ -963,9 +965,15 @@ class _Builder:
             for k in ("cert", "key", "client_ca"):
                 if t.has(k) and k not in t.bad:
                     t.fail(k, "only used when tls = true")
+        webhook_url = t.str("webhook_url", "")
+        secret_file = t.path("webhook_secret_file")
+        if webhook_url and not webhook_url.startswith(("http://", "https://")):
+            t.fail("webhook_url", f"must be an http:// or https:// URL, got {webhook_url!r}")
+        if webhook_url and secret_file is None and "webhook_secret_file" not in t.bad:
+            t.fail("webhook_secret_file", "is required when webhook_url is set")
         out = dict(enabled=t.bool("enabled", False), host=t.str("host", "127.0.0.1"),
                    port=t.port("port", 8443), tls=tls, cert=cert, key=key, client_ca=client_ca,
-                   dev_pki=dev_pki)
+                   dev_pki=dev_pki, webhook_url=webhook_url, webhook_secret_file=secret_file)
         t.finish()
         return None if t.bad else ApiConfig(**out)
 
