@@ -75,8 +75,12 @@ class TransactionFlow:
         self._in_flight: dict[tuple, asyncio.Future] = {}
         # margin kept between the acquirer timeout and the terminal deadline
         self.answer_margin = 0.05
-        # observers (metrics): called as on_transaction(mti, acquirer, rc, seconds)
+        # observers (metrics), plain callbacks so observing costs no extra coroutine:
+        # on_transaction(mti, acquirer, rc, seconds), on_recent(req, ctx, acquirer, rc, seconds),
+        # on_acquirer(acquirer, seconds) after each answered acquirer round trip
         self.on_transaction = None
+        self.on_recent = None
+        self.on_acquirer = None
 
     # -- entry point -----------------------------------------------------------
 
@@ -144,7 +148,10 @@ class TransactionFlow:
         # the outcome is durable before the terminal hears it (invariant 2)
         await self.journal.record_outcome(txn_id, resp.get("39"), resp.get("38"), resp, elapsed * 1000.0)
         if self.on_transaction is not None:
-            self.on_transaction(mti, acquirer, resp.get("39", ""), time.monotonic() - ctx.received)
+            seconds = time.monotonic() - ctx.received
+            self.on_transaction(mti, acquirer, resp.get("39", ""), seconds)
+            if self.on_recent is not None:
+                self.on_recent(req, ctx, acquirer, resp.get("39", ""), seconds)
         return resp
 
     def _txn_record(self, req: dict, ctx: RequestContext, key) -> TxnRecord:
@@ -266,6 +273,8 @@ class TransactionFlow:
                 log.warning("outcome unknown at %s (%s) for pan %s: reversal queued",
                             name, e.reason, mask_pan(pan_of(req)))
                 return txn_id, switch_response(req, RC_INOPERATIVE), name
+            if self.on_acquirer is not None:
+                self.on_acquirer(name, reply.latency)
             rc = reply.doc.get("39", "")
             if rc in link.cfg.try_elsewhere_codes:
                 link.health.record_failure("try_elsewhere", time.monotonic())
