@@ -75,6 +75,12 @@ class TransactionFlow:
         self._in_flight: dict[tuple, asyncio.Future] = {}
         # margin kept between the acquirer timeout and the terminal deadline
         self.answer_margin = 0.05
+        # Load shedding: a request that waited more than this share of its
+        # terminal budget inside the switch before its processing began is
+        # answered 91 at once, unforwarded and unjournaled (nothing moved), so
+        # an overloaded switch spends its time answering rather than falling
+        # further behind (invariant 1 under overload; measured in bench sweep).
+        self.shed_after = 0.5
         # observers (metrics), plain callbacks so observing costs no extra coroutine:
         # on_transaction(mti, acquirer, rc, seconds), on_recent(req, ctx, acquirer, rc, seconds),
         # on_acquirer(acquirer, seconds) after each answered acquirer round trip
@@ -128,6 +134,10 @@ class TransactionFlow:
         if key is None:  # no DE7: cannot be told from a retransmission, so not journaled by key
             self.counters["format_errors"] += 1
             return switch_response(req, RC_FORMAT_ERROR)
+        now = time.monotonic()
+        if now - ctx.received > self.shed_after * (ctx.deadline - ctx.received):
+            self.counters["shed"] += 1
+            return switch_response(req, RC_INOPERATIVE)
 
         t0 = time.monotonic()
         txn = self._txn_record(req, ctx, key)

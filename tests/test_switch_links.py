@@ -1,5 +1,6 @@
 """Acquirer-link and routing behaviour: TLS links, late responses, reload, weights, shutdown."""
 import asyncio
+import time
 
 import pytest
 
@@ -155,5 +156,23 @@ def test_retransmission_is_replayed_never_forwarded_twice(tmp_path):
             assert r1 == r2 == r3 and r1["39"] == "00" and r1["38"]
             assert (r4["39"], r4["38"]) == (r1["39"], r1["38"])
             assert sw.flow.counters["retransmissions"] == 3
+
+    run(go())
+
+
+def test_overloaded_switch_sheds_stale_requests_unforwarded(tmp_path):
+    from switch.flow import RequestContext
+
+    async def go():
+        async with running_switch(tmp_path, {"acq-a": {}}) as sw:
+            mono = time.monotonic()
+            # received 2 s ago with a 3 s budget: more than half spent waiting in the switch
+            stale = RequestContext("terminals", None, mono - 2.0, mono + 1.0)
+            fresh = RequestContext("terminals", None, mono, mono + 3.0)
+            r1 = await sw.flow.process(make_purchase(1000, stan=61), stale)
+            r2 = await sw.flow.process(make_purchase(1000, stan=62), fresh)
+            assert r1["39"] == "91" and r1["11"] == "000061"
+            assert r2["39"] == "00"
+            assert len(financial(sw.sims["acq-a"])) == 1 and sw.flow.counters["shed"] == 1
 
     run(go())
