@@ -94,8 +94,8 @@ class TransactionFlow:
         """The terminal-side response for one decoded request; never raises."""
         mti = req.get("t", "")
         # a repeat (0201) of a request already seen is that request again
-        key = (req.get("41"), req.get("11"), req.get("7"), original_mti(mti))
-        if key[0] is None or key[1] is None or key[2] is None or mti in NETWORK_REQUESTS:
+        key = (req.get("41"), req.get("11"), _transmission_key(req), original_mti(mti))
+        if key[0] is None or key[1] is None or mti in NETWORK_REQUESTS:
             key = fut = None
         else:
             prior = self._in_flight.get(key)
@@ -129,9 +129,6 @@ class TransactionFlow:
                 self.counters["format_errors"] += 1
                 return switch_response(req, RC_FORMAT_ERROR)
         if not pan_of(req) and mti in FINANCIAL_REQUESTS:
-            self.counters["format_errors"] += 1
-            return switch_response(req, RC_FORMAT_ERROR)
-        if key is None:  # no DE7: cannot be told from a retransmission, so not journaled by key
             self.counters["format_errors"] += 1
             return switch_response(req, RC_FORMAT_ERROR)
         now = time.monotonic()
@@ -336,6 +333,22 @@ class TransactionFlow:
         resp = switch_response(req, "00")
         resp["t"] = response_mti(req["t"])
         return resp, name
+
+
+def _transmission_key(req: dict) -> str:
+    """The "transmission time" part of the retransmission key (DESIGN.md #6).
+
+    DE7 when the terminal sends it; many terminal protocols send only the
+    local date and time (DE13 + DE12) instead; failing both, today's UTC date,
+    so a STAN reused after wrap-around on another day is not a "duplicate".
+    """
+    de7 = req.get("7")
+    if de7:
+        return de7
+    local = req.get("13", "") + req.get("12", "")
+    if local:
+        return "L" + local
+    return "D" + time.strftime("%y%m%d", time.gmtime())
 
 
 def _translate_track2(doc: dict, spec: dict) -> None:

@@ -176,3 +176,19 @@ def test_overloaded_switch_sheds_stale_requests_unforwarded(tmp_path):
             assert len(financial(sw.sims["acq-a"])) == 1 and sw.flow.counters["shed"] == 1
 
     run(go())
+
+
+def test_request_without_de7_is_served_and_its_retransmission_replayed(tmp_path):
+    async def go():
+        async with running_switch(tmp_path, {"acq-a": {}}) as sw:
+            async with terminal(sw, tmp_path) as t:
+                req = make_purchase(1500, stan=71)
+                req.pop("7")  # many terminal protocols carry only DE12/DE13
+                r1 = await t.request(dict(req))
+                r2 = await t.request(dict(req))
+                other_day = dict(req, **{"13": "0101"})  # same STAN, another local date
+                r3 = await t.request(other_day)
+            assert r1["39"] == r2["39"] == r3["39"] == "00" and r1["38"] == r2["38"]
+            assert len(financial(sw.sims["acq-a"])) == 2
+
+    run(go())
