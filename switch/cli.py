@@ -3,6 +3,8 @@
     isoswitch run [--config FILE]
     isoswitch sim acquirer [...]
     isoswitch sim terminal [...]
+    isoswitch keys init|rotate [--config FILE]
+    isoswitch queue list [--parked] [--acquirer NAME] | requeue ID [--config FILE]
 """
 from __future__ import annotations
 
@@ -77,6 +79,60 @@ async def _run(args) -> int:
     return 0
 
 
+async def _queue(args) -> int:
+    """List or re-queue store-and-forward entries in the configured journal."""
+    from switch.config import ConfigError, load_config
+    from switch.journal import make_journal
+    from switch.keys import KeyRing
+
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as e:
+        print(f"configuration error:\n{e}", file=sys.stderr)
+        return 2
+    journal = make_journal(cfg.journal, KeyRing.load(cfg.security.key_file))
+    await journal.start()
+    try:
+        if args.queue_command == "requeue":
+            ok = await journal.sf_requeue(args.id)
+            print(f"entry {args.id}: {'re-queued' if ok else 'not parked (nothing done)'}")
+            return 0 if ok else 1
+        parked = True if args.parked else None
+        entries = await journal.sf_list(parked=parked, acquirer=args.acquirer)
+        print(f"{'id':>8} {'acquirer':<16} {'kind':<9} {'state':<7} {'attempts':>8}  last error / reason")
+        for e in entries:
+            if e.state == "acked" and not args.all:
+                continue
+            why = e.parked_reason or e.last_error or ""
+            print(f"{e.id:>8} {e.acquirer:<16} {e.kind:<9} {e.state:<7} {e.attempts:>8}  {why[:60]}")
+        print(f"queued {await journal.sf_depth()}, parked {await journal.sf_parked_count()}")
+        return 0
+    finally:
+        await journal.close()
+
+
+def _keys(args) -> int:
+    from switch.config import ConfigError, load_config
+    from switch.keys import init_keys, rotate_keys
+
+    try:
+        path = load_config(args.config).security.key_file
+    except ConfigError as e:
+        print(f"configuration error:\n{e}", file=sys.stderr)
+        return 2
+    if args.keys_command == "init":
+        if path.exists():
+            print(f"{path} exists; keys are never overwritten (use 'isoswitch keys rotate')", file=sys.stderr)
+            return 1
+        path.parent.mkdir(parents=True, exist_ok=True)
+        init_keys(path)
+        print(f"created {path} (mode 0600)")
+        return 0
+    kid = rotate_keys(path)
+    print(f"{path}: new current data key {kid}; older keys kept so existing rows stay readable")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="isoswitch", description="Low-latency ISO 8583 switch")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -92,6 +148,21 @@ def main(argv: list[str] | None = None) -> int:
 
     add_acquirer_parser(simsub)
     add_terminal_parser(simsub)
+    keys = sub.add_parser("keys", help="card-data encryption keys (state/keys.json)")
+    keysub = keys.add_subparsers(dest="keys_command", required=True)
+    for name, text in (("init", "create the key file"), ("rotate", "add a new current data key")):
+        kp = keysub.add_parser(name, help=text)
+        kp.add_argument("--config", type=Path, default=None)
+    queue = sub.add_parser("queue", help="store-and-forward entries (reversals, advices)")
+    qsub = queue.add_subparsers(dest="queue_command", required=True)
+    ql = qsub.add_parser("list", help="list queued and parked entries")
+    ql.add_argument("--config", type=Path, default=None)
+    ql.add_argument("--parked", action="store_true", help="parked entries only")
+    ql.add_argument("--acquirer", default=None)
+    ql.add_argument("--all", action="store_true", help="include acknowledged entries")
+    qr = qsub.add_parser("requeue", help="make a parked entry due again")
+    qr.add_argument("id", type=int)
+    qr.add_argument("--config", type=Path, default=None)
     args = ap.parse_args(argv)
     from switch.logs import configure_logging
 
@@ -102,6 +173,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "run":
             return asyncio.run(_run(args))
+        if args.command == "keys":
+            return _keys(args)
+        if args.command == "queue":
+            return asyncio.run(_queue(args))
         if args.sim_command == "acquirer":
             return asyncio.run(run_acquirer_cli(args))
         return asyncio.run(run_terminal_cli(args))

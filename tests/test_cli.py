@@ -60,3 +60,43 @@ def test_run_with_no_arguments_then_sim_terminal(tmp_path):
     assert proc.returncode == 0, rest
     assert "shutting down" in rest
     assert "4761739001010010" not in rest
+
+
+def test_keys_and_queue_commands(tmp_path):
+    import asyncio
+
+    from switch.config import load_config
+    from switch.journal import make_journal
+    from switch.keys import KeyRing
+
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[switch]\nstate_dir = "{tmp_path / "state"}"\n')
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]))
+
+    def cli(*args):
+        return subprocess.run(_cli(*args, "--config", str(cfg)), capture_output=True, text=True,
+                              env=env, timeout=60)
+
+    r = cli("keys", "init")
+    assert r.returncode == 0 and (tmp_path / "state" / "keys.json").stat().st_mode & 0o077 == 0
+    assert cli("keys", "init").returncode == 1  # never overwritten
+    r = cli("keys", "rotate")
+    assert r.returncode == 0 and "k2" in r.stdout
+
+    async def park_one():
+        c = load_config(cfg)
+        j = make_journal(c.journal, KeyRing.load(c.security.key_file))
+        await j.start()
+        eid = await j.sf_enqueue("acq-a", "reversal", None, {"t": "0200", "11": "000001", "2": "4111111111111111"})
+        await j.sf_park(eid, "gave up after 50 attempts")
+        await j.close()
+        return eid
+
+    eid = asyncio.run(park_one())
+    r = cli("queue", "list", "--parked")
+    assert r.returncode == 0 and f"{eid:>8} acq-a" in r.stdout and "gave up" in r.stdout
+    assert "4111111111111111" not in r.stdout
+    r = cli("queue", "requeue", str(eid))
+    assert r.returncode == 0 and "re-queued" in r.stdout
+    r = cli("queue", "list")
+    assert "queued 1, parked 0" in r.stdout
