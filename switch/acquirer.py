@@ -159,6 +159,9 @@ class AcquirerLink:
             half_open_max=cfg.breaker.half_open_max,
         )
         self.spec = iso8583.load_dialect(cfg.dialect)
+        # ISO 8583:1993 hosts: 1804 network management with a DE24 function code
+        self.v1993 = "1993" in str((self.spec.get("_meta") or {}).get("standard", "")) or (
+            self.spec.get("39", {}).get("max_len") == 3)
         self.ssl_context = ssl_context
         self.on_late = on_late
         self.pending: dict[str, _Pending] = {}
@@ -282,13 +285,21 @@ class AcquirerLink:
                 proto.last_rx = time.monotonic()  # next echo one interval later
 
     async def _network(self, proto: _LinkProtocol, code: str) -> bool:
-        """0800 with DE70 `code` on one connection; True if answered 0810/00."""
-        doc = {"t": "0800", "7": transmission_time(), "70": code}
+        """Sign-on (001) or echo (301) on one connection; True if approved.
+
+        ISO 8583:1987: 0800 with DE70 `code`, answered 0810/00. ISO 8583:1993:
+        1804 with DE24 function code 801 (sign-on) or 831 (echo), answered
+        1814 with action code 800.
+        """
+        if self.v1993:
+            doc = {"t": "1804", "7": transmission_time(), "24": {"001": "801", "301": "831"}.get(code, "831")}
+        else:
+            doc = {"t": "0800", "7": transmission_time(), "70": code}
         try:
             reply = await self._send_on(proto, doc, min(self.cfg.timeout, 10.0))
         except (NotSent, OutcomeUnknown):
             return False
-        return reply.doc.get("39", "00") == "00"
+        return reply.doc.get("39", "800" if self.v1993 else "00") in ("00", "800")
 
     # -- requests ------------------------------------------------------------
 

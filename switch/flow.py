@@ -47,6 +47,11 @@ REQUIRED = {
     "0401": ("3", "4", "11", "41"),
     "0420": ("3", "4", "11", "41"),
     "0421": ("3", "4", "11", "41"),
+    "1100": ("3", "4", "11", "41"),
+    "1200": ("3", "4", "11", "41"),
+    "1220": ("3", "4", "11", "41"),
+    "1420": ("3", "4", "11", "41"),
+    "1421": ("3", "4", "11", "41"),
 }
 # How often a retransmission of a request in flight elsewhere (another
 # process, or before a restart) looks for the original's journaled outcome.
@@ -120,7 +125,7 @@ class TransactionFlow:
         mti = req.get("t", "")
         if mti in NETWORK_REQUESTS:
             self.counters["network"] += 1
-            return switch_response(req, "00") | ({"70": req["70"]} if "70" in req else {})
+            return switch_response(req, "00") | {k: req[k] for k in ("24", "70") if k in req}
         if mti not in FINANCIAL_REQUESTS and mti not in REVERSAL_REQUESTS:
             self.counters["format_errors"] += 1
             return switch_response(req, RC_FORMAT_ERROR)
@@ -307,10 +312,17 @@ class TransactionFlow:
         it reaches the acquirer even if the link is down now, and the terminal
         is answered at once, as acquirers answer reversals.
         """
-        de90 = req.get("90", "")
-        orig_mti = de90[0:4] if len(de90) >= 20 and de90[0:4].isdigit() else "0200"
-        orig_stan = de90[4:10] if len(de90) >= 20 else req.get("11")
-        orig_time = de90[10:20] if len(de90) >= 20 else req.get("7")
+        if req["t"].startswith("1"):
+            # ISO 8583:1993 DE56: original MTI n4, STAN n6, local date/time n12, ...
+            de56 = req.get("56", "")
+            orig_mti = de56[0:4] if len(de56) >= 10 and de56[0:4].isdigit() else "1200"
+            orig_stan = de56[4:10] if len(de56) >= 10 else req.get("11")
+            orig_time = req.get("7") or ("L" + de56[10:22] if len(de56) >= 22 else None)
+        else:
+            de90 = req.get("90", "")
+            orig_mti = de90[0:4] if len(de90) >= 20 and de90[0:4].isdigit() else "0200"
+            orig_stan = de90[4:10] if len(de90) >= 20 else req.get("11")
+            orig_time = de90[10:20] if len(de90) >= 20 else req.get("7")
         original = await self.journal.find_txn(req.get("41"), orig_stan, orig_time, orig_mti)
         if original is not None and original.get("acquirer") and original.get("link_stan"):
             name = original["acquirer"]
@@ -328,6 +340,7 @@ class TransactionFlow:
         sent["7"] = orig_time
         sent["11"] = original["link_stan"] if original is not None else orig_stan
         sent.pop("90", None)
+        sent.pop("56", None)
         await self.reversals.enqueue(name, sent, "terminal reversal", txn_id)
         self.counters["terminal_reversals"] += 1
         resp = switch_response(req, "00")

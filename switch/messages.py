@@ -16,10 +16,21 @@ RC_NO_ROUTE = "92"
 RC_DUPLICATE = "94"
 RC_SYSTEM_ERROR = "96"
 
-# Request MTIs the switch forwards; network management is answered locally
-FINANCIAL_REQUESTS = frozenset({"0100", "0101", "0200", "0201", "0220", "0221"})
-REVERSAL_REQUESTS = frozenset({"0400", "0401", "0420", "0421"})
-NETWORK_REQUESTS = frozenset({"0800"})
+# Request MTIs the switch forwards (ISO 8583:1987 0xxx and :1993 1xxx);
+# network management is answered locally
+FINANCIAL_REQUESTS = frozenset({"0100", "0101", "0200", "0201", "0220", "0221",
+                                "1100", "1101", "1200", "1201", "1220", "1221"})
+REVERSAL_REQUESTS = frozenset({"0400", "0401", "0420", "0421", "1420", "1421"})
+NETWORK_REQUESTS = frozenset({"0800", "1804"})
+
+# ISO 8583:1987 response code -> ISO 8583:1993 action code (DE39 n3), for
+# answers the switch makes itself to 1xxx requests.
+ACTION_CODES_1993 = {
+    "00": "000", "01": "107", "03": "109", "04": "200", "05": "100", "08": "001",
+    "12": "902", "13": "110", "14": "111", "30": "904", "41": "208", "43": "209",
+    "51": "116", "54": "101", "55": "117", "57": "119", "58": "120", "61": "121",
+    "62": "104", "65": "123", "91": "907", "92": "908", "94": "913", "96": "909",
+}
 
 # Fields echoed in a switch-generated response (ISO 8583 response conventions)
 ECHO_FIELDS = ("2", "3", "4", "7", "11", "12", "13", "32", "37", "41", "42", "49")
@@ -29,12 +40,12 @@ CARD_DATA_FIELDS = frozenset({"2", "14", "34", "35", "36", "45", "52", "55"})
 
 
 def response_mti(mti: str) -> str:
-    """0200 -> 0210, 0401 -> 0410 (a repeat is answered as the original)."""
+    """0200 -> 0210, 0401 -> 0410 (a repeat is answered as the original), 1804 -> 1814."""
     if len(mti) != 4 or not mti.isdigit():
         return "0210"
-    third = mti[2]
+    third, last = mti[2], mti[3]
     if third in "02468":
-        return mti[:2] + str(int(third) + 1) + "0"
+        return mti[:2] + str(int(third) + 1) + ("0" if last == "1" else last)
     return mti[:3] + "0"
 
 
@@ -98,6 +109,9 @@ def switch_response(request: dict, rc: str) -> dict:
         v = request.get(k)
         if v is not None:
             resp[k] = v
+    if resp["t"].startswith("1") and len(rc) == 2:  # ISO 8583:1993: 3-digit action codes
+        # network management approves with 800 (ISO 8583:1993 action codes 8xx)
+        rc = "800" if rc == "00" and resp["t"].startswith("18") else ACTION_CODES_1993.get(rc, "909")
     resp["39"] = rc
     return resp
 

@@ -22,16 +22,32 @@ log = logging.getLogger("isoswitch.reversal")
 # Fields a reversal carries from the original request (the rest is not needed
 # to locate the original at the acquirer, and card data is kept to a minimum).
 REVERSAL_FIELDS = ("2", "3", "4", "12", "13", "14", "22", "32", "33", "37", "41", "42", "49")
+# (DE12 also feeds 1993's DE56; DE7 and DE11 of the original feed DE90)
 
 
 def build_reversal(original: dict, repeat: bool) -> dict:
-    """0400/0401 for `original` with DE90 original data elements (ISO 8583:1987)."""
-    rev = {"t": "0401" if repeat else "0400"}
+    """The reversal of `original`.
+
+    ISO 8583:1987: 0400 (repeats 0401) with DE90 original data elements.
+    ISO 8583:1993 (a 1xxx original): 1420 reversal advice (repeats 1421) with
+    DE24 function code 400 (full reversal) and DE56 original data elements.
+    """
+    v1993 = original.get("t", "0200").startswith("1")
+    if v1993:
+        rev = {"t": "1421" if repeat else "1420", "24": "400"}
+    else:
+        rev = {"t": "0401" if repeat else "0400"}
     for k in REVERSAL_FIELDS:
         v = original.get(k)
         if v is not None:
             rev[k] = v
     rev["7"] = transmission_time()
+    if v1993:
+        # DE56: original MTI n4 + STAN n6 + local date/time n12 + LL acquirer id
+        acq = original.get("32", "")
+        rev["56"] = (original.get("t", "1200") + original.get("11", "000000")
+                     + original.get("12", "000000000000").zfill(12)[-12:] + f"{len(acq):02d}" + acq)
+        return rev
     # DE90: original MTI (4) + STAN (6) + transmission time (10) + acquiring
     # and forwarding institution ids (11 each, zero-filled): n42
     de90 = (

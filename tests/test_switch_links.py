@@ -192,3 +192,31 @@ def test_request_without_de7_is_served_and_its_retransmission_replayed(tmp_path)
             assert len(financial(sw.sims["acq-a"])) == 2
 
     run(go())
+
+
+def test_iso8583_1993_end_to_end(tmp_path):
+    """1xxx MTIs, 3-digit action codes, 1420 reversals with DE56, on a 1993 terminal and acquirer."""
+    async def go():
+        async with running_switch(tmp_path, {"acq-a": {"dialect": "iso93ascii"}},
+                                  acquirer_opts={"acq-a": {"timeout": 0.4}},
+                                  listener={"dialect": "iso93ascii", "terminal_timeout": 3.0}) as sw:
+            a = sw.sims["acq-a"]
+            async with terminal(sw, tmp_path) as t:
+                req = make_purchase(1000, stan=81, dialect="iso93ascii")
+                assert req["t"] == "1200"
+                r = await t.request(dict(req))
+                assert (r["t"], r["39"], r["11"]) == ("1210", "000", "000081")
+                from switch.sim.terminal import make_echo
+                echo = await t.request(make_echo(90, dialect="iso93ascii"))
+                assert (echo["t"], echo["39"]) == ("1814", "800")
+                a.fault = Fault(drop_responses=True)
+                r = await t.request(make_purchase(2000, stan=82, dialect="iso93ascii"), timeout=5)
+                assert (r["t"], r["39"]) == ("1210", "907")  # 91 as a 1993 action code
+                a.fault = Fault()
+                assert await sw.reversals.wait_empty(15)
+                revs = [d for d in a.received if d["t"] in ("1420", "1421")]
+                assert revs and revs[-1]["24"] == "400"
+                orig = [d for d in a.received if d["t"] == "1200"][-1]
+                assert revs[-1]["56"][:10] == "1200" + orig["11"]
+
+    run(go())

@@ -87,13 +87,7 @@ NEVER_ECHO = frozenset(("35", "45", "52", "55"))
 APPROVED_CODES = frozenset(("00", "08", "10", "11", "000", "001", "003", "800"))
 NETWORK_CODES_OK = frozenset(("001", "002", "201", "202", "301"))
 
-# ISO 8583:1987 response code -> ISO 8583:1993 action code (DE39 n3).
-ACTION_CODES_1993 = {
-    "00": "000", "01": "107", "03": "109", "04": "200", "05": "100", "08": "001",
-    "12": "902", "13": "110", "14": "111", "30": "904", "41": "208", "43": "209",
-    "51": "116", "54": "101", "55": "117", "57": "119", "58": "120", "61": "121",
-    "62": "104", "65": "123", "91": "907", "92": "908", "94": "913", "96": "909",
-}
+from switch.messages import ACTION_CODES_1993  # noqa: E402  (one table for switch and simulator)
 
 
 def dialect_is_1993(spec: dict) -> bool:
