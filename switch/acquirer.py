@@ -326,7 +326,7 @@ class AcquirerLink:
 
     async def request(self, doc: dict, timeout: float, before_write=None, *,
                       draining_ok: bool = False) -> AcquirerReply:
-        """Send `doc` (acquirer-side form, DE11 is replaced) and await the response.
+        """Send `doc` (acquirer-side form, owned by the link from here: DE11 is replaced).
 
         Raises NotSent when the request certainly did not leave, OutcomeUnknown
         when it may have (timeout, link lost after the write).
@@ -369,7 +369,7 @@ class AcquirerLink:
     async def _send_on(self, conn: _LinkProtocol, doc: dict, timeout: float,
                        before_write=None) -> AcquirerReply:
         stan = self._next_stan()
-        out = dict(doc)
+        out = doc  # callers hand over a fresh dict (flow, reversal queue, network messages)
         out["11"] = stan
         try:
             raw, _ = iso8583.encode(out, self.spec)
