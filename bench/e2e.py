@@ -397,7 +397,7 @@ class Bench:
             kill_at = d / 2
             windows = [("before kill", 0.0, kill_at), ("after kill", kill_at, d)]
             src = RequestSource(stack.stans)
-            ph = await self.measure(stack, "failover", lambda: open_loop(
+            await self.measure(stack, "failover", lambda: open_loop(
                 stack.conns, src, [(d, p.steady_rate)],
                 name=f"failover: primary kill -9 at {kill_at:g} s, open {p.steady_rate:g}/s",
                 drain_s=p.drain, windows=windows, at=[(kill_at, prim.kill9)]))

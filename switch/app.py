@@ -13,7 +13,6 @@ import gc
 import logging
 import time
 
-from core.health import AcquirerHealth
 from switch import certs
 from switch.acquirer import AcquirerLink
 from switch.config import Config

@@ -30,7 +30,6 @@ id and what is wrong.
 from __future__ import annotations
 
 import base64
-import hashlib
 import hmac
 import json
 import os

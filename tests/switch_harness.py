@@ -13,7 +13,7 @@ from switch.sim.terminal import TerminalClient, dev_client_context
 
 
 def acquirer_block(name: str, port: int, **opts) -> str:
-    lines = [f"[[acquirers]]", f'name = "{name}"', 'host = "127.0.0.1"', f"port = {port}"]
+    lines = ["[[acquirers]]", f'name = "{name}"', 'host = "127.0.0.1"', f"port = {port}"]
     defaults = {"connections": 1, "timeout": 2.0, "reconnect_min": 0.05, "reconnect_max": 0.2,
                 "echo_interval": 0}
     defaults.update(opts)

@@ -148,7 +148,7 @@ def test_circuit_breaker_opens_and_recovers(tmp_path):
     async def go():
         async with running_switch(tmp_path, routing=routing,
                                   acquirer_opts={"acq-a": dict(timeout=0.3, **breaker)}) as sw:
-            a, b = sw.sims["acq-a"], sw.sims["acq-b"]
+            a = sw.sims["acq-a"]
             sw.router.rng.random = lambda: 0.0
             health = sw.links["acq-a"].health
             a.fault = Fault(drop_responses=True)

@@ -7,7 +7,6 @@ import json
 import time
 import uuid
 
-import aiohttp
 import pytest
 from aiohttp import web
 
