@@ -148,6 +148,8 @@ class ListenerConfig:
     max_in_flight: int = 64
     max_connections: int = 10000
     terminal_timeout: float = 30.0
+    # mTLS: a request's DE41 must equal the client certificate's CN (else 63)
+    bind_terminal_id: bool = False
     # True when cert/key/client_ca are the development PKI's files, so start-up
     # must call certs.ensure_dev_pki(state_dir) before building the context.
     dev_pki: bool = False
@@ -861,8 +863,11 @@ class _Builder:
                 max_in_flight=t.int("max_in_flight", 64, lo=1),
                 max_connections=t.int("max_connections", 10000, lo=1),
                 terminal_timeout=t.number("terminal_timeout", 30.0, gt=0),
+                bind_terminal_id=t.bool("bind_terminal_id", False),
                 dev_pki=dev_pki,
             )
+            if item["bind_terminal_id"] and not tls:
+                t.fail("bind_terminal_id", "needs tls = true (the identity is the client certificate)")
             t.finish()
             out.append(None if t.bad else ListenerConfig(**item))
         _unique(self.problems, [t.data.get("name", f"listener{i}") for i, t in enumerate(tables)],

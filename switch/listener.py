@@ -19,7 +19,14 @@ from core import framing, iso8583
 from switch.certs import peer_identity
 from switch.config import ListenerConfig
 from switch.flow import RequestContext, TransactionFlow
-from switch.messages import RC_FORMAT_ERROR, RC_INOPERATIVE, response_mti, switch_response
+from switch.messages import (
+    NETWORK_REQUESTS,
+    RC_FORMAT_ERROR,
+    RC_INOPERATIVE,
+    RC_SECURITY,
+    response_mti,
+    switch_response,
+)
 
 log = logging.getLogger("isoswitch.listener")
 
@@ -162,6 +169,14 @@ class TerminalProtocol(asyncio.Protocol):
             mti = partial.get("t", "")
             if len(mti) == 4 and mti.isdigit() and mti[2] in "0248" and "11" in partial:
                 self._write(switch_response(partial, RC_FORMAT_ERROR), tpdu)
+            return
+        if self.cfg.bind_terminal_id and req.get("t") not in NETWORK_REQUESTS and (
+                (req.get("41") or "").strip() != self.identity):
+            # this certificate may only transact as its own terminal (DESIGN.md: mTLS identity)
+            self.listener.counters["identity_mismatch"] += 1
+            log.warning("terminal identity mismatch: certificate CN %r, DE41 %r", self.identity,
+                        (req.get("41") or "").strip())
+            self._write(switch_response(req, RC_SECURITY), tpdu)
             return
         self.in_flight += 1
         if self.in_flight >= self.cfg.max_in_flight and not self.paused:

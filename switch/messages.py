@@ -14,6 +14,7 @@ RC_FORMAT_ERROR = "30"
 RC_INOPERATIVE = "91"  # issuer/switch inoperative, or timeout
 RC_NO_ROUTE = "92"
 RC_DUPLICATE = "94"
+RC_SECURITY = "63"  # security violation (mTLS identity does not match DE41)
 RC_SYSTEM_ERROR = "96"
 
 # Request MTIs the switch forwards (ISO 8583:1987 0xxx and :1993 1xxx);
@@ -29,7 +30,7 @@ ACTION_CODES_1993 = {
     "00": "000", "01": "107", "03": "109", "04": "200", "05": "100", "08": "001",
     "12": "902", "13": "110", "14": "111", "30": "904", "41": "208", "43": "209",
     "51": "116", "54": "101", "55": "117", "57": "119", "58": "120", "61": "121",
-    "62": "104", "65": "123", "91": "907", "92": "908", "94": "913", "96": "909",
+    "62": "104", "63": "909", "65": "123", "91": "907", "92": "908", "94": "913", "96": "909",
 }
 
 # Fields echoed in a switch-generated response (ISO 8583 response conventions)

@@ -220,3 +220,16 @@ def test_iso8583_1993_end_to_end(tmp_path):
                 assert revs[-1]["56"][:10] == "1200" + orig["11"]
 
     run(go())
+
+
+def test_bind_terminal_id_refuses_a_certificate_used_for_another_terminal(tmp_path):
+    async def go():
+        async with running_switch(tmp_path, {"acq-a": {}}, listener={"bind_terminal_id": True}) as sw:
+            async with terminal(sw, tmp_path, "TERM0001") as t:
+                ok = await t.request(make_purchase(1000, stan=91, terminal_id="TERM0001"))
+                bad = await t.request(make_purchase(1000, stan=92, terminal_id="TERM0002"))
+            assert ok["39"] == "00" and bad["39"] == "63" and bad["11"] == "000092"
+            assert len(financial(sw.sims["acq-a"])) == 1
+            assert sw.listeners[0].counters["identity_mismatch"] == 1
+
+    run(go())
