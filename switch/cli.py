@@ -41,7 +41,12 @@ async def _run(args) -> int:
 
     configure_logging(args.log_level or cfg.switch.log_level, args.log_format or cfg.switch.log_format)
     sw = Switch(cfg)
-    await sw.start()
+    try:
+        await sw.start()
+    except OSError as e:  # a port in use, an unreadable certificate: say so, no traceback
+        print(f"isoswitch: cannot start: {e}", file=sys.stderr)
+        await sw.stop(grace=0)
+        return 1
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

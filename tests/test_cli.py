@@ -100,3 +100,18 @@ def test_keys_and_queue_commands(tmp_path):
     assert r.returncode == 0 and "re-queued" in r.stdout
     r = cli("queue", "list")
     assert "queued 1, parked 0" in r.stdout
+
+
+def test_run_reports_a_busy_port_without_a_traceback(tmp_path):
+    cfg = tmp_path / "c.toml"
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        cfg.write_text(f'[switch]\nstate_dir = "{tmp_path / "state"}"\n'
+                       f'[[listeners]]\nname = "terminals"\nport = {port}\n')
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]))
+        r = subprocess.run(_cli("run", "--config", str(cfg)), capture_output=True, text=True, env=env,
+                           timeout=60)
+    assert r.returncode == 1
+    assert "cannot start" in r.stderr and "Traceback" not in r.stderr
