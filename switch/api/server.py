@@ -675,6 +675,28 @@ def _de90(orig: dict) -> str:
     return (orig["iso_mti"] or "0200") + (orig["iso_stan"] or "000000") + (orig["iso_de7"] or "0" * 10) + "0" * 22
 
 
+async def _follow_up(st: ApiState, key: ApiKey, kind: str, orig: dict, txn_id: str, req: dict,
+                     now: float, amount: int, approval, parent_update) -> web.Response:
+    """Send a reversal/refund/capture through the flow, record it as a child of
+    `orig`, update the parent when approved, emit the webhook event.
+
+    `approval(resp)` gives the child's approval code when approved;
+    `parent_update()` the parent's changes when approved.
+    """
+    resp = await _run_flow(st, req)
+    rc = resp.get("39", "96")
+    approved = rc in APPROVED_CODES
+    rec = _new_record(kind, key, status="approved" if approved else "declined", rc=rc,
+                      approval=approval(resp) if approved else None, masked=orig["masked_pan"],
+                      amount=amount, currency=orig["currency"], terminal=orig["terminal_id"],
+                      merchant=orig["merchant_id"], iso=req, parent=txn_id, now=now)
+    st.store.add(rec)
+    if approved:
+        st.store.update(txn_id, parent_update())
+    await _emit(st, rec, f"{kind}.{'approved' if approved else 'declined'}")
+    return json_response(public_view(rec), status=201)
+
+
 async def reverse_payment(request: web.Request) -> web.Response:
     st = _state(request)
     key: ApiKey = request[API_KEY]
@@ -696,19 +718,9 @@ async def reverse_payment(request: web.Request) -> web.Response:
         card = st.vault.get(txn_id)
         if card is not None:  # lets the flow route it even if it no longer remembers the original
             req["2"] = card[0]
-        resp = await _run_flow(st, req)
-        rc = resp.get("39", "96")
-        approved = rc in APPROVED_CODES
-        rec = _new_record("reversal", key, status="approved" if approved else "declined", rc=rc,
-                          approval=None, masked=orig["masked_pan"], amount=orig["amount"],
-                          currency=orig["currency"], terminal=orig["terminal_id"],
-                          merchant=orig["merchant_id"], iso=req, parent=txn_id, now=now)
-        del req, card
-        st.store.add(rec)
-        if approved:
-            st.store.update(txn_id, {"status": "reversed"})
-        await _emit(st, rec, f"reversal.{'approved' if approved else 'declined'}")
-    return json_response(public_view(rec), status=201)
+        del card
+        return await _follow_up(st, key, "reversal", orig, txn_id, req, now, orig["amount"],
+                                lambda resp: None, lambda: {"status": "reversed"})
 
 
 async def refund_payment(request: web.Request) -> web.Response:
@@ -738,21 +750,14 @@ async def refund_payment(request: web.Request) -> web.Response:
         req.update({"2": card[0], "14": card[1], "3": "200000", "4": f"{amount:012d}", "22": "010", "25": "59",
                     "41": _pad(orig["terminal_id"], 8), "42": _pad(orig["merchant_id"], 15),
                     "49": CURRENCIES[orig["currency"]][0]})
-        resp = await _run_flow(st, req)
-        rc = resp.get("39", "96")
-        approved = rc in APPROVED_CODES
-        rec = _new_record("refund", key, status="approved" if approved else "declined", rc=rc,
-                          approval=resp.get("38") if approved else None, masked=orig["masked_pan"],
-                          amount=amount, currency=orig["currency"], terminal=orig["terminal_id"],
-                          merchant=orig["merchant_id"], iso=req, parent=txn_id, now=now)
-        del req, card
-        st.store.add(rec)
-        if approved:
-            refunded = (orig["refunded_amount"] or 0) + amount
-            st.store.update(txn_id, {"refunded_amount": refunded,
-                                     "status": "refunded" if refunded >= base else "partially_refunded"})
-        await _emit(st, rec, f"refund.{'approved' if approved else 'declined'}")
-    return json_response(public_view(rec), status=201)
+        del card
+
+        def refunded():
+            total = (orig["refunded_amount"] or 0) + amount
+            return {"refunded_amount": total, "status": "refunded" if total >= base else "partially_refunded"}
+
+        return await _follow_up(st, key, "refund", orig, txn_id, req, now, amount,
+                                lambda resp: resp.get("38"), refunded)
 
 
 async def capture_payment(request: web.Request) -> web.Response:
@@ -781,19 +786,10 @@ async def capture_payment(request: web.Request) -> web.Response:
                     "49": CURRENCIES[orig["currency"]][0], "90": _de90(orig)})
         if not req["38"]:
             del req["38"]
-        resp = await _run_flow(st, req)
-        rc = resp.get("39", "96")
-        approved = rc in APPROVED_CODES
-        rec = _new_record("capture", key, status="approved" if approved else "declined", rc=rc,
-                          approval=orig["approval_code"] if approved else None, masked=orig["masked_pan"],
-                          amount=amount, currency=orig["currency"], terminal=orig["terminal_id"],
-                          merchant=orig["merchant_id"], iso=req, parent=txn_id, now=now)
-        del req, card
-        st.store.add(rec)
-        if approved:
-            st.store.update(txn_id, {"status": "captured", "captured_amount": amount})
-        await _emit(st, rec, f"capture.{'approved' if approved else 'declined'}")
-    return json_response(public_view(rec), status=201)
+        del card
+        return await _follow_up(st, key, "capture", orig, txn_id, req, now, amount,
+                                lambda resp: orig["approval_code"],
+                                lambda: {"status": "captured", "captured_amount": amount})
 
 
 # ---------------------------------------------------------------------------
