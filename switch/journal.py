@@ -3,8 +3,8 @@
 Two backends with identical behaviour behind one abstract :class:`Journal`:
 
 * :class:`SqliteJournal` -- the embedded default for one process. WAL mode;
-  every write goes through ONE dedicated writer thread that drains a queue
-  and commits whatever is waiting as one transaction (group commit). A
+  every write goes through ONE writer child process (:mod:`switch.journal_writer`)
+  that commits whatever is waiting as one transaction (group commit). A
   caller's ``await`` returns only after the commit holding its write is
   durable (``synchronous=FULL`` by default). Point reads on the hot path
   (``find_duplicate``, ``get``) run synchronously on the event loop thread
@@ -51,7 +51,6 @@ import abc
 import asyncio
 import logging
 import os
-import queue
 import re
 import shutil
 import socket
@@ -62,7 +61,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import msgpack
 
@@ -161,22 +160,18 @@ class SfEntry:
 # Sanitizing what the journal is given
 
 
-def _key(k: Any) -> str:
-    return str(k)
-
-
 def sanitize_fields(fields: dict | None) -> dict:
     """Field dict with string keys and no sensitive authentication data (35/36/45/52/55)."""
     if not fields:
         return {}
-    return {k: v for k, v in ((_key(k), v) for k, v in fields.items()) if k not in NEVER_STORED}
+    return {k: v for k, v in zip(map(str, fields), fields.values()) if k not in NEVER_STORED}
 
 
 def sanitize_replay(doc: dict | None) -> dict:
     """A response safe to keep for replay: DE2 masked, DE14/35/36/45/52/55 removed."""
     if not doc:
         return {}
-    out = {k: v for k, v in ((_key(k), v) for k, v in doc.items()) if k not in NOT_REPLAYED}
+    out = {k: v for k, v in zip(map(str, doc), doc.values()) if k not in NOT_REPLAYED}
     pan = out.get("2")
     if pan is not None:
         out["2"] = mask_pan(pan if isinstance(pan, str) else str(pan))
@@ -206,6 +201,13 @@ def _txn_key_aad(terminal_id, terminal_stan, terminal_tx_time, mti) -> bytes:
 def _sf_aad(acquirer: str, kind: str, txn_id: int | None) -> bytes:
     return b"isoswitch/sf/" + acquirer.encode("utf-8") + b"/" + kind.encode("ascii") + b"/" + (
         b"-" if txn_id is None else b"%d" % txn_id)
+
+
+def _txn_tuple(txn: "TxnRecord") -> tuple:
+    """A TxnRecord as the tuple the writer process rebuilds it from (dataclass field order)."""
+    return (txn.listener, str(txn.terminal_id), str(txn.terminal_stan), str(txn.terminal_tx_time),
+            str(txn.mti), txn.rrn, None if txn.amount is None else int(txn.amount), txn.currency,
+            None if txn.pan is None else str(txn.pan), txn.proc_code, float(_ts(txn.received_at)))
 
 
 def _ts(v: Any) -> float | None:
@@ -261,13 +263,17 @@ CREATE TABLE IF NOT EXISTS txn (
     late_response_code TEXT,
     late_response_at REAL,
     reversal_queued INTEGER NOT NULL DEFAULT 0,
-    UNIQUE (terminal_id, terminal_stan, terminal_tx_time, mti)
+    -- the retransmission key (DESIGN.md #6); transmission time first so new
+    -- keys land at the index's right edge instead of on random pages
+    UNIQUE (terminal_tx_time, terminal_id, terminal_stan, mti)
 );
 CREATE INDEX IF NOT EXISTS txn_rrn ON txn (rrn);
 CREATE INDEX IF NOT EXISTS txn_terminal ON txn (terminal_id, received_at);
 CREATE INDEX IF NOT EXISTS txn_received ON txn (received_at);
 CREATE INDEX IF NOT EXISTS txn_link ON txn (acquirer, link_stan);
-CREATE INDEX IF NOT EXISTS txn_pan_fp ON txn (pan_fingerprint);
+-- No index on pan_fingerprint: nothing queries by card yet, and a random
+-- 64-character key cost about 10 us per journaled transaction (bench.journal).
+DROP INDEX IF EXISTS txn_pan_fp;
 CREATE INDEX IF NOT EXISTS txn_unresolved ON txn (id)
     WHERE forwarded_at IS NOT NULL AND reversal_queued = 0
       AND (response_code IS NULL OR timed_out_at IS NOT NULL);
@@ -486,6 +492,10 @@ class Journal(abc.ABC):
             except Exception:
                 log.warning("journal: heartbeat failed", exc_info=True)
 
+    def problem(self) -> str | None:
+        """Why the journal cannot take writes now (None when it can); /readyz reports it."""
+        return None if self._started else "journal is not started"
+
     # -- transaction lifecycle
 
     def _received_params(self, txn: TxnRecord) -> tuple:
@@ -529,7 +539,7 @@ class Journal(abc.ABC):
     async def record_outcome(self, txn_id: int, response_code: str | None, approval_code: str | None,
                              response_doc_for_replay: dict | None, latency_ms: float | None) -> None:
         """Journal the answer the terminal gets (kept sanitized for replay); call BEFORE answering."""
-        n = await self._outcome(txn_id, response_code, approval_code, dict(response_doc_for_replay or {}),
+        n = await self._outcome(txn_id, response_code, approval_code, response_doc_for_replay or {},
                                 None if latency_ms is None else float(latency_ms), time.time())
         if n != 1:
             raise JournalError(f"txn {txn_id}: unknown transaction")
@@ -788,32 +798,20 @@ class Journal(abc.ABC):
 # --------------------------------------------------------------------------
 # SQLite: WAL + one writer thread with group commit
 
-_STOP = object()
-
-
-class _Op:
-    __slots__ = ("fn", "fut", "atomic")
-
-    def __init__(self, fn, fut, atomic):
-        self.fn = fn
-        self.fut = fut
-        self.atomic = atomic
-
-
 class SqliteJournal(Journal):
-    """SQLite in WAL mode with a dedicated group-committing writer thread.
+    """SQLite in WAL mode; every write goes through one writer child process.
 
-    ``group_commit_ms``: when the previous group held more than one write
-    (the switch is busy), the writer lingers up to this long after the first
-    write of a group to gather more before committing; an idle switch never
-    waits (its group is whatever is queued). Writes that arrive while a
-    commit is in progress always form the next group. ``synchronous``:
-    "FULL" (default; a commit survives power loss) or "NORMAL" (survives a
-    process crash; cheaper fsyncs).
+    The writer (:mod:`switch.journal_writer`) commits whatever is waiting as
+    one transaction (group commit) and answers each write only after that
+    COMMIT returned. ``group_commit_ms``: when the previous group held more
+    than one write (the switch is busy), the writer lingers up to this long
+    after the first write of a group to gather more before committing; an
+    idle switch never waits. ``synchronous``: "FULL" (default; a commit
+    survives power loss) or "NORMAL" (survives a process crash; cheaper
+    fsyncs). Reads run in this process on their own connections.
     """
 
     backend = "sqlite"
-    MAX_GROUP = 1024
 
     def __init__(self, path: str | Path, keyring: KeyRing, *, group_commit_ms: float = 2.0,
                  synchronous: str = "FULL", node_id: str | None = None,
@@ -826,14 +824,11 @@ class SqliteJournal(Journal):
             raise ValueError("synchronous must be FULL, NORMAL, OFF or EXTRA")
         self.synchronous = synchronous.upper()
         self.group_commit_s = max(0.0, float(group_commit_ms) / 1000.0)
-        self._q: queue.SimpleQueue = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._writer = None  # switch.journal_writer.ProcessWriter
         self._rconn: sqlite3.Connection | None = None  # loop-thread point reads
         self._sconn: sqlite3.Connection | None = None  # worker-thread range reads
         self._slock = threading.Lock()
         self._closed = True
-        self._fatal: BaseException | None = None
         self.stats = {"groups": 0, "writes": 0, "max_group": 0}
 
     def _default_node_id(self) -> str:
@@ -841,22 +836,15 @@ class SqliteJournal(Journal):
         # previous life of this node, recovered at start-up.
         return "sqlite:" + (str(self.path.resolve()) if self.path and not self._temporary else "memory")
 
-    def _connect(self, *, writer: bool) -> sqlite3.Connection:
+    def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False,
                                timeout=30.0)
         conn.execute("PRAGMA busy_timeout = 30000")
-        if writer:
-            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-            if str(mode).lower() != "wal":
-                raise JournalError(f"{self.path}: cannot switch the database to WAL mode")
-            conn.execute(f"PRAGMA synchronous = {self.synchronous}")
-            # deleted ciphertext is overwritten, not left in free pages
-            conn.execute("PRAGMA secure_delete = ON")
-        else:
-            conn.execute("PRAGMA query_only = ON")
+        conn.execute("PRAGMA query_only = ON")
         return conn
 
     async def _start(self) -> None:
+        from switch.journal_writer import ProcessWriter
         if self.path is None:
             base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
             self._tmpdir = tempfile.mkdtemp(prefix="isoswitch-journal-", dir=base)
@@ -865,247 +853,90 @@ class SqliteJournal(Journal):
             self.synchronous = "OFF"
         else:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._loop = asyncio.get_running_loop()
-        ready: asyncio.Future = self._loop.create_future()
+        self._writer = ProcessWriter(self.path, self.synchronous, self.keyring, self.node_id, self.boot_id,
+                                     self.group_commit_s, self.stats)
+        try:
+            await self._writer.start()
+        except BaseException:
+            self._writer = None
+            self._cleanup_tmp()
+            raise
         self._closed = False
-        self._thread = threading.Thread(target=self._writer_main, args=(ready,),
-                                        name="isoswitch-journal-writer", daemon=True)
-        self._thread.start()
-        await ready
-        self._rconn = self._connect(writer=False)
-        self._sconn = self._connect(writer=False)
+        self._rconn = self._connect()
+        self._sconn = self._connect()
 
     async def _close(self) -> None:
         if self._closed:
             return
         self._closed = True
-        if self._thread is not None:
-            self._q.put(_STOP)
-            await asyncio.to_thread(self._thread.join)
-            self._thread = None
+        if self._writer is not None:
+            await self._writer.stop()
+            self._writer = None
         for c in (self._rconn, self._sconn):
             if c is not None:
                 c.close()
         self._rconn = self._sconn = None
+        self._cleanup_tmp()
+
+    def _cleanup_tmp(self) -> None:
         if self._tmpdir:
             shutil.rmtree(self._tmpdir, ignore_errors=True)
             self._tmpdir = None
             self.path = None
 
-    # -- the writer thread
+    def problem(self) -> str | None:
+        if self._closed or self._writer is None:
+            return "journal is closed"
+        return self._writer.error
 
-    def _writer_main(self, ready: asyncio.Future) -> None:
-        loop = self._loop
-        try:
-            conn = self._connect(writer=True)
-            conn.executescript(_SCHEMA_SQLITE)
-            conn.execute("INSERT OR IGNORE INTO journal_meta (k, v) VALUES ('schema_version', ?)",
-                         (SCHEMA_VERSION,))
-        except BaseException as exc:  # report start-up failure to start()
-            err = JournalError(f"{self.path}: cannot open the journal: {exc}")
-            loop.call_soon_threadsafe(lambda: ready.done() or ready.set_exception(err))
-            return
-        loop.call_soon_threadsafe(lambda: ready.done() or ready.set_result(None))
-        last_group = 1
-        stopping = False
-        try:
-            while not stopping:
-                first = self._q.get()
-                if first is _STOP:
-                    break
-                group = [first]
-                if self.group_commit_s > 0 and last_group > 1:
-                    deadline = time.monotonic() + self.group_commit_s
-                    while len(group) < self.MAX_GROUP:
-                        left = deadline - time.monotonic()
-                        if left <= 0:
-                            break
-                        try:
-                            item = self._q.get(timeout=left)
-                        except queue.Empty:
-                            break
-                        if item is _STOP:
-                            stopping = True
-                            break
-                        group.append(item)
-                while len(group) < self.MAX_GROUP and not stopping:
-                    try:
-                        item = self._q.get_nowait()
-                    except queue.Empty:
-                        break
-                    if item is _STOP:
-                        stopping = True
-                        break
-                    group.append(item)
-                last_group = len(group)
-                results = self._run_group(conn, group)
-                loop.call_soon_threadsafe(self._deliver, group, results)
-        except BaseException as exc:  # pragma: no cover - the writer must never die silently
-            self._fatal = exc
-            log.critical("journal writer stopped: %s", exc)
-        finally:
-            # fail anything still queued
-            leftover = []
-            while True:
-                try:
-                    item = self._q.get_nowait()
-                except queue.Empty:
-                    break
-                if item is not _STOP:
-                    leftover.append(item)
-            if leftover:
-                err = JournalError("journal is closed")
-                loop.call_soon_threadsafe(self._deliver, leftover, [(False, err)] * len(leftover))
-            try:
-                conn.close()
-            except Exception:
-                pass
-
-    def _run_group(self, conn: sqlite3.Connection, group: list) -> list:
-        n = len(group)
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as exc:
-            err = JournalError(f"journal write failed: {exc}")
-            return [(False, err)] * n
-        results = []
-        for op in group:
-            # A failing statement is undone by SQLite itself (statement-level
-            # atomicity); only multi-statement ops pay for a savepoint.
-            try:
-                if op.atomic:
-                    conn.execute("SAVEPOINT op")
-                try:
-                    results.append((True, op.fn(conn)))
-                except Exception as exc:
-                    if not conn.in_transaction:  # SQLite rolled the whole group back
-                        raise sqlite3.OperationalError(f"transaction rolled back: {exc}") from None
-                    if op.atomic:
-                        conn.execute("ROLLBACK TO op")
-                    results.append((False, exc if isinstance(exc, JournalError) else
-                                    JournalError(f"journal write failed: {type(exc).__name__}: {exc}")))
-                if op.atomic:
-                    conn.execute("RELEASE op")
-            except sqlite3.Error as exc:  # the transaction itself is broken
-                try:
-                    conn.execute("ROLLBACK")
-                except sqlite3.Error:
-                    pass
-                err = JournalError(f"journal write failed: {exc}")
-                return [(False, err)] * n
-        try:
-            conn.execute("COMMIT")
-        except sqlite3.Error as exc:
-            try:
-                conn.execute("ROLLBACK")
-            except sqlite3.Error:
-                pass
-            err = JournalError(f"journal commit failed: {exc}")
-            return [(False, err)] * n
-        st = self.stats
-        st["groups"] += 1
-        st["writes"] += n
-        if n > st["max_group"]:
-            st["max_group"] = n
-        return results
-
-    @staticmethod
-    def _deliver(group: list, results: list) -> None:
-        for op, (ok, val) in zip(group, results):
-            if op.fut.done():
-                continue
-            if ok:
-                op.fut.set_result(val)
-            else:
-                op.fut.set_exception(val)
-
-    def _submit(self, fn: Callable[[sqlite3.Connection], Any], atomic: bool = False) -> asyncio.Future:
-        """Queue ``fn(conn)`` for the writer; ``atomic`` when it runs several statements."""
-        if self._closed or self._thread is None:
+    def _submit(self, op: str, *args) -> asyncio.Future:
+        """Queue the writer operation ``op``; the future resolves after its group committed."""
+        if self._closed or self._writer is None:
             raise JournalError("journal is closed")
-        if self._fatal is not None:
-            raise JournalError("journal writer has stopped")
-        fut = self._loop.create_future()
-        self._q.put(_Op(fn, fut, atomic))
-        return fut
+        return self._writer.submit(op, args)
 
     # -- primitives
 
     async def _heartbeat(self) -> None:
         now = time.time()
-        params = (self.boot_id, self.node_id, now, now)
-        await self._submit(lambda c: c.execute(SQL_NODE_UPSERT, params).rowcount)
+        await self._submit("exec", SQL_NODE_UPSERT, (self.boot_id, self.node_id, now, now))
 
     async def _node_gone(self) -> None:
-        await self._submit(lambda c: c.execute(SQL_NODE_DELETE, (self.boot_id,)).rowcount)
+        await self._submit("exec", SQL_NODE_DELETE, (self.boot_id,))
 
-    async def _insert_txn(self, params: tuple) -> int | None:
-        def op(c):
-            r = c.execute(SQL_INSERT_TXN, params).fetchone()
-            return None if r is None else r[0]
-        return await self._submit(op)
+    async def record_received(self, txn: TxnRecord) -> int:
+        # masking and the HMAC fingerprint run in the writer process
+        txn_id = await self._submit("received", _txn_tuple(txn))
+        if txn_id is None:
+            raise DuplicateTransaction(txn.terminal_id, txn.terminal_stan, txn.terminal_tx_time, txn.mti)
+        return txn_id
 
-    async def _insert_forwarded(self, txn, acquirer, link_stan, now, reversal_fields):
-        keyring = self.keyring
-        fields = dict(reversal_fields)  # the caller's dict may change once we return
+    async def _insert_txn(self, params: tuple) -> int | None:  # pragma: no cover - record_received above
+        raise NotImplementedError
 
-        def op(c):
-            # masking, HMAC, msgpack and AES-GCM run here, on the writer thread,
-            # not on the event loop that serves terminals (measured: ~15 us/txn)
-            params = self._received_params(txn)
-            blob = keyring.encrypt(_pack(sanitize_fields(fields)), _txn_key_aad(*params[1:5]))
-            r = c.execute(SQL_INSERT_FWD, params + (acquirer, link_stan, now, blob)).fetchone()
-            return None if r is None else r[0]
-        return await self._submit(op)
+    def _insert_forwarded(self, txn, acquirer, link_stan, now, reversal_fields):
+        # masking, HMAC, msgpack and AES-GCM run in the writer process, not on
+        # the event loop that serves terminals; the fields are serialized here,
+        # so the caller may change its dict once this returns
+        return self._submit("fwd", _txn_tuple(txn), acquirer, link_stan, now, reversal_fields)
 
-    async def _exec(self, sql: str, params: tuple) -> int:
-        return await self._submit(lambda c: c.execute(sql, params).rowcount)
+    def _exec(self, sql: str, params: tuple):
+        return self._submit("exec", sql, params)
 
-    async def _outcome(self, txn_id, response_code, approval_code, doc, latency_ms, now) -> int:
-        def op(c):  # sanitising and packing on the writer thread
-            packed = _pack(sanitize_replay(doc))
-            return c.execute(SQL_OUTCOME, (response_code, approval_code, packed, latency_ms, now,
-                                           txn_id)).rowcount
-        return await self._submit(op)
+    def _outcome(self, txn_id, response_code, approval_code, doc, latency_ms, now):
+        return self._submit("outcome", txn_id, response_code, approval_code, doc, latency_ms, now)
 
-    async def _late_response(self, acquirer, link_stan, rc, now):
-        def op(c):
-            r = c.execute(SQL_LATE_FIND, (acquirer, link_stan)).fetchone()
-            txn_id = None if r is None else r[0]
-            if txn_id is not None:
-                c.execute(SQL_LATE_TXN, (rc, now, txn_id))
-            c.execute(SQL_LATE_INSERT, (acquirer, link_stan, rc, txn_id, now))
-            return txn_id
-        return await self._submit(op, atomic=True)
+    def _late_response(self, acquirer, link_stan, rc, now):
+        return self._submit("late", acquirer, link_stan, rc, now)
 
-    async def _sf_insert(self, acquirer, kind, txn_id, blob, now, next_at) -> int:
-        def op(c):
-            entry_id = c.execute(SQL_SF_INSERT, (acquirer, kind, txn_id, blob, "queued", now, next_at)).fetchone()[0]
-            if kind == "reversal" and txn_id is not None:
-                c.execute(SQL_SF_MARK_TXN, (txn_id,))
-            return entry_id
-        return await self._submit(op, atomic=kind == "reversal" and txn_id is not None)
+    def _sf_insert(self, acquirer, kind, txn_id, blob, now, next_at):
+        return self._submit("sf_insert", acquirer, kind, txn_id, blob, now, next_at)
 
-    async def _sf_claim(self, acquirer, worker, now, lease_until):
-        params = (worker, lease_until, acquirer, now, now)
-        return await self._submit(lambda c: c.execute(SQL_SF_CLAIM_SQLITE, params).fetchone())
+    def _sf_claim(self, acquirer, worker, now, lease_until):
+        return self._submit("sf_claim", (worker, lease_until, acquirer, now, now))
 
-    async def _recover(self) -> int:
-        dead = self._dead_params()
-
-        def op(c):
-            rows = c.execute(SQL_RECOVER_SELECT, dead).fetchall()
-            plan = self._recovery_plan(rows)
-            now = time.time()
-            for txn_id, acquirer, state, payload, reason in plan:
-                entry_id = c.execute(SQL_SF_INSERT, (acquirer, "reversal", txn_id, payload, state, now, now)).fetchone()[0]
-                if reason:
-                    c.execute("UPDATE sf_queue SET parked_reason = ?, parked_at = ? WHERE id = ?",
-                              (reason, now, entry_id))
-                c.execute(SQL_RECOVER_MARK, (txn_id,))
-            c.execute(SQL_ABANDON, dead)
-            return len(plan)
-        return await self._submit(op, atomic=True)
+    def _recover(self):
+        return self._submit("recover", self._dead_params())
 
     async def _fetchone(self, sql: str, params: tuple):
         if self._rconn is None:

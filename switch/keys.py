@@ -181,7 +181,7 @@ def rotate_keys(path: Path | str) -> str:
 class KeyRing:
     """The loaded keys. ``repr`` never shows key material."""
 
-    __slots__ = ("_aeads", "_current", "_current_aead", "_fp_key", "fingerprint_key_id", "source")
+    __slots__ = ("_aeads", "_current", "_current_aead", "_fp_key", "_raw", "fingerprint_key_id", "source")
 
     def __init__(self, data_keys: dict[str, bytes], current: str, fingerprint_key: bytes,
                  fingerprint_key_id: str = "f1", source: Path | None = None):
@@ -195,6 +195,7 @@ class KeyRing:
         if len(fingerprint_key) != KEY_LEN:
             raise KeyFileError(f"fingerprint key: must be {KEY_LEN} bytes")
         self._aeads = {kid: AESGCM(k) for kid, k in data_keys.items()}
+        self._raw = {kid: bytes(k) for kid, k in data_keys.items()}
         self._current = current
         self._current_aead = self._aeads[current]
         self._fp_key = bytes(fingerprint_key)
@@ -209,6 +210,16 @@ class KeyRing:
 
     def __reduce__(self):  # no pickling of key material by accident
         raise TypeError("KeyRing cannot be pickled")
+
+    def _material(self) -> dict:
+        """Raw key material, for handing to the journal's own writer process only
+        (over a private socketpair; never written anywhere)."""
+        return {"data_keys": dict(self._raw), "current": self._current, "fp_key": self._fp_key,
+                "fp_id": self.fingerprint_key_id}
+
+    @classmethod
+    def _from_material(cls, m: dict) -> "KeyRing":
+        return cls(dict(m["data_keys"]), m["current"], m["fp_key"], m["fp_id"])
 
     @classmethod
     def generate(cls) -> "KeyRing":

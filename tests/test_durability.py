@@ -103,6 +103,22 @@ class SwitchProcess:
         self.logf.close()
 
 
+def _children(pid: int) -> list[int]:
+    out = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{tid}/children") as f:
+            out.extend(int(c) for c in f.read().split())
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 async def wait_until(pred, timeout=15.0, step=0.05):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -129,7 +145,11 @@ def test_kill9_between_forwarding_and_answering_reverses_exactly_once(tmp_path):
             pending = asyncio.create_task(client.request(req, timeout=30))
             assert await wait_until(lambda: len(financial(sim)) == 1)
             original = financial(sim)[0]
+            writers = _children(sw.proc.pid)
+            assert len(writers) == 1  # the SQLite journal's writer process
             sw.kill9()  # between forwarding and answering
+            # the writer sees its parent's end of the socket close and exits: no orphan
+            assert await wait_until(lambda: not any(_alive(w) for w in writers), 10)
             with pytest.raises((ConnectionError, asyncio.TimeoutError, OSError, EOFError)):
                 await asyncio.wait_for(pending, 5)
             await client.close()

@@ -794,3 +794,90 @@ def test_sqlite_group_commit_batches(tmp_path):
             await j.close()
 
     run(go())
+
+
+# --------------------------------------------------------------------------
+# The SQLite writer process (switch/journal_writer.py)
+
+
+def _proc_text(pid: int, name: str) -> bytes:
+    with open(f"/proc/{pid}/{name}", "rb") as f:
+        return f.read()
+
+
+def test_sqlite_writer_process_lifecycle_and_no_key_material_in_argv_or_env(tmp_path):
+    """The writer is a child process; keys reach it over its socket only; close() reaps it."""
+    import base64
+    kr = KeyRing.generate()
+    material = kr._material()
+    secrets_ = [material["fp_key"], *material["data_keys"].values()]
+    async def go():
+        j = SqliteJournal(tmp_path / "w.db", kr)
+        await j.start()
+        pid = j._writer.proc.pid
+        assert pid != os.getpid() and os.path.exists(f"/proc/{pid}")
+        seen = _proc_text(pid, "cmdline") + _proc_text(pid, "environ")
+        for k in secrets_:
+            for form in (k, k.hex().encode(), base64.b64encode(k), base64.urlsafe_b64encode(k)):
+                assert form not in seen
+        tid = await j.record_received(txn(stan="000001"))
+        assert (await j.get(tid))["state"] == "received"
+        proc = j._writer.proc
+        await j.close()
+        assert proc.poll() is not None  # exited and reaped
+        assert j.problem() == "journal is closed"
+        with pytest.raises(JournalError):
+            await j.record_received(txn(stan="000002"))
+
+    run(go())
+
+
+def test_sqlite_writer_death_fails_writes_and_is_reported(tmp_path):
+    """A writer killed under the switch: pending and later writes raise JournalError
+    (the flow answers 96), problem() says why (/readyz turns 503); nothing hangs."""
+    import signal as _signal
+    async def go():
+        j = SqliteJournal(tmp_path / "d.db", KeyRing.generate())
+        await j.start()
+        try:
+            assert j.problem() is None
+            tid = await j.record_received(txn(stan="000001"))
+            os.kill(j._writer.proc.pid, _signal.SIGKILL)
+            with pytest.raises(JournalError):
+                await asyncio.wait_for(j.record_received(txn(stan="000002")), 10)
+            assert j.problem() == "journal writer has stopped"
+            with pytest.raises(JournalError):
+                await j.record_outcome(tid, "00", None, {"39": "00"}, 1.0)
+            # what was committed before stays readable
+            assert (await j.get(tid))["state"] == "received"
+        finally:
+            await j.close()
+        # the next start on the same file works (a restarted switch)
+        j2 = SqliteJournal(tmp_path / "d.db", KeyRing.generate())
+        await j2.start()
+        try:
+            assert (await j2.get(tid)) is not None
+        finally:
+            await j2.close()
+
+    run(go())
+
+
+def test_sqlite_writer_ignores_sigint_and_sigterm_until_the_parent_closes(tmp_path):
+    """A Ctrl-C or a TERM to the process group must not take the writer down before
+    the switch has journaled its last outcomes."""
+    import signal as _signal
+    async def go():
+        j = SqliteJournal(tmp_path / "s.db", KeyRing.generate())
+        await j.start()
+        try:
+            pid = j._writer.proc.pid
+            os.kill(pid, _signal.SIGINT)
+            os.kill(pid, _signal.SIGTERM)
+            await asyncio.sleep(0.2)
+            tid = await j.record_received(txn(stan="000003"))
+            assert (await j.get(tid)) is not None and j.problem() is None
+        finally:
+            await j.close()
+
+    run(go())
