@@ -33,7 +33,7 @@ from switch.messages import (
     response_mti,
     switch_response,
 )
-from switch.reversal import ReversalQueue
+from switch.reversal import ReversalQueue, reversal_payload
 from switch.router import Router
 
 log = logging.getLogger("isoswitch.flow")
@@ -261,10 +261,12 @@ class TransactionFlow:
             async def journal_forwarding(stan, sent, name=name):
                 # one durable write before any byte leaves (DESIGN.md #2); a
                 # DuplicateTransaction here aborts the send (DESIGN.md #6)
+                # only what a reversal needs is kept (encrypted) -- data minimization
+                fields = reversal_payload(sent)
                 if journaled:
-                    await journal.record_forwarded(journaled[0], name, stan, sent)
+                    await journal.record_forwarded(journaled[0], name, stan, fields)
                 else:
-                    journaled.append(await journal.record_received_forwarded(txn, name, stan, sent))
+                    journaled.append(await journal.record_received_forwarded(txn, name, stan, fields))
 
             try:
                 reply = await link.request(acq_doc, min(link.cfg.timeout, remaining), journal_forwarding)
