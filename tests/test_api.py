@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import threading
 import time
 import uuid
@@ -520,7 +521,8 @@ def test_metrics_health_ready_openapi(tmp_path):
                 async with s.get("/healthz") as r:
                     assert r.status == 200 and (await r.json()) == {"status": "ok"}
                 async with s.get("/readyz") as r:
-                    assert r.status == 200 and (await r.json())["acquirers_up"] == 2
+                    body = await r.json()
+                    assert r.status == 200 and body["acquirers_up"] == 2 and body["journal"] == "ok"
                 async with s.get("/openapi.json") as r:
                     doc = await r.json()
                     assert doc["openapi"].startswith("3.") and "/v1/payments" in doc["paths"]
@@ -563,3 +565,26 @@ def test_api_keys_persisted_hashed(tmp_path):
     assert again.authenticate(clear + "x") is None
     assert again.authenticate("garbage") is None
     assert again.revoke("k1") and ApiKeyStore(tmp_path / "keys.json").authenticate(clear) is None
+
+
+def test_readyz_reports_a_dead_journal_writer(tmp_path):
+    """The SQLite writer process killed under a running switch: /readyz turns 503 and
+    names the journal, a payment gets 96 (nothing forwarded without a journal row)."""
+    import signal
+    async def main():
+        async with running_api(tmp_path) as api:
+            os.kill(api.sw.journal._writer.proc.pid, signal.SIGKILL)
+            async with api.session(None) as s:
+                for _ in range(100):
+                    async with s.get("/readyz") as r:
+                        body = await r.json()
+                    if r.status == 503:
+                        break
+                    await asyncio.sleep(0.05)
+                assert r.status == 503 and body["journal"] == "journal writer has stopped"
+            sent = api.sw.links["acq-a"].counters["sent"]
+            async with api.session() as p:
+                st, raw, _ = await post(p, "/v1/payments", payment())
+            assert json.loads(raw)["response_code"] == "96", (st, raw)
+            assert api.sw.links["acq-a"].counters["sent"] == sent
+    run(main())

@@ -1013,8 +1013,11 @@ async def readyz(request: web.Request) -> web.Response:
     st = _state(request)
     links = st.switch.links
     up = [n for n, l in links.items() if l.up and not getattr(l, "draining", False)]
-    body = {"ready": bool(up), "acquirers_up": len(up), "acquirers": len(links)}
-    return json_response(body, status=200 if up else 503)
+    problem = getattr(st.switch.journal, "problem", lambda: None)()
+    ready = bool(up) and problem is None
+    body = {"ready": ready, "acquirers_up": len(up), "acquirers": len(links),
+            "journal": "ok" if problem is None else problem}
+    return json_response(body, status=200 if ready else 503)
 
 
 async def openapi(request: web.Request) -> web.Response:
