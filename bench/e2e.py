@@ -52,7 +52,7 @@ class BenchParams:
     connections: int = 8
     in_flight: int = 48  # closed loop, per connection (48: enough to batch; 16 under-drove the forwarder)
     warmup: float = 1.0
-    journal_rounds: int = 3  # alternating journal on/off closed loops
+    journal_rounds: int = 5  # alternating journal on/off closed loops
     drain: float = 4.0
     slow_mean_ms: float = 20.0
     slow_p99_ms: float = 150.0
@@ -200,7 +200,7 @@ def switch_config(path: Path, state_dir: Path, pki, acquirers: list[tuple[str, i
     lines = [
         "[switch]", f"state_dir = {_toml_str(state_dir)}", 'log_level = "warning"', 'log_format = "text"',
         "shutdown_grace = 1.0",
-        "[journal]", f'backend = "{journal}"', "group_commit_ms = 0.5",
+        "[journal]", f'backend = "{journal}"', "group_commit_ms = 0",
         "[simulators]", "embedded = false",
         "[[listeners]]", 'name = "terminals"', 'host = "127.0.0.1"', "port = 0",
         f"cert = {_toml_str(pki.server_cert)}", f"key = {_toml_str(pki.server_key)}",

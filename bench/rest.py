@@ -41,7 +41,7 @@ log_level = "warning"
 log_format = "text"
 shutdown_grace = 1.0
 [journal]
-group_commit_ms = 0.5
+group_commit_ms = 0
 [simulators]
 embedded = false
 [[listeners]]

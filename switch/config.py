@@ -122,7 +122,7 @@ class JournalConfig:
     backend: str  # "sqlite" | "postgres" | "memory" | "none" (bench only: nothing durable)
     path: Path | None  # sqlite only
     dsn: str | None = field(default=None, repr=False)  # postgres only; may hold a password
-    group_commit_ms: float = 2.0
+    group_commit_ms: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -666,7 +666,7 @@ class _Builder:
         backend = t.str("backend", "sqlite", choices=JOURNAL_BACKENDS, what="journal backend")
         path = t.path("path", None, must_exist=False)
         dsn = t.str("dsn", None, secret=True)
-        gc = t.number("group_commit_ms", 2.0, ge=0)
+        gc = t.number("group_commit_ms", 0.0, ge=0)
         if backend == "sqlite":
             path = path or self.state_dir / "journal.db"
         elif t.has("path") and "path" not in t.bad:

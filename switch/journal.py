@@ -813,7 +813,7 @@ class SqliteJournal(Journal):
 
     backend = "sqlite"
 
-    def __init__(self, path: str | Path, keyring: KeyRing, *, group_commit_ms: float = 2.0,
+    def __init__(self, path: str | Path, keyring: KeyRing, *, group_commit_ms: float = 0.0,
                  synchronous: str = "FULL", node_id: str | None = None,
                  stale_after: float = DEFAULT_STALE_AFTER, _temporary: bool = False):
         self.path = Path(path) if str(path) != ":memory:" else None
@@ -915,16 +915,18 @@ class SqliteJournal(Journal):
         raise NotImplementedError
 
     def _insert_forwarded(self, txn, acquirer, link_stan, now, reversal_fields):
-        # masking, HMAC, msgpack and AES-GCM run in the writer process, not on
-        # the event loop that serves terminals; the fields are serialized here,
-        # so the caller may change its dict once this returns
-        return self._submit("fwd", _txn_tuple(txn), acquirer, link_stan, now, reversal_fields)
+        # Sanitized and packed here (the IPC message needs the packing anyway,
+        # and the writer is then spared unpacking and re-packing it); masking,
+        # the HMAC fingerprint and AES-GCM run in the writer process.
+        return self._submit("fwd", _txn_tuple(txn), acquirer, link_stan, now,
+                            _pack(sanitize_fields(reversal_fields)))
 
     def _exec(self, sql: str, params: tuple):
         return self._submit("exec", sql, params)
 
     def _outcome(self, txn_id, response_code, approval_code, doc, latency_ms, now):
-        return self._submit("outcome", txn_id, response_code, approval_code, doc, latency_ms, now)
+        return self._submit("outcome", txn_id, response_code, approval_code, _pack(sanitize_replay(doc)),
+                            latency_ms, now)
 
     def _late_response(self, acquirer, link_stan, rc, now):
         return self._submit("late", acquirer, link_stan, rc, now)

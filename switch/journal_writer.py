@@ -102,10 +102,11 @@ class WriterCore:
                 mask_pan(pan) if pan else None, self.keyring.pan_fingerprint(pan) if pan else None,
                 t[9], t[10], self.node_id, self.boot_id)
 
-    def op_fwd(self, txn, acquirer, link_stan, now, fields):
+    def op_fwd(self, txn, acquirer, link_stan, now, fields_packed):
+        """``fields_packed``: msgpack of the sanitized reversal fields (journal.sanitize_fields)."""
         J = self.J
         params = self._params(txn)
-        blob = self.keyring.encrypt(J._pack(J.sanitize_fields(fields)), J._txn_key_aad(*params[1:5]))
+        blob = self.keyring.encrypt(fields_packed, J._txn_key_aad(*params[1:5]))
         r = self.conn.execute(J.SQL_INSERT_FWD, params + (acquirer, link_stan, now, blob)).fetchone()
         return None if r is None else r[0]
 
@@ -113,9 +114,9 @@ class WriterCore:
         r = self.conn.execute(self.J.SQL_INSERT_TXN, self._params(txn)).fetchone()
         return None if r is None else r[0]
 
-    def op_outcome(self, txn_id, response_code, approval_code, doc, latency_ms, now):
+    def op_outcome(self, txn_id, response_code, approval_code, packed, latency_ms, now):
+        """``packed``: msgpack of the response as kept for replay (journal.sanitize_replay)."""
         J = self.J
-        packed = J._pack(J.sanitize_replay(doc))
         return self.conn.execute(J.SQL_OUTCOME, (response_code, approval_code, packed, latency_ms, now,
                                                  txn_id)).rowcount
 
