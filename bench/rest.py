@@ -123,7 +123,7 @@ async def open_loop(url, headers, ctx, seconds, rate, connections):
             "p99_ms": hist.get_value_at_percentile(99) / 1000, "max_ms": hist.get_max_value() / 1000}
 
 
-async def run(seconds: float, connections: int, rate: float) -> dict:
+async def run(seconds: float, connections: int, rate: float, profile: Path | None = None) -> dict:
     work = Path(tempfile.mkdtemp(prefix="isoswitch-rest-"))
     pki = certs.ensure_dev_pki(work / "state")
     key = subprocess.run([sys.executable, "-m", "switch.api.auth", "create", "--file",
@@ -133,7 +133,8 @@ async def run(seconds: float, connections: int, rate: float) -> dict:
     sim = start_acquirer("acq-a", work)
     sw = None
     try:
-        sw = Proc("switch-rest", [sys.executable, "-m", "switch.cli", "run", "--config",
+        prof = ["-m", "cProfile", "-o", str(profile)] if profile is not None else []
+        sw = Proc("switch-rest", [sys.executable, *prof, "-m", "switch.cli", "run", "--config",
                                   str(_config(work, sim.port))],
                   ready=r"REST API and dashboard on https://[\d.]+:(\d+)", log_dir=work, env=_env()).start()
         url = f"https://127.0.0.1:{sw.port}/v1/payments"
@@ -161,9 +162,11 @@ def main(argv=None) -> int:
     ap.add_argument("--rate", type=float, default=500.0)
     ap.add_argument("--quick", action="store_true", help="one second each (smoke test)")
     ap.add_argument("--json", metavar="FILE")
+    ap.add_argument("--profile", metavar="FILE", type=Path,
+                    help="run the switch under cProfile and write its stats here")
     args = ap.parse_args(argv)
     seconds = 1.0 if args.quick else args.seconds
-    out = asyncio.run(run(seconds, args.connections, args.rate))
+    out = asyncio.run(run(seconds, args.connections, args.rate, args.profile))
     c, o = out["closed"], out["open"]
     print("REST shim: POST /v1/payments over HTTPS, SQLite journal on, switch in its own process")
     cpu = c.get("switch_cpu_us_per_payment")
