@@ -167,6 +167,7 @@ class Metrics:
         self._seen_keys: set[str] = set()
         self._tx_children: dict = {}
         self._acq_children: dict = {}
+        self._api_children: dict = {}
         r = self.registry
         self.transactions = Counter(
             "isoswitch_transactions", "Transactions answered, by request MTI, acquirer and response code",
