@@ -108,7 +108,7 @@ class Switch:
             await listener.start()
             self.listeners.append(listener)
         if cfg.api.enabled:
-            from switch.api import ApiKeyStore, MemoryTransactionStore, start_api
+            from switch.api import ApiKeyStore, JournalTransactionStore, MemoryTransactionStore, start_api
 
             keys = ApiKeyStore(cfg.switch.state_dir / "api_keys.json")
             if cfg.api.webhook_url:
@@ -117,7 +117,11 @@ class Switch:
                 secret = cfg.api.webhook_secret_file.read_text().strip()
                 self.webhooks = await WebhookSender(cfg.switch.state_dir / "webhooks.sqlite",
                                                     cfg.api.webhook_url, secret).start()
-            self.api_runner = await start_api(self, cfg.api, keys=keys, store=MemoryTransactionStore(),
+            # API transactions and their (encrypted) cards survive a restart in the
+            # journal; only the measuring-only "none" journal keeps them in memory
+            store = (JournalTransactionStore(self.journal) if getattr(self.journal, "durable", True)
+                     else MemoryTransactionStore())
+            self.api_runner = await start_api(self, cfg.api, keys=keys, store=store,
                                               webhooks=self.webhooks, metrics=self.metrics)
         # Start-up objects (specs, tables, certificates, modules) live forever:
         # keep them out of every later collection.

@@ -213,6 +213,18 @@ def _txn_key_aad(terminal_id, terminal_stan, terminal_tx_time, mti) -> bytes:
     return f"isoswitch/txnkey/{terminal_id}/{terminal_stan}/{terminal_tx_time}/{mti}".encode()
 
 
+def _api_card_aad(api_id: str) -> bytes:
+    return b"isoswitch/api-card/" + str(api_id).encode("utf-8")
+
+
+def api_merge(doc_blob: bytes, changes: dict) -> tuple[bytes, str, bool]:
+    """(new doc, its status, drop the card?) for an API record update (both backends)."""
+    doc = _unpack(doc_blob)
+    doc.update(changes)
+    status = str(doc.get("status"))
+    return _pack(doc), status, status in API_CARD_DONE
+
+
 def _sf_aad(acquirer: str, kind: str, txn_id: int | None) -> bytes:
     return b"isoswitch/sf/" + acquirer.encode("utf-8") + b"/" + kind.encode("ascii") + b"/" + (
         b"-" if txn_id is None else b"%d" % txn_id)
@@ -314,6 +326,21 @@ CREATE TABLE IF NOT EXISTS sf_queue (
 CREATE INDEX IF NOT EXISTS sf_due ON sf_queue (acquirer, id) WHERE state = 'queued';
 CREATE INDEX IF NOT EXISTS sf_parked ON sf_queue (id) WHERE state = 'parked';
 CREATE INDEX IF NOT EXISTS sf_txn ON sf_queue (txn_id);
+-- The REST API's transactions (switch.api): the record as the API shows it
+-- (masked PAN, never card data) and, for a payment that may still be
+-- reversed, refunded or captured, AES-GCM ciphertext of PAN|expiry bound to
+-- the row id (deleted once the payment is reversed or fully refunded).
+CREATE TABLE IF NOT EXISTS api_txn (
+    id TEXT PRIMARY KEY,
+    owner TEXT,
+    status TEXT NOT NULL,
+    terminal_id TEXT,
+    created_ts REAL NOT NULL,
+    parent_id TEXT,
+    doc BLOB NOT NULL,
+    card BLOB
+);
+CREATE INDEX IF NOT EXISTS api_txn_created ON api_txn (created_ts);
 CREATE TABLE IF NOT EXISTS late_response (
     id INTEGER PRIMARY KEY,
     acquirer TEXT NOT NULL,
@@ -412,6 +439,14 @@ SQL_SF_CLAIM_PG = (
     "UPDATE sf_queue SET lease_owner = ?, lease_until = ?, claims = claims + 1 "
     "WHERE id = (SELECT id FROM pick)" + _SF_RETURNING
 )
+SQL_API_INSERT = ("INSERT INTO api_txn (id, owner, status, terminal_id, created_ts, parent_id, doc, card) "
+                  "VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
+SQL_API_DOC = "SELECT doc FROM api_txn WHERE id = ?"
+SQL_API_SET = ("UPDATE api_txn SET doc = ?, status = ?, "
+               "card = CASE WHEN ? THEN NULL ELSE card END WHERE id = ?")
+# a payment that is reversed or fully refunded needs its card no more
+API_CARD_DONE = frozenset({"reversed", "refunded"})
+
 SQL_NODE_UPSERT = ("INSERT INTO journal_node (boot_id, node_id, started_at, heartbeat_at) VALUES (?, ?, ?, ?) "
                    "ON CONFLICT (boot_id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at")
 SQL_NODE_DELETE = "DELETE FROM journal_node WHERE boot_id = ?"
@@ -708,6 +743,58 @@ class Journal(abc.ABC):
         r = await self._fetchone("SELECT COUNT(*) FROM sf_queue WHERE state = 'parked'", ())
         return int(r[0])
 
+    # -- the REST API's transactions (switch.api.JournalTransactionStore)
+
+    async def api_put(self, record: dict, card: tuple[str, str] | None = None) -> None:
+        """Journal an API transaction record (no card data in it; the caller checks)
+        and, optionally, its card as AES-GCM ciphertext for later follow-ups."""
+        api_id = str(record["id"])
+        blob = None if card is None else self.keyring.encrypt(
+            f"{card[0]}|{card[1]}".encode("ascii"), _api_card_aad(api_id))
+        await self._exec(SQL_API_INSERT, (api_id, record.get("owner"), str(record["status"]),
+                                          record.get("terminal_id"), float(record["created_ts"]),
+                                          record.get("parent_id"), _pack(record), blob))
+
+    async def api_update(self, api_id: str, changes: dict) -> bool:
+        """Merge ``changes`` into a record; the card is deleted once it is reversed or fully refunded."""
+        return await self._api_update(str(api_id), _pack(changes)) == 1
+
+    async def api_get(self, api_id: str) -> dict | None:
+        r = await self._fetchone(SQL_API_DOC, (str(api_id),))
+        return None if r is None else _unpack(r[0])
+
+    async def api_card(self, api_id: str) -> tuple[str, str] | None:
+        """(PAN, expiry) of an API payment, or None (never kept, deleted, or undecryptable)."""
+        r = await self._fetchone("SELECT card FROM api_txn WHERE id = ?", (str(api_id),))
+        if r is None or r[0] is None:
+            return None
+        try:
+            pan, _, expiry = self.keyring.decrypt(bytes(r[0]), _api_card_aad(api_id)).decode("ascii").partition("|")
+        except DecryptError as exc:
+            log.error("API transaction %s: card cannot be decrypted: %s", api_id, exc)
+            return None
+        return pan, expiry
+
+    async def api_list(self, limit: int, offset: int, filters: dict) -> list[dict]:
+        """Newest first; filters: status, terminal_id, owner, since, until (epoch seconds)."""
+        sql, params = "SELECT doc FROM api_txn WHERE 1 = 1", []
+        for col in ("status", "terminal_id", "owner"):
+            if filters.get(col) is not None:
+                sql += f" AND {col} = ?"
+                params.append(str(filters[col]))
+        if filters.get("since") is not None:
+            sql += " AND created_ts >= ?"
+            params.append(float(filters["since"]))
+        if filters.get("until") is not None:
+            sql += " AND created_ts < ?"
+            params.append(float(filters["until"]))
+        rows = await self._fetchall(sql + " ORDER BY created_ts DESC, id DESC LIMIT ? OFFSET ?",
+                                    (*params, int(limit), int(offset)))
+        return [_unpack(r[0]) for r in rows]
+
+    @abc.abstractmethod
+    async def _api_update(self, api_id: str, changes_packed: bytes) -> int: ...
+
     # -- crash recovery
 
     def _dead_params(self) -> tuple:
@@ -955,6 +1042,9 @@ class SqliteJournal(Journal):
     def _recover(self):
         return self._submit("recover", self._dead_params())
 
+    def _api_update(self, api_id, changes_packed):
+        return self._submit("api_update", api_id, changes_packed)
+
     async def _fetchone(self, sql: str, params: tuple):
         if self._rconn is None:
             raise JournalError("journal is closed")
@@ -1070,6 +1160,14 @@ class PostgresJournal(Journal):
 
     async def _exec(self, sql: str, params: tuple) -> int:
         return self._count(await self._p().execute(self._q(sql), *params))
+
+    async def _api_update(self, api_id, changes_packed):
+        async with self._p().acquire() as c, c.transaction():
+            doc = await c.fetchval(self._q(SQL_API_DOC + " FOR UPDATE"), api_id)
+            if doc is None:
+                return 0
+            new_doc, status, drop_card = api_merge(doc, _unpack(changes_packed))
+            return self._count(await c.execute(self._q(SQL_API_SET), new_doc, status, drop_card, api_id))
 
     async def _late_response(self, acquirer, link_stan, rc, now):
         async with self._p().acquire() as c:

@@ -87,6 +87,7 @@ class WriterCore:
             "sf_insert": (self.op_sf_insert, None),
             "sf_claim": (self.op_sf_claim, False),
             "recover": (self.op_recover, True),
+            "api_update": (self.op_api_update, False),
         }
 
     # the journal's card-data helpers, shared with the other backends
@@ -138,6 +139,14 @@ class WriterCore:
         if kind == "reversal" and txn_id is not None:
             c.execute(J.SQL_SF_MARK_TXN, (txn_id,))
         return entry_id
+
+    def op_api_update(self, api_id, changes_packed):
+        J, c = self.J, self.conn
+        r = c.execute(J.SQL_API_DOC, (api_id,)).fetchone()
+        if r is None:
+            return 0
+        doc, status, drop_card = J.api_merge(r[0], J._unpack(changes_packed))
+        return c.execute(J.SQL_API_SET, (doc, status, drop_card, api_id)).rowcount
 
     def op_sf_claim(self, params):
         return self.conn.execute(self.J.SQL_SF_CLAIM_SQLITE, params).fetchone()

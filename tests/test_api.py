@@ -170,7 +170,7 @@ def test_payment_approved_and_transaction_views(tmp_path):
             status, raw, _ = await post(s, "/v1/payments", payment(currency="978", type="authorization"))
             assert status == 201 and json.loads(raw)["currency"] == "EUR"
             # declined by the simulator's rule (approve_below)
-            assert all(str(v) != TEST_PAN for v in api.store.get(body["id"]).values())
+            assert all(str(v) != TEST_PAN for v in (await api.store.get(body["id"])).values())
     run(main())
 
 

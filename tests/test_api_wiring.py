@@ -67,3 +67,78 @@ def test_config_starts_api_and_signed_webhooks(tmp_path):
             await runner.cleanup()
 
     run(go())
+
+
+def test_api_transactions_and_cards_survive_a_restart_in_the_journal(tmp_path):
+    """The config-started API keeps its records in the journal: after a restart a
+    payment is still listed and readable, and it can still be refunded (its card
+    comes back from AES-GCM ciphertext in the journal). The card is deleted once
+    the payment is fully refunded; no clear PAN is ever written."""
+    import sqlite3
+
+    api_cfg = """
+    [api]
+    enabled = true
+    port = 0
+    """
+
+    async def session(sw):
+        ctx = ssl.create_default_context(cafile=str(certs.dev_pki_paths(tmp_path / "state").ca_cert))
+        return ClientSession(connector=TCPConnector(ssl=ctx)), f"https://localhost:{bound_port(sw.api_runner)}"
+
+    async def go():
+        (tmp_path / "state").mkdir(exist_ok=True)
+        key = subprocess.run([sys.executable, "-m", "switch.api.auth", "create", "--file",
+                              str(tmp_path / "state" / "api_keys.json"), "--name", "t", "--scopes",
+                              "payments"], capture_output=True, text=True, check=True).stdout.split()[-1]
+        auth = {"Authorization": f"Bearer {key}"}
+        async with running_switch(tmp_path, {"acq-a": {}}, routing=api_cfg) as sw:
+            s, base = await session(sw)
+            async with s:
+                r = await s.post(f"{base}/v1/payments", json={"pan": TEST_PAN, "expiry": "2912", "amount": 5000,
+                                                              "currency": "USD", "type": "purchase"},
+                                 headers={**auth, "Idempotency-Key": "p-1"})
+                paid = await r.json()
+                assert r.status == 201 and paid["approved"]
+        # a new switch process on the same state directory
+        async with running_switch(tmp_path, {"acq-a": {}}, routing=api_cfg) as sw:
+            s, base = await session(sw)
+            async with s:
+                r = await s.get(f"{base}/v1/transactions/{paid['id']}", headers=auth)
+                assert r.status == 200 and await r.json() == paid
+                r = await s.get(f"{base}/v1/transactions?limit=10", headers=auth)
+                assert [t["id"] for t in (await r.json())["data"]] == [paid["id"]]
+                r = await s.post(f"{base}/v1/payments/{paid['id']}/refund", json={"amount": 2000},
+                                 headers={**auth, "Idempotency-Key": "r-1"})
+                part = await r.json()
+                assert r.status == 201 and part["approved"] and part["parent_id"] == paid["id"], part
+                sent = [d for d in sw.sims["acq-a"].received if d.get("3") == "200000"]
+                assert len(sent) == 1 and sent[0]["2"] == TEST_PAN  # the card came back from the journal
+                r = await s.get(f"{base}/v1/transactions/{paid['id']}", headers=auth)
+                assert (await r.json())["status"] == "partially_refunded"
+                db = sqlite3.connect(tmp_path / "state" / "journal.db")
+                try:
+                    assert db.execute("SELECT card IS NOT NULL FROM api_txn WHERE id = ?",
+                                      (paid["id"],)).fetchone() == (1,)
+                finally:
+                    db.close()
+                r = await s.post(f"{base}/v1/payments/{paid['id']}/refund", json={"amount": 3000},
+                                 headers={**auth, "Idempotency-Key": "r-2"})
+                assert r.status == 201 and (await r.json())["approved"]
+                r = await s.get(f"{base}/v1/transactions/{paid['id']}", headers=auth)
+                assert (await r.json())["status"] == "refunded"
+                db = sqlite3.connect(tmp_path / "state" / "journal.db")
+                try:  # fully refunded: the card is gone
+                    assert db.execute("SELECT card IS NULL FROM api_txn WHERE id = ?",
+                                      (paid["id"],)).fetchone() == (1,)
+                    assert db.execute("SELECT COUNT(*) FROM api_txn").fetchone() == (3,)
+                finally:
+                    db.close()
+                r = await s.post(f"{base}/v1/payments/{paid['id']}/refund", json={"amount": 1},
+                                 headers={**auth, "Idempotency-Key": "r-3"})
+                assert r.status == 409
+        for f in (tmp_path / "state").glob("journal.db*"):
+            data = f.read_bytes()
+            assert TEST_PAN.encode() not in data and TEST_PAN.encode("utf-16-le") not in data
+
+    run(go(), timeout=120)

@@ -6,6 +6,7 @@ in the switch's own event loop. See switch/api/openapi.json for the API.
 from switch.api.auth import ApiKey, ApiKeyError, ApiKeyStore
 from switch.api.server import (
     ApiSettings,
+    JournalTransactionStore,
     MemoryTransactionStore,
     TransactionStore,
     bound_port,
@@ -15,6 +16,7 @@ from switch.api.server import (
 from switch.api.webhooks import WebhookSender, verify_signature
 
 __all__ = [
-    "ApiKey", "ApiKeyError", "ApiKeyStore", "ApiSettings", "MemoryTransactionStore", "TransactionStore",
+    "ApiKey", "ApiKeyError", "ApiKeyStore", "ApiSettings", "JournalTransactionStore", "MemoryTransactionStore",
+    "TransactionStore",
     "WebhookSender", "bound_port", "make_app", "start_api", "verify_signature",
 ]

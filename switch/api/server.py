@@ -2,14 +2,16 @@
 
 The shim runs in the switch's event loop (aiohttp), turns a JSON request into
 an ISO 8583 document and calls ``switch.flow.process`` - the same routing,
-failover, reversal and (once wired) journal path as terminal traffic.
+failover, journal and reversal path as terminal traffic. The API's own
+transaction records live in the journal too (``JournalTransactionStore``).
 
 Card data: the PAN is validated (digits, Luhn, expiry) and goes into the
 ISO document only; the transaction store and every response, error, log
 line and webhook carry the masked PAN. Follow-up operations that must carry
-the PAN again (refund, capture) read it from an in-memory vault holding it
-AES-GCM encrypted under a per-process key (PCI DSS 3.5.1); the CVV is used
-for the request only (``ApiSettings.cvv_field``), never stored.
+the PAN again (reverse, refund, capture) read it from the store, which keeps
+it only AES-GCM encrypted (PCI DSS 3.5.1) and deletes it once the payment is
+reversed or fully refunded; the CVV is used for the request only
+(``ApiSettings.cvv_field``), never stored.
 
 Errors are RFC 9457 problem details (``application/problem+json``) naming the
 field and the problem; they never echo card data.
@@ -68,20 +70,26 @@ MAX_AMOUNT = 999_999_999_999  # DE4 n12
 
 
 class TransactionStore(Protocol):
-    """Where the API keeps its transactions (masked PAN only, never card data).
+    """Where the API keeps its transactions and, for follow-ups, their cards.
 
-    The journal backs this later; ``MemoryTransactionStore`` is the
-    in-process default. Records are dicts as built by the API (see
-    ``public_view`` for the fields clients see).
+    Records are dicts as built by the API (see ``public_view`` for the fields
+    clients see) and never hold card data. The card (PAN, expiry) of a
+    payment is kept separately, encrypted, so a reverse, refund or capture
+    can send it again. ``JournalTransactionStore`` (the switch's default)
+    keeps both in the journal, so they survive a restart;
+    ``MemoryTransactionStore`` is the in-process one for tests and the
+    ``none`` journal.
     """
 
-    def add(self, record: dict) -> None: ...
+    async def add(self, record: dict, card: tuple[str, str] | None = None) -> None: ...
 
-    def update(self, txn_id: str, changes: dict) -> None: ...
+    async def update(self, txn_id: str, changes: dict) -> None: ...
 
-    def get(self, txn_id: str) -> dict | None: ...
+    async def get(self, txn_id: str) -> dict | None: ...
 
-    def list(self, limit: int, offset: int, filters: dict) -> list[dict]:
+    async def card(self, txn_id: str) -> tuple[str, str] | None: ...
+
+    async def list(self, limit: int, offset: int, filters: dict) -> list[dict]:
         """Newest first; filters: status, terminal_id, since, until (epoch s), owner."""
         ...
 
@@ -89,33 +97,46 @@ class TransactionStore(Protocol):
 _FORBIDDEN_KEYS = frozenset({"pan", "cvv", "track2", "pin", "2", "35", "45", "52", "55", "expiry"})
 
 
+def _check_no_card_data(keys) -> None:
+    bad = _FORBIDDEN_KEYS & keys
+    if bad:  # defence in depth: a coding slip must not store card data
+        raise ValueError(f"transaction record must not carry {sorted(bad)}")
+
+
 class MemoryTransactionStore:
-    """Bounded in-memory store (oldest dropped first); never holds a clear PAN."""
+    """Bounded in-memory store (oldest dropped first); cards in a ``CardVault``.
+
+    Nothing survives the process: after a restart a transaction is unknown (404)."""
 
     def __init__(self, max_records: int = 100_000):
         self.max_records = max_records
         self._items: collections.OrderedDict[str, dict] = collections.OrderedDict()
+        self._vault = CardVault(max_records)
 
-    def add(self, record: dict) -> None:
-        bad = _FORBIDDEN_KEYS & record.keys()
-        if bad:  # defence in depth: a coding slip must not store card data
-            raise ValueError(f"transaction record must not carry {sorted(bad)}")
+    async def add(self, record: dict, card: tuple[str, str] | None = None) -> None:
+        _check_no_card_data(record.keys())
         self._items[record["id"]] = dict(record)
+        if card is not None:
+            self._vault.put(record["id"], *card)
         while len(self._items) > self.max_records:
             self._items.popitem(last=False)
 
-    def update(self, txn_id: str, changes: dict) -> None:
-        if _FORBIDDEN_KEYS & changes.keys():
-            raise ValueError("transaction record must not carry card data")
+    async def update(self, txn_id: str, changes: dict) -> None:
+        _check_no_card_data(changes.keys())
         rec = self._items.get(txn_id)
         if rec is not None:
             rec.update(changes)
+            if rec.get("status") in ("reversed", "refunded"):
+                self._vault.drop(txn_id)
 
-    def get(self, txn_id: str) -> dict | None:
+    async def get(self, txn_id: str) -> dict | None:
         rec = self._items.get(txn_id)
         return dict(rec) if rec is not None else None
 
-    def list(self, limit: int, offset: int, filters: dict) -> list[dict]:
+    async def card(self, txn_id: str) -> tuple[str, str] | None:
+        return self._vault.get(txn_id)
+
+    async def list(self, limit: int, offset: int, filters: dict) -> list[dict]:
         out = []
         skipped = 0
         status = filters.get("status")
@@ -146,6 +167,36 @@ class MemoryTransactionStore:
         return len(self._items)
 
 
+class JournalTransactionStore:
+    """API transactions in the switch's journal (SQLite or PostgreSQL): they survive
+    a restart, and several switch processes on one PostgreSQL journal share them.
+
+    Rows hold the record as the API shows it (masked PAN) and the card as
+    AES-GCM ciphertext under the journal's key file, bound to the row id and
+    deleted once the payment is reversed or fully refunded.
+    """
+
+    def __init__(self, journal):
+        self.journal = journal
+
+    async def add(self, record: dict, card: tuple[str, str] | None = None) -> None:
+        _check_no_card_data(record.keys())
+        await self.journal.api_put(record, card)
+
+    async def update(self, txn_id: str, changes: dict) -> None:
+        _check_no_card_data(changes.keys())
+        await self.journal.api_update(txn_id, changes)
+
+    async def get(self, txn_id: str) -> dict | None:
+        return await self.journal.api_get(txn_id)
+
+    async def card(self, txn_id: str) -> tuple[str, str] | None:
+        return await self.journal.api_card(txn_id)
+
+    async def list(self, limit: int, offset: int, filters: dict) -> list[dict]:
+        return await self.journal.api_list(limit, offset, filters)
+
+
 PUBLIC_FIELDS = ("id", "type", "status", "approved", "response_code", "approval_code", "masked_pan",
                  "amount", "currency", "terminal_id", "merchant_id", "created", "parent_id",
                  "captured_amount", "refunded_amount")
@@ -160,13 +211,8 @@ def public_view(rec: dict) -> dict:
 
 
 class CardVault:
-    """txn id -> AES-GCM(PAN, expiry) under a per-process key; bounded, memory only.
-
-    The key is generated at start and never written anywhere, so a restart
-    forgets every card: a refund or capture of an older transaction then
-    answers 409 (the merchant must send the card again). The journal-backed
-    store can replace this with its encrypted columns.
-    """
+    """txn id -> AES-GCM(PAN, expiry) under a per-process key; bounded, memory only
+    (``MemoryTransactionStore``'s cards; the key is never written anywhere)."""
 
     def __init__(self, max_items: int = 100_000):
         from switch.keys import KeyRing
@@ -187,10 +233,8 @@ class CardVault:
         pan, _, expiry = self._ring.decrypt(blob, txn_id.encode()).decode().partition("|")
         return pan, expiry
 
-    def link(self, new_id: str, from_id: str) -> None:
-        got = self.get(from_id)
-        if got is not None:
-            self.put(new_id, *got)
+    def drop(self, txn_id: str) -> None:
+        self._items.pop(txn_id, None)
 
 
 # ---------------------------------------------------------------------------
@@ -258,7 +302,6 @@ class ApiState:
         self.metrics = metrics
         self.settings = settings
         self.idempotency = IdempotencyCache()
-        self.vault = CardVault()
         # a random start: STAN + DE7 must not repeat a pre-restart request's key
         self._stan = itertools.count(random.randrange(999_999))
         self._locks: dict[str, asyncio.Lock] = {}
@@ -653,15 +696,13 @@ async def create_payment(request: web.Request) -> web.Response:
                       amount=p["amount"], currency=alpha, terminal=p["terminal_id"],
                       merchant=p["merchant_id"], iso=req, parent=None, now=now)
     del req  # the only object holding the clear PAN in this handler
-    if approved:
-        st.vault.put(rec["id"], p["pan"], p["expiry"])
-    st.store.add(rec)
+    await st.store.add(rec, (p["pan"], p["expiry"]) if approved else None)
     await _emit(st, rec, f"{p['type']}.{'approved' if approved else 'declined'}")
     return json_response(public_view(rec), status=201)
 
 
-def _original(st: ApiState, key: ApiKey, txn_id: str) -> dict:
-    rec = st.store.get(txn_id)
+async def _original(st: ApiState, key: ApiKey, txn_id: str) -> dict:
+    rec = await st.store.get(txn_id)
     if rec is None or (rec.get("owner") != key.id and "admin" not in key.scopes):
         raise Problem(404, "Not found", "no such transaction", slug="not-found")
     return rec
@@ -690,9 +731,9 @@ async def _follow_up(st: ApiState, key: ApiKey, kind: str, orig: dict, txn_id: s
                       approval=approval(resp) if approved else None, masked=orig["masked_pan"],
                       amount=amount, currency=orig["currency"], terminal=orig["terminal_id"],
                       merchant=orig["merchant_id"], iso=req, parent=txn_id, now=now)
-    st.store.add(rec)
+    await st.store.add(rec)
     if approved:
-        st.store.update(txn_id, parent_update())
+        await st.store.update(txn_id, parent_update())
     await _emit(st, rec, f"{kind}.{'approved' if approved else 'declined'}")
     return json_response(public_view(rec), status=201)
 
@@ -703,7 +744,7 @@ async def reverse_payment(request: web.Request) -> web.Response:
     validate_followup(await _json_object(request, optional=True), allow_amount=False)
     txn_id = request.match_info["id"]
     async with st.lock_for(txn_id):
-        orig = _original(st, key, txn_id)
+        orig = await _original(st, key, txn_id)
         if orig["type"] not in ("authorization", "purchase"):
             raise _conflict(f"a {orig['type']} cannot be reversed; reverse the payment it belongs to")
         if orig["status"] != "approved":
@@ -715,7 +756,7 @@ async def reverse_payment(request: web.Request) -> web.Response:
                     "25": "59", "37": orig["iso_rrn"], "41": _pad(orig["terminal_id"], 8),
                     "42": _pad(orig["merchant_id"], 15), "49": CURRENCIES[orig["currency"]][0],
                     "90": _de90(orig)})
-        card = st.vault.get(txn_id)
+        card = await st.store.card(txn_id)
         if card is not None:  # lets the flow route it even if it no longer remembers the original
             req["2"] = card[0]
         del card
@@ -729,7 +770,7 @@ async def refund_payment(request: web.Request) -> web.Response:
     amount = validate_followup(await _json_object(request, optional=True), allow_amount=True)
     txn_id = request.match_info["id"]
     async with st.lock_for(txn_id):
-        orig = _original(st, key, txn_id)
+        orig = await _original(st, key, txn_id)
         refundable = (orig["type"] == "purchase" and orig["status"] in ("approved", "partially_refunded")) or \
                      (orig["type"] == "authorization" and orig["status"] in ("captured", "partially_refunded"))
         if not refundable:
@@ -742,7 +783,7 @@ async def refund_payment(request: web.Request) -> web.Response:
             raise Problem(400, "Invalid request", f"amount exceeds the refundable amount ({remaining})",
                           errors=[{"field": "amount", "problem": f"must be at most {remaining}"}],
                           slug="invalid-request")
-        card = st.vault.get(txn_id)
+        card = await st.store.card(txn_id)
         if card is None:
             raise _conflict("the card data for this transaction is no longer held; refund with the card")
         now = time.time()
@@ -766,7 +807,7 @@ async def capture_payment(request: web.Request) -> web.Response:
     amount = validate_followup(await _json_object(request, optional=True), allow_amount=True)
     txn_id = request.match_info["id"]
     async with st.lock_for(txn_id):
-        orig = _original(st, key, txn_id)
+        orig = await _original(st, key, txn_id)
         if orig["type"] != "authorization" or orig["status"] != "approved":
             raise _conflict(f"a {orig['type']} that is {orig['status']} cannot be captured "
                             "(capture an approved authorization once)")
@@ -775,7 +816,7 @@ async def capture_payment(request: web.Request) -> web.Response:
             raise Problem(400, "Invalid request", f"amount exceeds the authorized amount ({orig['amount']})",
                           errors=[{"field": "amount", "problem": f"must be at most {orig['amount']}"}],
                           slug="invalid-request")
-        card = st.vault.get(txn_id)
+        card = await st.store.card(txn_id)
         if card is None:
             raise _conflict("the card data for this authorization is no longer held; it cannot be captured")
         now = time.time()
@@ -853,7 +894,7 @@ async def list_transactions(request: web.Request) -> web.Response:
         raise invalid(errors)
     if "admin" not in key.scopes:
         filters["owner"] = key.id
-    rows = st.store.list(limit + 1, offset, filters)
+    rows = await st.store.list(limit + 1, offset, filters)
     has_more = len(rows) > limit
     rows = rows[:limit]
     return json_response({"data": [public_view(r) for r in rows], "limit": limit, "offset": offset,
@@ -862,7 +903,7 @@ async def list_transactions(request: web.Request) -> web.Response:
 
 async def get_transaction(request: web.Request) -> web.Response:
     st = _state(request)
-    rec = _original(st, request[API_KEY], request.match_info["id"])
+    rec = await _original(st, request[API_KEY], request.match_info["id"])
     return json_response(public_view(rec))
 
 
