@@ -64,6 +64,19 @@ class RequestContext:
     terminal_identity: str | None  # mTLS certificate CN
     received: float  # time.monotonic()
     deadline: float  # time.monotonic() by which the terminal must have its answer
+    # Set by a channel that assigns its own trace numbers (the REST API, whose
+    # clients retry with Idempotency-Key): its requests are new by
+    # construction, keyed in their own namespace "<channel>:<DE41>" so they can
+    # never be taken for a terminal's retransmission (or a terminal's request
+    # for theirs), and a key already known means the channel's trace number
+    # collided (several processes, a restart within the second):
+    # TraceCollision, never a replay of someone else's answer.
+    channel: str | None = None
+
+
+class TraceCollision(Exception):
+    """A channel-assigned request (RequestContext.channel) reused a known key; nothing was sent.
+    The channel picks a new trace number and tries again."""
 
 
 class TransactionFlow:
@@ -96,20 +109,26 @@ class TransactionFlow:
     # -- entry point -----------------------------------------------------------
 
     async def process(self, req: dict, ctx: RequestContext) -> dict:
-        """The terminal-side response for one decoded request; never raises."""
+        """The terminal-side response for one decoded request; never raises, except
+        TraceCollision for a channel's request (``ctx.channel``)."""
         mti = req.get("t", "")
         # a repeat (0201) of a request already seen is that request again
-        key = (req.get("41"), req.get("11"), _transmission_key(req), original_mti(mti))
+        key = (_key_terminal(req, ctx), req.get("11"), _transmission_key(req), original_mti(mti))
         if key[0] is None or key[1] is None or mti in NETWORK_REQUESTS:
             key = fut = None
         else:
             prior = self._in_flight.get(key)
             if prior is not None:
+                if ctx.channel is not None:
+                    self.counters["trace_collisions"] += 1
+                    raise TraceCollision(key[1])
                 self.counters["retransmissions"] += 1
                 return dict(await asyncio.shield(prior))
             fut = self._in_flight[key] = asyncio.get_running_loop().create_future()
         try:
             resp = await self._process(req, ctx, key)
+        except TraceCollision:  # nothing was sent; nobody waits on a channel's key
+            raise
         except Exception:  # a bug or a journal failure must still produce an answer (invariant 1)
             log.exception("flow failed for MTI %s", mti)
             self.counters["system_errors"] += 1
@@ -152,6 +171,9 @@ class TransactionFlow:
                 if txn_id is None:  # answered without forwarding (92, 91): journal it now
                     txn_id = await self.journal.record_received(txn)
         except DuplicateTransaction:
+            if ctx.channel is not None:  # nothing was sent; the channel retries with a new trace number
+                self.counters["trace_collisions"] += 1
+                raise TraceCollision(key[1]) from None
             # a retransmission of a request journaled before (another process,
             # before a restart): nothing was sent; the original's answer is replayed
             replay = await self._journaled_answer(req, ctx, key)
@@ -325,7 +347,7 @@ class TransactionFlow:
             orig_mti = de90[0:4] if len(de90) >= 20 and de90[0:4].isdigit() else "0200"
             orig_stan = de90[4:10] if len(de90) >= 20 else req.get("11")
             orig_time = de90[10:20] if len(de90) >= 20 else req.get("7")
-        original = await self.journal.find_txn(req.get("41"), orig_stan, orig_time, orig_mti)
+        original = await self.journal.find_txn(_key_terminal(req, ctx), orig_stan, orig_time, orig_mti)
         if original is not None and original.get("acquirer") and original.get("link_stan"):
             name = original["acquirer"]
             link = self.links.get(name)
@@ -348,6 +370,14 @@ class TransactionFlow:
         resp = switch_response(req, "00")
         resp["t"] = response_mti(req["t"])
         return resp, name
+
+
+def _key_terminal(req: dict, ctx: RequestContext) -> str | None:
+    """The terminal part of the retransmission key: DE41, namespaced for a channel."""
+    tid = req.get("41")
+    if ctx.channel is None or tid is None:
+        return tid
+    return f"{ctx.channel}:{tid}"
 
 
 def _transmission_key(req: dict) -> str:

@@ -588,3 +588,45 @@ def test_readyz_reports_a_dead_journal_writer(tmp_path):
             assert json.loads(raw)["response_code"] == "96", (st, raw)
             assert api.sw.links["acq-a"].counters["sent"] == sent
     run(main())
+
+
+def test_api_trace_numbers_never_replay_another_request(tmp_path, monkeypatch):
+    """The API assigns its own STAN and DE7. A collision -- with a terminal using the
+    same terminal id, STAN and DE7, or with its own earlier payment (another process,
+    a restart within the second) -- must never answer a payment with someone
+    else's replay: each payment is forwarded and gets its own answer."""
+    import itertools
+
+    from switch.api.server import API_STATE
+    from switch.sim.terminal import make_purchase
+    from tests.switch_harness import terminal
+
+    monkeypatch.setattr("switch.api.server.transmission_time", lambda now=None: "1121120000")
+
+    async def main():
+        async with running_api(tmp_path, {"acq-a": {}}) as api:
+            st = api.runner.app[API_STATE]
+            # a terminal's own purchase with TERM0001 / 000042 / 1121120000 first
+            async with terminal(api.sw, tmp_path) as t:
+                req = make_purchase(777, stan=42)
+                req["7"] = "1121120000"
+                term = await t.request(req)
+            assert term["39"] == "00"
+            sim = api.sw.sims["acq-a"]
+            before = len([d for d in sim.received if d.get("t") == "0200"])
+            st._stan = itertools.chain([41, 41], itertools.count(100))  # STANs 000042, 000042, then 000101...
+            answers = []
+            async with api.session() as s:
+                for amount in (111, 222):
+                    status, raw, _ = await post(s, "/v1/payments", payment(amount=amount, terminal_id="TERM0001"))
+                    assert status == 201, raw
+                    answers.append(json.loads(raw))
+            sent = [d for d in sim.received if d.get("t") == "0200"][before:]
+            assert [d["4"] for d in sent] == ["000000000111", "000000000222"]  # both forwarded, once each
+            assert all(a["approved"] for a in answers)
+            codes = {a["approval_code"] for a in answers} | {term["38"]}
+            assert len(codes) == 3, codes  # three authorizations, no replay
+            assert api.sw.flow.counters["trace_collisions"] == 1
+            assert api.sw.flow.counters["retransmissions"] == 0
+
+    run(main())

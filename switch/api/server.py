@@ -38,7 +38,7 @@ from typing import Any, Protocol
 from aiohttp import web
 
 from switch.api.auth import ApiKey, ApiKeyStore, IdempotencyCache, IdempotencyConflict
-from switch.messages import luhn_ok, mask_pan, transmission_time
+from switch.messages import RC_SYSTEM_ERROR, luhn_ok, mask_pan, switch_response, transmission_time
 from switch.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from switch.metrics import Metrics
 
@@ -625,11 +625,25 @@ def _iso_time(ts: float) -> str:
 
 
 async def _run_flow(st: ApiState, req: dict) -> dict:
-    from switch.flow import RequestContext
+    """The flow's answer; the API's trace numbers are its own, so a key collision
+    (another process, a restart within the second) is retried with a new STAN --
+    never answered with another payment's replay."""
+    from switch.flow import RequestContext, TraceCollision
 
     now = time.monotonic()
-    ctx = RequestContext(st.settings.listener_name, None, now, now + st.settings.timeout)
-    return await st.switch.flow.process(req, ctx)
+    name = st.settings.listener_name
+    ctx = RequestContext(name, None, now, now + st.settings.timeout, channel=name)
+    for _ in range(8):
+        try:
+            return await st.switch.flow.process(req, ctx)
+        except TraceCollision:
+            log.warning("API trace number %s collided with a journaled request; retrying with a new one",
+                        req.get("11"))
+            stan = st.next_stan()
+            req["11"] = stan
+            if req.get("37"):
+                req["37"] = req["37"][:-6] + stan  # the RRN ends with the STAN (_iso_base)
+    return switch_response(req, RC_SYSTEM_ERROR)
 
 
 def _new_record(kind: str, key: ApiKey, *, status: str, rc: str, approval: str | None, masked: str,
