@@ -123,6 +123,7 @@ class JournalConfig:
     path: Path | None  # sqlite only
     dsn: str | None = field(default=None, repr=False)  # postgres only; may hold a password
     group_commit_ms: float = 0.0
+    retention_days: float = 0.0  # 0 keeps everything; else finished history older than this is pruned
 
 
 @dataclass(frozen=True)
@@ -667,6 +668,9 @@ class _Builder:
         path = t.path("path", None, must_exist=False)
         dsn = t.str("dsn", None, secret=True)
         gc = t.number("group_commit_ms", 0.0, ge=0)
+        retention = t.number("retention_days", 0.0, ge=0)
+        if backend == "none" and t.has("retention_days") and retention:
+            t.fail("retention_days", 'nothing is kept with backend = "none"')
         if backend == "sqlite":
             path = path or self.state_dir / "journal.db"
         elif t.has("path") and "path" not in t.bad:
@@ -680,7 +684,8 @@ class _Builder:
         if t.bad:
             return None
         return JournalConfig(backend=backend, path=path if backend == "sqlite" else None,
-                             dsn=dsn if backend == "postgres" else None, group_commit_ms=gc)
+                             dsn=dsn if backend == "postgres" else None, group_commit_ms=gc,
+                             retention_days=retention)
 
     # [security]
     def security(self) -> SecurityConfig | None:

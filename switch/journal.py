@@ -465,6 +465,26 @@ SQL_ABANDON = ("UPDATE txn SET state = 'abandoned' WHERE id IN (SELECT t.id FROM
                "t.state = 'received' AND " + _DEAD + ")")
 
 
+# Retention (Journal.prune): finished history older than a cutoff, in batches.
+# Never pruned: a request still being processed (state 'received'; a dead
+# instance's are marked 'abandoned' by recovery first), a forwarded
+# transaction without a known outcome whose reversal is not queued yet
+# (_UNRESOLVED), one whose store-and-forward entry is not acknowledged, and a
+# queued or parked entry.
+SQL_PRUNE = {
+    "txn": ("DELETE FROM txn WHERE id IN (SELECT t.id FROM txn t WHERE t.received_at < ? "
+            "AND t.state <> 'received' AND NOT (" + _UNRESOLVED + ") AND NOT EXISTS (SELECT 1 FROM sf_queue s WHERE s.txn_id = t.id "
+            "AND s.state <> 'acked') ORDER BY t.received_at LIMIT ?)"),
+    "sf_queue": ("DELETE FROM sf_queue WHERE id IN (SELECT id FROM sf_queue WHERE state = 'acked' "
+                 "AND acked_at < ? ORDER BY id LIMIT ?)"),
+    "late_response": ("DELETE FROM late_response WHERE id IN (SELECT id FROM late_response "
+                      "WHERE received_at < ? ORDER BY id LIMIT ?)"),
+    "api_txn": ("DELETE FROM api_txn WHERE id IN (SELECT id FROM api_txn WHERE created_ts < ? "
+                "ORDER BY created_ts LIMIT ?)"),
+}
+RETENTION_CHECK_S = 3600.0  # how often a journal with a retention period prunes
+
+
 def _pg(sql: str) -> str:
     """? placeholders -> $1, $2, ... (none of our SQL has ? inside literals)."""
     n = 0
@@ -487,14 +507,19 @@ class Journal(abc.ABC):
     backend = "abstract"
 
     def __init__(self, keyring: KeyRing, *, node_id: str | None = None,
-                 stale_after: float = DEFAULT_STALE_AFTER):
+                 stale_after: float = DEFAULT_STALE_AFTER, retention_days: float = 0.0):
         if not isinstance(keyring, KeyRing):
             raise TypeError("a journal needs a switch.keys.KeyRing")
+        if retention_days < 0:
+            raise ValueError("retention_days must be >= 0 (0 keeps everything)")
         self.keyring = keyring
         self.node_id = node_id or self._default_node_id()
         self.boot_id = uuid.uuid4().hex
         self.stale_after = float(stale_after)
+        self.retention_s = float(retention_days) * 86_400.0
+        self.pruned: dict[str, int] = dict.fromkeys(SQL_PRUNE, 0)
         self._heartbeat_task: asyncio.Task | None = None
+        self._retention_task: asyncio.Task | None = None
         self._started = False
 
     def _default_node_id(self) -> str:
@@ -506,16 +531,21 @@ class Journal(abc.ABC):
         await self._start()
         await self._heartbeat()
         self._started = True
-        self._heartbeat_task = asyncio.get_running_loop().create_task(self._heartbeat_loop())
+        loop = asyncio.get_running_loop()
+        self._heartbeat_task = loop.create_task(self._heartbeat_loop())
+        if self.retention_s > 0:
+            self._retention_task = loop.create_task(self._retention_loop())
 
     async def close(self) -> None:
-        if self._heartbeat_task is not None:
-            self._heartbeat_task.cancel()
-            try:
-                await self._heartbeat_task
-            except (asyncio.CancelledError, Exception):
-                pass
-            self._heartbeat_task = None
+        for name in ("_heartbeat_task", "_retention_task"):
+            task = getattr(self, name)
+            if task is not None:
+                task.cancel()
+                try:
+                    await task
+                except (asyncio.CancelledError, Exception):
+                    pass
+                setattr(self, name, None)
         if self._started:
             try:
                 await self._node_gone()
@@ -545,6 +575,42 @@ class Journal(abc.ABC):
     def problem(self) -> str | None:
         """Why the journal cannot take writes now (None when it can); /readyz reports it."""
         return None if self._started else "journal is not started"
+
+    # -- retention
+
+    async def prune(self, older_than: float, batch: int = 5000) -> dict[str, int]:
+        """Delete finished history older than ``older_than`` (epoch seconds), ``batch``
+        rows per statement (each its own short write, so traffic flows between).
+
+        Kept whatever their age: a forwarded transaction whose outcome is unknown
+        and whose reversal is not queued yet, a transaction with a store-and-forward
+        entry not yet acknowledged, and queued or parked entries. Returns the rows
+        deleted per table. SQLite overwrites what it deletes (secure_delete)."""
+        counts = {}
+        for table, sql in SQL_PRUNE.items():
+            total = 0
+            while True:
+                n = await self._exec(sql, (float(older_than), int(batch)))
+                total += n
+                if n < batch:
+                    break
+            counts[table] = total
+            self.pruned[table] += total
+        return counts
+
+    async def _retention_loop(self) -> None:
+        while True:
+            try:
+                counts = await self.prune(time.time() - self.retention_s)
+                if any(counts.values()):
+                    log.info("journal retention: deleted %s (older than %g days)",
+                             ", ".join(f"{n} {t}" for t, n in counts.items() if n),
+                             self.retention_s / 86_400)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.warning("journal retention: pruning failed", exc_info=True)
+            await asyncio.sleep(min(RETENTION_CHECK_S, max(1.0, self.retention_s / 10)))
 
     # -- transaction lifecycle
 
@@ -917,11 +983,12 @@ class SqliteJournal(Journal):
 
     def __init__(self, path: str | Path, keyring: KeyRing, *, group_commit_ms: float = 0.0,
                  synchronous: str = "FULL", node_id: str | None = None,
-                 stale_after: float = DEFAULT_STALE_AFTER, _temporary: bool = False):
+                 stale_after: float = DEFAULT_STALE_AFTER, retention_days: float = 0.0,
+                 _temporary: bool = False):
         self.path = Path(path) if str(path) != ":memory:" else None
         self._temporary = _temporary or self.path is None
         self._tmpdir: str | None = None
-        super().__init__(keyring, node_id=node_id, stale_after=stale_after)
+        super().__init__(keyring, node_id=node_id, stale_after=stale_after, retention_days=retention_days)
         if synchronous.upper() not in ("FULL", "NORMAL", "OFF", "EXTRA"):
             raise ValueError("synchronous must be FULL, NORMAL, OFF or EXTRA")
         self.synchronous = synchronous.upper()
@@ -1092,8 +1159,9 @@ class PostgresJournal(Journal):
     backend = "postgres"
 
     def __init__(self, dsn: str, keyring: KeyRing, *, min_size: int = 1, max_size: int = 10,
-                 node_id: str | None = None, stale_after: float = DEFAULT_STALE_AFTER, **pool_kwargs):
-        super().__init__(keyring, node_id=node_id, stale_after=stale_after)
+                 node_id: str | None = None, stale_after: float = DEFAULT_STALE_AFTER,
+                 retention_days: float = 0.0, **pool_kwargs):
+        super().__init__(keyring, node_id=node_id, stale_after=stale_after, retention_days=retention_days)
         self._dsn = dsn
         self._pool_args = dict(min_size=min_size, max_size=max_size, **pool_kwargs)
         self._pool = None
@@ -1342,11 +1410,13 @@ def make_journal(config, keyring: KeyRing, **kwargs) -> Journal:
     if backend == "sqlite":
         if config.path is None:
             raise JournalError("journal.path is required for the sqlite backend")
-        return SqliteJournal(config.path, keyring, group_commit_ms=config.group_commit_ms, **kwargs)
+        return SqliteJournal(config.path, keyring, group_commit_ms=config.group_commit_ms,
+                             retention_days=config.retention_days, **kwargs)
     if backend == "memory":
-        return SqliteJournal(":memory:", keyring, group_commit_ms=config.group_commit_ms, **kwargs)
+        return SqliteJournal(":memory:", keyring, group_commit_ms=config.group_commit_ms,
+                             retention_days=config.retention_days, **kwargs)
     if backend == "postgres":
         if not config.dsn:
             raise JournalError("journal.dsn is required for the postgres backend")
-        return PostgresJournal(config.dsn, keyring, **kwargs)
+        return PostgresJournal(config.dsn, keyring, retention_days=config.retention_days, **kwargs)
     raise JournalError(f"unknown journal backend {backend!r}")

@@ -950,3 +950,97 @@ def test_api_records_and_cards(backend):
             await j.close()
 
     run(go())
+
+
+# --------------------------------------------------------------------------
+# Retention
+
+
+def test_prune_deletes_finished_history_and_keeps_what_is_owed(backend):
+    """Both backends: old done transactions, acknowledged entries, late responses and
+    API records go; an unresolved transaction, one whose reversal is still queued,
+    queued/parked entries and anything newer than the cutoff stay."""
+    async def go():
+        j = backend.make()
+        await j.start()
+        try:
+            old = time.time() - 10 * 86_400
+            fields = acq_fields("4111111111111111", "000001")
+            done = await j.record_received(txn(stan="000001", received_at=old))
+            await j.record_forwarded(done, "acq-a", "000001", fields)
+            await j.record_outcome(done, "00", "A1", response_doc("4111111111111111"), 1.0)
+            unresolved = await j.record_received(txn(stan="000002", received_at=old))
+            await j.record_forwarded(unresolved, "acq-a", "000002", fields)  # no outcome, nothing queued
+            queued = await j.record_received(txn(stan="000003", received_at=old))
+            await j.record_forwarded(queued, "acq-a", "000003", fields)
+            await j.record_timeout(queued)
+            q_entry = await j.sf_enqueue("acq-a", "reversal", queued, fields)
+            acked = await j.record_received(txn(stan="000004", received_at=old))
+            await j.record_forwarded(acked, "acq-a", "000004", fields)
+            await j.record_timeout(acked)
+            a_entry = await j.sf_enqueue("acq-a", "reversal", acked, fields)
+            assert await j.sf_ack(a_entry)
+            p_entry = await j.sf_enqueue("acq-b", "advice", None, {"11": "000009"})
+            assert await j.sf_park(p_entry, "gave up")
+            new = await j.record_received(txn(stan="000005"))
+            await j.record_outcome(new, "00", "A5", {"39": "00"}, 1.0)
+            await j.record_late_response("acq-a", "000004", "00")
+            await j.api_put({"id": "txn_old", "status": "approved", "created_ts": old, "owner": "k"})
+            await j.api_put({"id": "txn_new", "status": "approved", "created_ts": time.time(), "owner": "k"})
+
+            # a cutoff before everything: nothing goes
+            assert sum((await j.prune(old - 60)).values()) == 0
+            got = await j.prune(time.time() - 86_400, batch=1)  # batch 1: the loop pages through
+            assert got["txn"] == 2 and got["api_txn"] == 1, got  # done + acked
+            for tid in (done, acked):
+                assert await j.get(tid) is None
+            for tid in (unresolved, queued, new):
+                assert await j.get(tid) is not None
+            assert await j.api_get("txn_old") is None and await j.api_get("txn_new") is not None
+            # acknowledged entries and late responses go once older than the cutoff
+            got = await j.prune(time.time() + 60)
+            assert got["sf_queue"] == 1 and got["late_response"] == 1, got
+            assert await j.sf_get(a_entry) is None
+            assert (await j.sf_get(q_entry)).state == "queued"
+            assert (await j.sf_get(p_entry)).state == "parked"
+            for tid in (unresolved, queued):
+                assert await j.get(tid) is not None  # still owed a reversal
+            # the unresolved one is still found by crash recovery
+            assert j.pruned["txn"] >= 3
+        finally:
+            await j.close()
+
+    run(go())
+
+
+def test_retention_days_config_and_background_pruning(tmp_path):
+    from switch.config import ConfigError, load_config
+
+    base = f'[switch]\nstate_dir = "{tmp_path / "s"}"\n[[listeners]]\nname = "t"\nport = 0\n'
+    (tmp_path / "a.toml").write_text(base + "[journal]\nretention_days = 30\n")
+    assert load_config(tmp_path / "a.toml").journal.retention_days == 30.0
+    (tmp_path / "b.toml").write_text(base + "[journal]\nretention_days = -1\n")
+    with pytest.raises(ConfigError, match="retention_days"):
+        load_config(tmp_path / "b.toml")
+
+    async def go():
+        kr = KeyRing.generate()
+        j = SqliteJournal(tmp_path / "r.db", kr)
+        await j.start()
+        try:
+            tid = await j.record_received(txn(stan="000001", received_at=time.time() - 3 * 86_400))
+            await j.record_outcome(tid, "00", None, {"39": "00"}, 1.0)
+        finally:
+            await j.close()
+        j = SqliteJournal(tmp_path / "r.db", kr, retention_days=1.0)
+        await j.start()  # the retention task prunes right after start
+        try:
+            for _ in range(100):
+                if j.pruned["txn"]:
+                    break
+                await asyncio.sleep(0.02)
+            assert j.pruned["txn"] == 1 and await j.get(tid) is None
+        finally:
+            await j.close()
+
+    run(go())
