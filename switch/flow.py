@@ -13,6 +13,7 @@ import asyncio
 import collections
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from switch.acquirer import AcquirerLink, NotSent, OutcomeUnknown
@@ -72,6 +73,9 @@ class RequestContext:
     # collided (several processes, a restart within the second):
     # TraceCollision, never a replay of someone else's answer.
     channel: str | None = None
+    # Called with the answer right before its outcome write is submitted, so a
+    # channel can submit its own record with it (one group commit, one wait).
+    before_outcome: Callable[[dict], None] | None = None
 
 
 class TraceCollision(Exception):
@@ -179,6 +183,11 @@ class TransactionFlow:
             replay = await self._journaled_answer(req, ctx, key)
             return replay if replay is not None else switch_response(req, RC_DUPLICATE)
         elapsed = time.monotonic() - t0
+        if ctx.before_outcome is not None:
+            try:
+                ctx.before_outcome(resp)
+            except Exception:  # the channel's problem; the outcome is journaled regardless
+                log.exception("before_outcome hook failed")
         # the outcome is durable before the terminal hears it (invariant 2)
         await self.journal.record_outcome(txn_id, resp.get("39"), resp.get("38"), resp, elapsed * 1000.0)
         if self.on_transaction is not None:

@@ -814,12 +814,18 @@ class Journal(abc.ABC):
     async def api_put(self, record: dict, card: tuple[str, str] | None = None) -> None:
         """Journal an API transaction record (no card data in it; the caller checks)
         and, optionally, its card as AES-GCM ciphertext for later follow-ups."""
+        await self.api_put_soon(record, card)
+
+    def api_put_soon(self, record: dict, card: tuple[str, str] | None = None) -> asyncio.Future:
+        """``api_put`` submitted now (SQLite: it shares the group commit of a write
+        submitted right after it); await the returned future for durability."""
         api_id = str(record["id"])
         blob = None if card is None else self.keyring.encrypt(
             f"{card[0]}|{card[1]}".encode("ascii"), _api_card_aad(api_id))
-        await self._exec(SQL_API_INSERT, (api_id, record.get("owner"), str(record["status"]),
-                                          record.get("terminal_id"), float(record["created_ts"]),
-                                          record.get("parent_id"), _pack(record), blob))
+        aw = self._exec(SQL_API_INSERT, (api_id, record.get("owner"), str(record["status"]),
+                                         record.get("terminal_id"), float(record["created_ts"]),
+                                         record.get("parent_id"), _pack(record), blob))
+        return aw if isinstance(aw, asyncio.Future) else asyncio.ensure_future(aw)
 
     async def api_update(self, api_id: str, changes: dict) -> bool:
         """Merge ``changes`` into a record; the card is deleted once it is reversed or fully refunded."""

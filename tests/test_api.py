@@ -630,3 +630,29 @@ def test_api_trace_numbers_never_replay_another_request(tmp_path, monkeypatch):
             assert api.sw.flow.counters["retransmissions"] == 0
 
     run(main())
+
+
+def test_payment_record_follows_the_answer_when_the_outcome_cannot_be_journaled(tmp_path):
+    """The API record is submitted together with the flow's outcome write. If that
+    outcome cannot be journaled the flow answers 96, and the record (and the
+    client) must say 96 too, not the acquirer's approval."""
+    from switch.journal import JournalError
+
+    async def main():
+        async with running_api(tmp_path, {"acq-a": {}}) as api:
+            async def broken(*a, **k):
+                raise JournalError("disk full")
+            api.sw.journal.record_outcome = broken
+            async with api.session() as s:
+                status, raw, _ = await post(s, "/v1/payments", payment())
+                body = json.loads(raw)
+                assert status == 201 and body["response_code"] == "96" and not body["approved"], body
+                async with s.get(f"/v1/transactions/{body['id']}") as r:
+                    got = await r.json()
+                assert got["response_code"] == "96" and got["status"] == "declined"
+            del api.sw.journal.record_outcome
+            async with api.session() as s:
+                status, raw, _ = await post(s, "/v1/payments", payment())
+                assert json.loads(raw)["approved"]
+
+    run(main())

@@ -83,6 +83,10 @@ class TransactionStore(Protocol):
 
     async def add(self, record: dict, card: tuple[str, str] | None = None) -> None: ...
 
+    def add_soon(self, record: dict, card: tuple[str, str] | None = None) -> asyncio.Future:
+        """``add`` started now (raising at once on card data); await the future for durability."""
+        ...
+
     async def update(self, txn_id: str, changes: dict) -> None: ...
 
     async def get(self, txn_id: str) -> dict | None: ...
@@ -114,6 +118,15 @@ class MemoryTransactionStore:
         self._vault = CardVault(max_records)
 
     async def add(self, record: dict, card: tuple[str, str] | None = None) -> None:
+        self._add(record, card)
+
+    def add_soon(self, record: dict, card: tuple[str, str] | None = None) -> asyncio.Future:
+        fut = asyncio.get_running_loop().create_future()
+        self._add(record, card)
+        fut.set_result(None)
+        return fut
+
+    def _add(self, record: dict, card: tuple[str, str] | None) -> None:
         _check_no_card_data(record.keys())
         self._items[record["id"]] = dict(record)
         if card is not None:
@@ -180,8 +193,12 @@ class JournalTransactionStore:
         self.journal = journal
 
     async def add(self, record: dict, card: tuple[str, str] | None = None) -> None:
+        await self.add_soon(record, card)
+
+    def add_soon(self, record: dict, card: tuple[str, str] | None = None) -> asyncio.Future:
+        """``add`` submitted now; the returned future resolves once it is durable."""
         _check_no_card_data(record.keys())
-        await self.journal.api_put(record, card)
+        return self.journal.api_put_soon(record, card)
 
     async def update(self, txn_id: str, changes: dict) -> None:
         _check_no_card_data(changes.keys())
@@ -624,7 +641,7 @@ def _iso_time(ts: float) -> str:
         "+00:00", "Z")
 
 
-async def _run_flow(st: ApiState, req: dict) -> dict:
+async def _run_flow(st: ApiState, req: dict, before_outcome=None) -> dict:
     """The flow's answer; the API's trace numbers are its own, so a key collision
     (another process, a restart within the second) is retried with a new STAN --
     never answered with another payment's replay."""
@@ -632,7 +649,8 @@ async def _run_flow(st: ApiState, req: dict) -> dict:
 
     now = time.monotonic()
     name = st.settings.listener_name
-    ctx = RequestContext(name, None, now, now + st.settings.timeout, channel=name)
+    ctx = RequestContext(name, None, now, now + st.settings.timeout, channel=name,
+                         before_outcome=before_outcome)
     for _ in range(8):
         try:
             return await st.switch.flow.process(req, ctx)
@@ -702,16 +720,40 @@ async def create_payment(request: web.Request) -> web.Response:
                 "49": numeric})
     if p.get("cvv") and st.settings.cvv_field:
         req[st.settings.cvv_field] = p["cvv"]
-    resp = await _run_flow(st, req)
-    rc = resp.get("39", "96")
-    approved = rc in APPROVED_CODES
-    rec = _new_record(p["type"], key, status="approved" if approved else "declined", rc=rc,
-                      approval=resp.get("38") if approved else None, masked=mask_pan(p["pan"]),
-                      amount=p["amount"], currency=alpha, terminal=p["terminal_id"],
-                      merchant=p["merchant_id"], iso=req, parent=None, now=now)
-    del req  # the only object holding the clear PAN in this handler
-    await st.store.add(rec, (p["pan"], p["expiry"]) if approved else None)
-    await _emit(st, rec, f"{p['type']}.{'approved' if approved else 'declined'}")
+    masked = mask_pan(p["pan"])
+
+    def record(resp: dict) -> tuple[dict, tuple[str, str] | None]:
+        rc = resp.get("39", "96")
+        approved = rc in APPROVED_CODES
+        rec = _new_record(p["type"], key, status="approved" if approved else "declined", rc=rc,
+                          approval=resp.get("38") if approved else None, masked=masked,
+                          amount=p["amount"], currency=alpha, terminal=p["terminal_id"],
+                          merchant=p["merchant_id"], iso=req, parent=None, now=now)
+        return rec, ((p["pan"], p["expiry"]) if approved else None)
+
+    early: list = []
+
+    def before_outcome(resp: dict) -> None:
+        # submitted with the flow's outcome write: one group commit, one wait
+        rec, card = record(resp)
+        early.append((rec, st.store.add_soon(rec, card)))
+
+    resp = await _run_flow(st, req, before_outcome)
+    if early:
+        rec, saved = early[-1]
+        await saved
+        if rec["response_code"] != resp.get("39", "96"):
+            # the flow's answer changed after the hook (its outcome could not be
+            # journaled): the record says what the client is told
+            rec = dict(rec, **{k: v for k, v in record(resp)[0].items()
+                               if k in ("status", "approved", "response_code", "approval_code")})
+            await st.store.update(rec["id"], {k: rec[k] for k in ("status", "approved", "response_code",
+                                                                  "approval_code")})
+    else:  # answered before reaching the acquirer (format error, shed): no outcome hook
+        rec, card = record(resp)
+        await st.store.add(rec, card)
+    req.clear()  # the only object holding the clear PAN in this handler (with p)
+    await _emit(st, rec, f"{p['type']}.{'approved' if rec['approved'] else 'declined'}")
     return json_response(public_view(rec), status=201)
 
 
