@@ -40,10 +40,15 @@ async def _run(args) -> int:
     from switch.logs import configure_logging
 
     configure_logging(args.log_level or cfg.switch.log_level, args.log_format or cfg.switch.log_format)
+    from switch.journal import JournalError
+    from switch.keys import KeyFileError
+
     sw = Switch(cfg)
     try:
         await sw.start()
-    except OSError as e:  # a port in use, an unreadable certificate: say so, no traceback
+    except (OSError, JournalError, KeyFileError) as e:
+        # a port in use, an unreadable certificate, a journal file that is not a
+        # journal, a bad key file: say so in one line, no traceback
         print(f"isoswitch: cannot start: {e}", file=sys.stderr)
         await sw.stop(grace=0)
         return 1

@@ -115,3 +115,16 @@ def test_run_reports_a_busy_port_without_a_traceback(tmp_path):
                            timeout=60)
     assert r.returncode == 1
     assert "cannot start" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_run_reports_a_journal_that_is_not_a_database_without_a_traceback(tmp_path):
+    bad = tmp_path / "journal.db"
+    bad.write_bytes(b"this is not an SQLite database, whatever its name says\n" * 20)
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[switch]\nstate_dir = "{tmp_path / "state"}"\n[journal]\npath = "{bad}"\n'
+                   f'[[listeners]]\nname = "terminals"\nport = 0\n')
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]))
+    r = subprocess.run(_cli("run", "--config", str(cfg)), capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 1
+    assert "cannot open the journal" in r.stderr and "Traceback" not in r.stderr
+    assert bad.read_bytes().startswith(b"this is not an SQLite database")  # left as it was
