@@ -183,12 +183,25 @@ class TerminalProtocol(asyncio.Protocol):
             self.paused = True
             self.transport.pause_reading()
         ctx = RequestContext(self.listener.cfg.name, self.identity, now, now + self.cfg.terminal_timeout)
-        task = self.loop.create_task(self.listener.flow.process(req, ctx))
         answered = [False]
         # Safety net for invariant 1: whatever happens below, the terminal gets
         # an answer before its timeout (the flow itself answers well before).
         guard = self.loop.call_at(ctx.deadline - 0.01, self._deadline, req, tpdu, answered)
-        task.add_done_callback(lambda t: self._done(t, req, tpdu, answered, guard))
+        self.loop.create_task(self._serve(req, ctx, tpdu, answered, guard))
+
+    async def _serve(self, req, ctx, tpdu, answered, guard):
+        # The answer is written by this task itself, not by a done-callback on
+        # it: a callback runs one loop iteration later, and under load an
+        # iteration is milliseconds.
+        try:
+            resp = await self.listener.flow.process(req, ctx)
+        except asyncio.CancelledError:
+            self._done(None, req, tpdu, answered, guard)
+            raise
+        except Exception:  # process() answers every error itself; this is the last resort
+            log.exception("flow raised for MTI %s", req.get("t"))
+            resp = switch_response(req, "96")
+        self._done(resp, req, tpdu, answered, guard)
 
     def _deadline(self, req, tpdu, answered):
         if not answered[0]:
@@ -196,7 +209,8 @@ class TerminalProtocol(asyncio.Protocol):
             self.listener.counters["deadline_answers"] += 1
             self._write(switch_response(req, RC_INOPERATIVE), tpdu)
 
-    def _done(self, task, req, tpdu, answered, guard):
+    def _done(self, resp, req, tpdu, answered, guard):
+        """``resp`` None: the flow was cancelled (shutdown), answered 91."""
         guard.cancel()
         self.in_flight -= 1
         if self.paused and self.in_flight < self.cfg.max_in_flight and self.transport is not None:
@@ -205,10 +219,8 @@ class TerminalProtocol(asyncio.Protocol):
         if answered[0]:
             return
         answered[0] = True
-        if task.cancelled():
+        if resp is None:
             resp = switch_response(req, RC_INOPERATIVE)
-        else:
-            resp = task.result()
         self._write(resp, tpdu)
 
     def _write(self, resp: dict, tpdu: bytes | None) -> None:
