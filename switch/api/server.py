@@ -996,22 +996,22 @@ def _link(st: ApiState, name: str):
     return link
 
 
-async def drain_acquirer(request: web.Request) -> web.Response:
+def _set_draining(request: web.Request, draining: bool) -> web.Response:
     st = _state(request)
     name = request.match_info["name"]
     link = _link(st, name)
-    link.draining = True
-    log.warning("acquirer %s drained by API key %s", name, request[API_KEY].name)
+    link.draining = draining
+    log.warning("acquirer %s %s by API key %s", name, "drained" if draining else "enabled",
+                request[API_KEY].name)
     return json_response(acquirer_view(st, name, link))
+
+
+async def drain_acquirer(request: web.Request) -> web.Response:
+    return _set_draining(request, True)
 
 
 async def enable_acquirer(request: web.Request) -> web.Response:
-    st = _state(request)
-    name = request.match_info["name"]
-    link = _link(st, name)
-    link.draining = False
-    log.warning("acquirer %s enabled by API key %s", name, request[API_KEY].name)
-    return json_response(acquirer_view(st, name, link))
+    return _set_draining(request, False)
 
 
 async def replace_bin_table(request: web.Request) -> web.Response:
