@@ -340,10 +340,6 @@ def _child_main(fd: int) -> int:
 # The parent's side
 
 
-class WriterStopped(Exception):
-    pass
-
-
 class ProcessWriter(asyncio.Protocol):
     """The event loop's handle on the writer child: ``submit(op, args)`` -> future of the value."""
 
