@@ -772,6 +772,25 @@ def _de90(orig: dict) -> str:
     return (orig["iso_mti"] or "0200") + (orig["iso_stan"] or "000000") + (orig["iso_de7"] or "0" * 10) + "0" * 22
 
 
+def _amount_over(what: str, limit: int) -> Problem:
+    return Problem(400, "Invalid request", f"amount exceeds the {what} amount ({limit})",
+                   errors=[{"field": "amount", "problem": f"must be at most {limit}"}], slug="invalid-request")
+
+
+async def _card_request(st: ApiState, orig: dict, txn_id: str, mti: str, proc: str, amount: int, now: float,
+                        missing: str) -> dict:
+    """A follow-up that carries the card again (refund, capture): the ISO request
+    with the card from the store; 409 ``missing`` when it is no longer held."""
+    card = await st.store.card(txn_id)
+    if card is None:
+        raise _conflict(missing)
+    req = _iso_base(st, mti, now)
+    req.update({"2": card[0], "14": card[1], "3": proc, "4": f"{amount:012d}", "22": "010", "25": "59",
+                "41": _pad(orig["terminal_id"], 8), "42": _pad(orig["merchant_id"], 15),
+                "49": CURRENCIES[orig["currency"]][0]})
+    return req
+
+
 async def _follow_up(st: ApiState, key: ApiKey, kind: str, orig: dict, txn_id: str, req: dict,
                      now: float, amount: int, approval, parent_update) -> web.Response:
     """Send a reversal/refund/capture through the flow, record it as a child of
@@ -836,18 +855,10 @@ async def refund_payment(request: web.Request) -> web.Response:
         remaining = base - (orig["refunded_amount"] or 0)
         amount = remaining if amount is None else amount
         if amount > remaining:
-            raise Problem(400, "Invalid request", f"amount exceeds the refundable amount ({remaining})",
-                          errors=[{"field": "amount", "problem": f"must be at most {remaining}"}],
-                          slug="invalid-request")
-        card = await st.store.card(txn_id)
-        if card is None:
-            raise _conflict("the card data for this transaction is no longer held; refund with the card")
+            raise _amount_over("refundable", remaining)
         now = time.time()
-        req = _iso_base(st, "0200", now)
-        req.update({"2": card[0], "14": card[1], "3": "200000", "4": f"{amount:012d}", "22": "010", "25": "59",
-                    "41": _pad(orig["terminal_id"], 8), "42": _pad(orig["merchant_id"], 15),
-                    "49": CURRENCIES[orig["currency"]][0]})
-        del card
+        req = await _card_request(st, orig, txn_id, "0200", "200000", amount, now,
+                                  "the card data for this transaction is no longer held; refund with the card")
 
         def refunded():
             total = (orig["refunded_amount"] or 0) + amount
@@ -869,21 +880,13 @@ async def capture_payment(request: web.Request) -> web.Response:
                             "(capture an approved authorization once)")
         amount = orig["amount"] if amount is None else amount
         if amount > orig["amount"]:
-            raise Problem(400, "Invalid request", f"amount exceeds the authorized amount ({orig['amount']})",
-                          errors=[{"field": "amount", "problem": f"must be at most {orig['amount']}"}],
-                          slug="invalid-request")
-        card = await st.store.card(txn_id)
-        if card is None:
-            raise _conflict("the card data for this authorization is no longer held; it cannot be captured")
+            raise _amount_over("authorized", orig["amount"])
         now = time.time()
-        req = _iso_base(st, "0220", now)
-        req.update({"2": card[0], "14": card[1], "3": "000000", "4": f"{amount:012d}", "22": "010", "25": "59",
-                    "37": orig["iso_rrn"], "38": orig["approval_code"] or "",
-                    "41": _pad(orig["terminal_id"], 8), "42": _pad(orig["merchant_id"], 15),
-                    "49": CURRENCIES[orig["currency"]][0], "90": _de90(orig)})
-        if not req["38"]:
-            del req["38"]
-        del card
+        req = await _card_request(st, orig, txn_id, "0220", "000000", amount, now,
+                                  "the card data for this authorization is no longer held; it cannot be captured")
+        req.update({"37": orig["iso_rrn"], "90": _de90(orig)})
+        if orig["approval_code"]:
+            req["38"] = orig["approval_code"]
         return await _follow_up(st, key, "capture", orig, txn_id, req, now, amount,
                                 lambda resp: orig["approval_code"],
                                 lambda: {"status": "captured", "captured_amount": amount})
