@@ -601,7 +601,12 @@ def test_api_trace_numbers_never_replay_another_request(tmp_path, monkeypatch):
     from switch.sim.terminal import make_purchase
     from tests.switch_harness import terminal
 
-    monkeypatch.setattr("switch.api.server.transmission_time", lambda now=None: "1121120000")
+    import calendar
+
+    from switch.api import server
+
+    fixed = server._Second(calendar.timegm((2026, 11, 21, 12, 0, 0)))  # DE7 1121120000
+    monkeypatch.setattr(server, "_at", lambda ts: fixed)
 
     async def main():
         async with running_api(tmp_path, {"acq-a": {}}) as api:

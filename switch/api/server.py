@@ -38,7 +38,7 @@ from typing import Any, Protocol
 from aiohttp import web
 
 from switch.api.auth import ApiKey, ApiKeyStore, IdempotencyCache, IdempotencyConflict
-from switch.messages import RC_SYSTEM_ERROR, luhn_ok, mask_pan, switch_response, transmission_time
+from switch.messages import RC_SYSTEM_ERROR, luhn_ok, mask_pan, switch_response
 from switch.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from switch.metrics import Metrics
 
@@ -268,14 +268,16 @@ class Problem(Exception):
         self.headers = headers or {}
         self.extra = extra or {}
 
-    def response(self) -> web.Response:
+    def reply(self) -> Reply:
         body = {"type": f"urn:isoswitch:problem:{self.slug}", "title": self.title,
                 "status": self.status, "detail": self.detail}
         if self.errors:
             body["errors"] = self.errors
         body.update(self.extra)
-        return web.Response(status=self.status, body=_dumps(body), content_type=PROBLEM_CT,
-                            headers=self.headers)
+        return Reply(self.status, _dumps(body), PROBLEM_CT, self.headers)
+
+    def response(self) -> web.Response:
+        return self.reply().response()
 
 
 def invalid(errors: list[dict], detail: str | None = None) -> Problem:
@@ -283,12 +285,36 @@ def invalid(errors: list[dict], detail: str | None = None) -> Problem:
                    errors=errors, slug="invalid-request")
 
 
+_encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+
 def _dumps(obj: Any) -> bytes:
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return _encode(obj).encode("utf-8")
 
 
 def json_response(obj: Any, status: int = 200, headers: dict | None = None) -> web.Response:
     return web.Response(status=status, body=_dumps(obj), content_type="application/json", headers=headers)
+
+
+class Reply:
+    """A complete answer, independent of the HTTP server that sends it: the
+    payment path is shared by aiohttp and the lean server (``switch.api.fasthttp``)."""
+
+    __slots__ = ("status", "body", "content_type", "headers")
+
+    def __init__(self, status: int, body: bytes, content_type: str = "application/json",
+                 headers: dict | None = None):
+        self.status, self.body, self.content_type, self.headers = status, body, content_type, headers
+
+    def response(self) -> web.Response:
+        return web.Response(status=self.status, body=self.body, content_type=self.content_type,
+                            headers=self.headers)
+
+    @classmethod
+    def of(cls, resp: web.Response) -> Reply:
+        return cls(resp.status, resp.body, resp.content_type,
+                   {k: v for k, v in resp.headers.items() if k.lower() not in ("content-type", "content-length")}
+                   or None)
 
 
 # ---------------------------------------------------------------------------
@@ -385,28 +411,24 @@ async def problem_middleware(request: web.Request, handler):
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/openapi.json", "/dashboard"})
 
 
-def _clear_key(request: web.Request) -> str | None:
-    auth = request.headers.get("Authorization")
+def _clear_key(get) -> str | None:
+    auth = get("authorization")
     if auth:
         scheme, _, value = auth.partition(" ")
         if scheme.lower() == "bearer" and value.strip():
             return value.strip()
         return None
-    return request.headers.get("X-API-Key")
+    return get("x-api-key")
 
 
 def _required_scope(path: str) -> str:
     return "admin" if path.startswith("/v1/admin/") else "payments"
 
 
-@web.middleware
-async def auth_middleware(request: web.Request, handler):
-    st = _state(request)
-    path = request.path
-    if path in PUBLIC_PATHS or (path == "/metrics" and st.settings.public_metrics) \
-            or not (path.startswith("/v1/") or path == "/metrics"):
-        return await handler(request)
-    key = st.keys.authenticate(_clear_key(request))
+def authorize(st: ApiState, path: str, get) -> ApiKey:
+    """The API key of a request to ``path`` (``get(lowercase_name)`` reads a
+    header): 401 without a valid key, 403 without the scope, 429 over its rate."""
+    key = st.keys.authenticate(_clear_key(get))
     if key is None:
         raise Problem(401, "Unauthorized", "a valid API key is required (Authorization: Bearer <key> "
                       "or X-API-Key)", headers={"WWW-Authenticate": 'Bearer realm="isoswitch"'})
@@ -420,23 +442,34 @@ async def auth_middleware(request: web.Request, handler):
         st.metrics.rate_limited(key.name)
         raise Problem(429, "Too many requests", f"rate limit of {key.rate_per_s:g}/s exceeded",
                       slug="rate-limited", headers={"Retry-After": str(max(1, math.ceil(wait)))})
-    request[API_KEY] = key
-    return await handler(request)
+    return key
 
 
 @web.middleware
-async def idempotency_middleware(request: web.Request, handler):
-    if request.method != "POST" or not request.path.startswith("/v1/"):
+async def auth_middleware(request: web.Request, handler):
+    st = _state(request)
+    path = request.path
+    if path in PUBLIC_PATHS or (path == "/metrics" and st.settings.public_metrics) \
+            or not (path.startswith("/v1/") or path == "/metrics"):
         return await handler(request)
-    key: ApiKey = request[API_KEY]
-    idem = request.headers.get("Idempotency-Key")
+    request[API_KEY] = authorize(st, path, request.headers.get)
+    return await handler(request)
+
+
+def idempotency_key(get) -> str:
+    idem = get("idempotency-key")
     if idem is None or not idem.strip():
         raise invalid([{"field": "Idempotency-Key", "problem": "header is required on every POST"}])
     if len(idem) > 255 or not idem.isascii() or not idem.isprintable():
         raise invalid([{"field": "Idempotency-Key", "problem": "must be 1-255 printable ASCII characters"}])
-    st = _state(request)
-    body = await _read_body(request, st.settings.max_body)
-    fp = IdempotencyCache.fingerprint(request.method, request.path, body)
+    return idem
+
+
+async def idempotent(st: ApiState, key: ApiKey, idem: str, method: str, path: str, body: bytes, run) -> Reply:
+    """``run()``'s reply, once per (API key, Idempotency-Key): a repeat with the
+    same request gets the stored reply (waiting for the first if it is still
+    running), one with another request 422."""
+    fp = IdempotencyCache.fingerprint(method, path, body)
     while True:
         try:
             rec, new = st.idempotency.begin(key.id, idem, fp)
@@ -449,19 +482,53 @@ async def idempotency_middleware(request: web.Request, handler):
             break
         await asyncio.shield(rec.done)
         if rec.status:
-            return web.Response(status=rec.status, body=rec.body, content_type=rec.content_type,
-                                headers={"Idempotent-Replayed": "true"})
+            return Reply(rec.status, rec.body, rec.content_type, {"Idempotent-Replayed": "true"})
         # the first attempt died without an answer: run this one
     try:
         try:
-            resp = await handler(request)
+            reply = await run()
         except Problem as p:
-            resp = p.response()
+            reply = p.reply()
     except BaseException:
         st.idempotency.abandon(key.id, idem, rec)
         raise
-    st.idempotency.finish(key.id, idem, rec, resp.status, resp.body, resp.content_type)
-    return resp
+    st.idempotency.finish(key.id, idem, rec, reply.status, reply.body, reply.content_type)
+    return reply
+
+
+@web.middleware
+async def idempotency_middleware(request: web.Request, handler):
+    if request.method != "POST" or not request.path.startswith("/v1/"):
+        return await handler(request)
+    idem = idempotency_key(request.headers.get)
+    st = _state(request)
+    body = await _read_body(request, st.settings.max_body)
+
+    async def run() -> Reply:
+        return Reply.of(await handler(request))
+
+    return (await idempotent(st, request[API_KEY], idem, request.method, request.path, body, run)).response()
+
+
+async def serve_payment(st: ApiState, get, body: bytes) -> Reply:
+    """POST /v1/payments as one call, for the lean HTTP server: what the
+    middlewares and ``create_payment`` do for aiohttp, in the same order."""
+    t0 = time.perf_counter()
+    try:
+        try:
+            key = authorize(st, "/v1/payments", get)
+            reply = await idempotent(st, key, idempotency_key(get), "POST", "/v1/payments", body,
+                                     lambda: payment_reply(st, key, body))
+        except Problem as p:
+            reply = p.reply()
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("API handler failed for POST /v1/payments")
+        reply = Problem(500, "Internal error", "the request could not be completed",
+                        slug="internal-error").reply()
+    st.metrics.observe_api("/v1/payments", "POST", reply.status, time.perf_counter() - t0)
+    return reply
 
 
 async def _read_body(request: web.Request, limit: int) -> bytes:
@@ -479,7 +546,10 @@ async def _read_body(request: web.Request, limit: int) -> bytes:
 
 
 async def _json_object(request: web.Request, *, optional: bool = False) -> dict:
-    body = await _read_body(request, _state(request).settings.max_body)
+    return _json_doc(await _read_body(request, _state(request).settings.max_body), optional=optional)
+
+
+def _json_doc(body: bytes, *, optional: bool = False) -> dict:
     if optional and not body.strip():
         return {}
     try:
@@ -618,18 +688,37 @@ def validate_followup(doc: dict, *, allow_amount: bool) -> int | None:
 # ISO documents
 
 
+class _Second:
+    """The UTC time fields of one second, formatted once per second."""
+
+    __slots__ = ("sec", "de7", "de12", "de13", "rrn", "iso")
+
+    def __init__(self, sec: int):
+        t = time.gmtime(sec)
+        self.sec = sec
+        self.de7 = time.strftime("%m%d%H%M%S", t)
+        self.de12 = self.de7[4:]
+        self.de13 = self.de7[:4]
+        # RRN: last digit of the year + Julian day + hour (+ STAN)
+        self.rrn = f"{t.tm_year % 10}{t.tm_yday:03d}{t.tm_hour:02d}"
+        self.iso = time.strftime("%Y-%m-%dT%H:%M:%S", t)
+
+
+_second = _Second(0)
+
+
+def _at(ts: float) -> _Second:
+    global _second
+    sec = int(ts)
+    if _second.sec != sec:
+        _second = _Second(sec)
+    return _second
+
+
 def _iso_base(st: ApiState, mti: str, now: float) -> dict:
-    t = time.gmtime(now)
+    t = _at(now)
     stan = st.next_stan()
-    return {
-        "t": mti,
-        "7": transmission_time(now),
-        "11": stan,
-        "12": time.strftime("%H%M%S", t),
-        "13": time.strftime("%m%d", t),
-        # RRN: last digit of the year + Julian day + hour + STAN (12 an)
-        "37": f"{t.tm_year % 10}{t.tm_yday:03d}{t.tm_hour:02d}{stan}",
-    }
+    return {"t": mti, "7": t.de7, "11": stan, "12": t.de12, "13": t.de13, "37": t.rrn + stan}
 
 
 def _pad(v: str, n: int) -> str:
@@ -637,8 +726,12 @@ def _pad(v: str, n: int) -> str:
 
 
 def _iso_time(ts: float) -> str:
-    return _dt.datetime.fromtimestamp(ts, _dt.timezone.utc).isoformat(timespec="milliseconds").replace(
-        "+00:00", "Z")
+    """RFC 3339 UTC with milliseconds, e.g. 2026-11-21T19:26:33.123Z."""
+    sec = int(ts)
+    us = round((ts - sec) * 1e6)  # as datetime.fromtimestamp rounds
+    if us >= 1_000_000:
+        sec, us = sec + 1, us - 1_000_000
+    return f"{_at(sec).iso}.{us // 1000:03d}Z"
 
 
 async def _run_flow(st: ApiState, req: dict, before_outcome=None) -> dict:
@@ -710,8 +803,11 @@ async def _emit(st: ApiState, rec: dict, event: str) -> None:
 
 async def create_payment(request: web.Request) -> web.Response:
     st = _state(request)
-    key: ApiKey = request[API_KEY]
-    p = validate_payment(await _json_object(request), key, st.settings)
+    return (await payment_reply(st, request[API_KEY], await _read_body(request, st.settings.max_body))).response()
+
+
+async def payment_reply(st: ApiState, key: ApiKey, body: bytes) -> Reply:
+    p = validate_payment(_json_doc(body), key, st.settings)
     now = time.time()
     numeric, alpha = p["currency"]
     req = _iso_base(st, "0100" if p["type"] == "authorization" else "0200", now)
@@ -754,7 +850,7 @@ async def create_payment(request: web.Request) -> web.Response:
         await st.store.add(rec, card)
     req.clear()  # the only object holding the clear PAN in this handler (with p)
     await _emit(st, rec, f"{p['type']}.{'approved' if rec['approved'] else 'declined'}")
-    return json_response(public_view(rec), status=201)
+    return Reply(201, _dumps(public_view(rec)))
 
 
 async def _original(st: ApiState, key: ApiKey, txn_id: str) -> dict:
@@ -1173,13 +1269,17 @@ def make_app(switch, *, keys: ApiKeyStore, store: TransactionStore | None = None
 
 async def start_api(switch, api_cfg=None, *, keys: ApiKeyStore, store: TransactionStore | None = None,
                     webhooks=None, metrics: Metrics | None = None, settings: ApiSettings | None = None,
-                    ssl_context=None) -> web.AppRunner:
+                    ssl_context=None):
     """Serve the API on ``api_cfg.host:port`` (HTTPS when ``api_cfg.tls``) in this event loop.
 
-    Returns the started runner (``await runner.cleanup()`` stops it);
-    ``bound_port(runner)`` is the real port when ``api_cfg.port`` is 0.
+    Returns the started ``switch.api.fasthttp.ApiServer`` (``await
+    server.cleanup()`` stops it; ``server.app`` is the aiohttp application);
+    ``bound_port(server)`` is the real port when ``api_cfg.port`` is 0.
+    POST /v1/payments is served by the lean HTTP path, everything else by
+    aiohttp (see ``switch.api.fasthttp``).
     """
     from switch import certs
+    from switch.api.fasthttp import ApiServer
 
     api_cfg = api_cfg if api_cfg is not None else switch.config.api
     if ssl_context is None and api_cfg.tls:
@@ -1190,12 +1290,18 @@ async def start_api(switch, api_cfg=None, *, keys: ApiKeyStore, store: Transacti
     app = make_app(switch, keys=keys, store=store, webhooks=webhooks, metrics=metrics, settings=settings)
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
-    site = web.TCPSite(runner, api_cfg.host, api_cfg.port, ssl_context=ssl_context, backlog=1024)
-    await site.start()
-    log.info("REST API listening on %s:%d (%s)", api_cfg.host, bound_port(runner),
+    st: ApiState = app[API_STATE]
+    server = ApiServer(runner, serve_payment, st, st.settings.max_body)
+    try:
+        await server.start(api_cfg.host, api_cfg.port, ssl_context)
+    except BaseException:
+        await runner.cleanup()
+        raise
+    log.info("REST API listening on %s:%d (%s)", api_cfg.host, bound_port(server),
              "https" if ssl_context is not None else "http")
-    return runner
+    return server
 
 
-def bound_port(runner: web.AppRunner) -> int:
-    return runner.addresses[0][1]
+def bound_port(server) -> int:
+    """The port an API server (or an aiohttp runner) listens on."""
+    return server.addresses[0][1]

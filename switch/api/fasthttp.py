@@ -1,0 +1,282 @@
+"""The API's listening socket: a lean HTTP/1.1 path for POST /v1/payments, aiohttp for the rest.
+
+Measured on the bench (``python -m bench.rest``): aiohttp's per-request
+machinery (request and response objects, router, three middlewares, the
+payload stream, the writer) cost about as much CPU as the payment itself,
+which capped the shim well below its goal. Payments are the only hot
+endpoint, so only they get a lean path; everything else is served by the
+aiohttp application exactly as before.
+
+Each connection starts on ``FastPaymentsProtocol``. It handles a request
+itself only when it is the plain, common case: the request line is exactly
+``POST /v1/payments HTTP/1.1``, every header line is well formed, the body
+has a single Content-Length within the API's body limit and no
+Transfer-Encoding, Expect or Upgrade. Anything else - another endpoint,
+HTTP/1.0, chunked bodies, a malformed request - hands the connection, with
+every byte read so far, to aiohttp's protocol for good; aiohttp then answers
+it (including its errors) as it always did. The payment itself goes through
+``server.serve_payment``: the same authentication, rate limit, idempotency,
+validation, flow, journal and metrics as the aiohttp route.
+
+Requests on one connection are answered in order (pipelining works); one
+is processed at a time, and reading pauses while a backlog waits.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from http import HTTPStatus
+
+from aiohttp import web
+
+log = logging.getLogger("isoswitch.api")
+
+_REQUEST_LINE = b"POST /v1/payments HTTP/1.1"
+# a header line as RFC 9110 allows it: a token, a colon, a value without
+# control characters (obs-fold and anything odd go to aiohttp)
+_TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+_HANDOFF_HEADERS = frozenset({"transfer-encoding", "expect", "upgrade"})
+MAX_HEAD = 8190  # aiohttp's default line/field limit: larger heads are its to refuse
+MAX_BACKLOG = 1 << 18  # bytes buffered behind a request in progress before reading pauses
+KEEPALIVE_TIMEOUT = 75.0  # aiohttp's default
+_REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
+
+
+class _Date:
+    """The Date header, formatted once a second."""
+
+    def __init__(self):
+        self._sec = -1
+        self._value = b""
+
+    def get(self) -> bytes:
+        now = int(time.time())
+        if now != self._sec:
+            self._sec = now
+            self._value = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(now)).encode()
+        return self._value
+
+
+class FastPaymentsProtocol(asyncio.Protocol):
+    __slots__ = ("_srv", "_transport", "_buf", "_busy", "_eof", "_close", "_read_paused", "_write_paused",
+                 "last_active")
+
+    def __init__(self, srv: ApiServer):
+        self._srv = srv
+        self._transport = None
+        self._buf = b""
+        self._busy = False
+        self._eof = False  # the client has sent all it will send
+        self._close = False  # close once the request in progress is answered
+        self._read_paused = False
+        self._write_paused = False
+        self.last_active = 0.0
+
+    # -- asyncio.Protocol ---------------------------------------------------
+
+    def connection_made(self, transport) -> None:
+        self._transport = transport
+        self.last_active = self._srv.loop.time()
+        self._srv.connections.add(self)
+
+    def connection_lost(self, exc) -> None:
+        self._srv.connections.discard(self)
+        self._eof = self._close = True
+        self._buf = b""
+
+    def data_received(self, data: bytes) -> None:
+        self._buf = self._buf + data if self._buf else data
+        if self._busy or self._write_paused:
+            if len(self._buf) > MAX_BACKLOG and not self._read_paused:
+                self._read_paused = True
+                self._transport.pause_reading()
+            return
+        self._next()
+
+    def eof_received(self) -> bool:
+        # the client has sent all it will: answer what is complete, then close
+        self._eof = True
+        if not self._busy:
+            self._next()
+        return True  # keep the transport open for the answer in progress
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if not self._busy:
+            self._next()
+
+    # -- requests -----------------------------------------------------------
+
+    def _next(self) -> None:
+        """Start the next complete request in the buffer, or wait for more bytes."""
+        if self._close:
+            return
+        buf = self._buf
+        if not buf:
+            if self._eof:
+                self._transport.close()
+            return
+        end = buf.find(b"\r\n\r\n")
+        if end < 0:
+            if len(buf) > MAX_HEAD or self._eof:
+                self._handoff()
+            return
+        lines = buf[:end].split(b"\r\n")
+        if lines[0] != _REQUEST_LINE:
+            self._handoff()
+            return
+        headers: dict[str, str] = {}
+        token, bad_value = _TOKEN.fullmatch, _BAD_VALUE.search
+        for line in lines[1:]:
+            name, colon, value = line.partition(b":")
+            if not colon or token(name) is None or bad_value(value) is not None:
+                self._handoff()
+                return
+            name = name.decode("ascii").lower()
+            if name in headers or name in _HANDOFF_HEADERS:
+                self._handoff()  # repeated headers and special bodies: aiohttp's rules apply
+                return
+            headers[name] = value.strip(b" \t").decode("latin-1")
+        cl = headers.get("content-length")
+        if cl is None or not cl.isdigit() or not cl.isascii() or int(cl) > self._srv.max_body:
+            self._handoff()
+            return
+        start = end + 4
+        stop = start + int(cl)
+        if len(buf) < stop:
+            if self._eof:
+                self._handoff()  # a truncated body: aiohttp reports it
+            return
+        body = buf[start:stop]
+        self._buf = buf[stop:]
+        conn = headers.get("connection")
+        if conn is not None and "close" in [t.strip() for t in conn.lower().split(",")]:
+            self._close = True
+        self._busy = True
+        self.last_active = self._srv.loop.time()
+        self._srv.loop.create_task(self._serve(headers, body))
+
+    async def _serve(self, headers: dict, body: bytes) -> None:
+        try:
+            reply = await self._srv.serve_payment(self._srv.state, headers.get, body)
+            transport = self._transport
+            if not transport.is_closing():
+                transport.write(self._srv.render(reply, self._close))
+        finally:
+            self._busy = False
+            self.last_active = self._srv.loop.time()
+        if self._close:
+            self._transport.close()
+            return
+        if self._read_paused and len(self._buf) <= MAX_BACKLOG:
+            self._read_paused = False
+            self._transport.resume_reading()
+        if not self._write_paused:
+            self._next()
+
+    def _handoff(self) -> None:
+        """This connection is aiohttp's from now on, starting with the bytes read so far."""
+        transport = self._transport
+        self._srv.connections.discard(self)
+        if transport.is_closing():
+            return
+        buf, self._buf = self._buf, b""
+        proto = self._srv.aiohttp_factory()
+        transport.set_protocol(proto)
+        proto.connection_made(transport)
+        if self._read_paused:
+            self._read_paused = False
+            transport.resume_reading()
+        if buf:
+            proto.data_received(buf)
+        if self._eof:
+            proto.eof_received()
+
+    # -- housekeeping ---------------------------------------------------------
+
+    def idle_since(self) -> float | None:
+        return None if self._busy else self.last_active
+
+    def close_when_idle(self) -> None:
+        self._close = True
+        if not self._busy:
+            self._transport.close()
+
+    @property
+    def busy(self) -> bool:
+        return self._busy
+
+
+class ApiServer:
+    """The started API: the listening socket, the lean payments path and the
+    aiohttp application behind it. ``cleanup()`` stops it; ``addresses`` are
+    the bound (host, port) pairs; ``app`` is the aiohttp application."""
+
+    def __init__(self, runner: web.AppRunner, serve_payment, state, max_body: int):
+        self.runner = runner
+        self.app = runner.app
+        self.serve_payment = serve_payment
+        self.state = state
+        self.max_body = max_body
+        self.loop = asyncio.get_running_loop()
+        self.aiohttp_factory = runner.server
+        self.connections: set[FastPaymentsProtocol] = set()
+        self.server: asyncio.AbstractServer | None = None
+        self._date = _Date()
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._stopped = False
+
+    async def start(self, host: str, port: int, ssl_context) -> None:
+        self.server = await self.loop.create_server(lambda: FastPaymentsProtocol(self), host, port,
+                                                    ssl=ssl_context, backlog=1024, reuse_address=True)
+        self._sweeper = self.loop.call_later(KEEPALIVE_TIMEOUT / 5, self._sweep)
+
+    @property
+    def addresses(self) -> list:
+        return [s.getsockname() for s in (self.server.sockets if self.server else ())]
+
+    def render(self, reply, close: bool) -> bytes:
+        head = [b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\nDate: %s\r\nServer: isoswitch\r\n"
+                % (reply.status, _REASONS.get(reply.status, b"Unknown"), reply.content_type.encode(),
+                   len(reply.body), self._date.get())]
+        if reply.headers:
+            for k, v in reply.headers.items():
+                head.append(f"{k}: {v}\r\n".encode("latin-1"))
+        if close:
+            head.append(b"Connection: close\r\n")
+        head.append(b"\r\n")
+        head.append(reply.body)
+        return b"".join(head)
+
+    def _sweep(self) -> None:
+        """Close keep-alive connections idle for longer than aiohttp would keep them."""
+        limit = self.loop.time() - KEEPALIVE_TIMEOUT
+        for conn in list(self.connections):
+            since = conn.idle_since()
+            if since is not None and since < limit:
+                conn.close_when_idle()
+        self._sweeper = self.loop.call_later(KEEPALIVE_TIMEOUT / 5, self._sweep)
+
+    async def cleanup(self, grace: float = 10.0) -> None:
+        """Stop accepting, let payments in progress answer (up to ``grace`` s), close."""
+        if self._stopped:
+            return
+        self._stopped = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        if self.server is not None:
+            self.server.close()
+        for conn in list(self.connections):
+            conn.close_when_idle()
+        deadline = self.loop.time() + grace
+        while any(c.busy for c in self.connections) and self.loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        for conn in list(self.connections):
+            conn._transport.close()
+        await self.runner.cleanup()

@@ -1,0 +1,258 @@
+"""The lean HTTP/1.1 path for POST /v1/payments (switch.api.fasthttp), over real TLS.
+
+A raw client shows what an HTTP library hides: pipelining, requests split
+across reads, the hand-off of a connection to aiohttp, and that both paths
+answer the same request the same way.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+
+import pytest
+
+from switch.api import ApiSettings
+from switch.messages import TEST_PAN
+from tests.switch_harness import run
+from tests.test_api import FUTURE, BAD_LUHN_PAN, payment, running_api
+
+pytestmark = pytest.mark.timeout(120)
+
+
+class Raw:
+    """One keep-alive HTTP/1.1 connection, written and read by hand."""
+
+    def __init__(self, reader, writer):
+        self.r, self.w = reader, writer
+
+    @classmethod
+    async def open(cls, api) -> Raw:
+        host, port = api.url.split("://")[1].split(":")
+        r, w = await asyncio.open_connection(host, int(port), ssl=api.ssl or None,
+                                             server_hostname="localhost" if api.ssl else None)
+        return cls(r, w)
+
+    async def send(self, data: bytes) -> None:
+        self.w.write(data)
+        await self.w.drain()
+
+    async def response(self) -> tuple[int, dict, bytes]:
+        head = await asyncio.wait_for(self.r.readuntil(b"\r\n\r\n"), 10)
+        lines = head.decode("latin-1").split("\r\n")
+        status = int(lines[0].split(" ")[1])
+        headers = {}
+        for line in lines[1:]:
+            if line:
+                k, _, v = line.partition(":")
+                headers[k.strip().lower()] = v.strip()
+        body = await asyncio.wait_for(self.r.readexactly(int(headers.get("content-length", 0))), 10)
+        return status, headers, body
+
+    def close(self):
+        self.w.close()
+
+
+def request(api, body: bytes | dict | None = None, *, key: str | None = "payments", target="/v1/payments",
+            method="POST", idem: str | None = "new", extra: str = "") -> bytes:
+    if isinstance(body, dict):
+        body = json.dumps(body).encode()
+    body = body or b""
+    head = f"{method} {target} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+    if key is not None:
+        head += f"Authorization: Bearer {api.keys[key]}\r\n"
+    if idem is not None:
+        head += f"Idempotency-Key: {uuid.uuid4().hex if idem == 'new' else idem}\r\n"
+    head += extra
+    if "Transfer-Encoding" not in extra:
+        head += f"Content-Length: {len(body)}\r\n"
+    return head.encode() + b"\r\n" + body
+
+
+def lean(headers: dict) -> bool:
+    return headers.get("server") == "isoswitch"
+
+
+def test_pipelined_payments_are_answered_in_order(tmp_path):
+    async def main():
+        async with running_api(tmp_path, {"acq-a": {}}) as api:
+            c = await Raw.open(api)
+            amounts = [101, 202, 303, 404]
+            await c.send(b"".join(request(api, payment(amount=a)) for a in amounts))
+            for a in amounts:
+                status, headers, body = await c.response()
+                doc = json.loads(body)
+                assert (status, doc["amount"], doc["response_code"]) == (201, a, "00")
+                assert lean(headers) and headers["content-type"] == "application/json"
+            # the same connection goes on serving
+            await c.send(request(api, payment(amount=505)))
+            status, headers, body = await c.response()
+            assert status == 201 and json.loads(body)["amount"] == 505
+            c.close()
+    run(main())
+
+
+def test_a_request_arriving_a_byte_at_a_time(tmp_path):
+    async def main():
+        async with running_api(tmp_path, {"acq-a": {}}) as api:
+            c = await Raw.open(api)
+            for b in request(api, payment(amount=777)):
+                await c.send(bytes([b]))
+            status, headers, body = await c.response()
+            assert status == 201 and lean(headers) and json.loads(body)["amount"] == 777
+            c.close()
+    run(main())
+
+
+def test_other_requests_hand_the_connection_to_aiohttp(tmp_path):
+    async def main():
+        async with running_api(tmp_path, {"acq-a": {}}) as api:
+            c = await Raw.open(api)
+            await c.send(request(api, payment(amount=1)))
+            status, headers, body = await c.response()
+            assert status == 201 and lean(headers)
+            txn = json.loads(body)["id"]
+            # a GET pipelined behind a payment: both answered, in order
+            await c.send(request(api, payment(amount=2)) +
+                         request(api, None, target=f"/v1/transactions/{txn}", method="GET", idem=None))
+            s1, h1, b1 = await c.response()
+            s2, h2, b2 = await c.response()
+            assert (s1, json.loads(b1)["amount"]) == (201, 2) and lean(h1)
+            assert (s2, json.loads(b2)["id"]) == (200, txn) and not lean(h2)
+            # from then on aiohttp serves the connection, payments included
+            await c.send(request(api, payment(amount=3)))
+            s3, h3, b3 = await c.response()
+            assert (s3, json.loads(b3)["amount"]) == (201, 3) and not lean(h3)
+            c.close()
+    run(main())
+
+
+def test_chunked_bodies_and_http_1_0_are_served_by_aiohttp(tmp_path):
+    async def main():
+        async with running_api(tmp_path, {"acq-a": {}}) as api:
+            c = await Raw.open(api)
+            body = json.dumps(payment(amount=55)).encode()
+            chunked = f"{len(body):x}\r\n".encode() + body + b"\r\n0\r\n\r\n"
+            await c.send(request(api, None, extra="Transfer-Encoding: chunked\r\n") + chunked)
+            status, headers, b = await c.response()
+            assert status == 201 and json.loads(b)["amount"] == 55 and not lean(headers)
+            c.close()
+            c = await Raw.open(api)
+            await c.send(request(api, payment(amount=56)).replace(b"HTTP/1.1", b"HTTP/1.0", 1))
+            status, headers, b = await c.response()
+            assert status == 201 and json.loads(b)["amount"] == 56 and not lean(headers)
+            c.close()
+    run(main())
+
+
+def test_malformed_and_oversized_requests_get_aiohttps_answers(tmp_path):
+    async def main():
+        async with running_api(tmp_path, {"acq-a": {}}, settings=ApiSettings(max_body=2048)) as api:
+            c = await Raw.open(api)
+            await c.send(b"POST /v1/payments HTTP/1.1\r\nHost: x\r\nBroken header line\r\nContent-Length: 2\r\n\r\n{}")
+            status, _, _ = await c.response()
+            assert status == 400
+            c.close()
+            c = await Raw.open(api)
+            await c.send(request(api, b"x" * 3000))
+            status, headers, body = await c.response()
+            assert status == 413 and json.loads(body)["status"] == 413
+            c.close()
+            # two Content-Length headers are never guessed at
+            c = await Raw.open(api)
+            await c.send(request(api, payment(), extra="Content-Length: 5\r\n"))
+            status, _, _ = await c.response()
+            assert status == 400
+            c.close()
+    run(main())
+
+
+def test_both_paths_answer_bad_requests_the_same(tmp_path):
+    """The lean path and aiohttp (reached with a query string, which the lean
+    path leaves alone) give the same status, type and problem document."""
+    async def main():
+        async with running_api(tmp_path, {"acq-a": {}}) as api:
+            cases = [
+                dict(body=payment(), key=None),
+                dict(body=payment(), key="admin"),
+                dict(body=payment(), idem=None),
+                dict(body=b"{not json"),
+                dict(body=b"[1, 2]"),
+                dict(body=payment(pan=BAD_LUHN_PAN)),
+                dict(body=payment(expiry="2001")),
+                dict(body=payment(currency="XXX")),
+                dict(body=payment(amount=-5, extra_field=1)),
+            ]
+            for case in cases:
+                answers = []
+                for target in ("/v1/payments", "/v1/payments?via=aiohttp"):
+                    c = await Raw.open(api)
+                    await c.send(request(api, target=target, **case))
+                    status, headers, body = await c.response()
+                    c.close()
+                    answers.append((status, headers["content-type"], json.loads(body),
+                                    headers.get("www-authenticate"), lean(headers)))
+                (fast, via_aiohttp) = answers
+                assert fast[4] and not via_aiohttp[4]
+                assert fast[:4] == via_aiohttp[:4], case
+                assert 400 <= fast[0] < 500
+                assert TEST_PAN not in json.dumps(fast[2]) and BAD_LUHN_PAN not in json.dumps(fast[2])
+            # and a replay with the same Idempotency-Key is the stored answer on both
+            c = await Raw.open(api)
+            await c.send(request(api, payment(amount=9), idem="same-key"))
+            s1, _, b1 = await c.response()
+            await c.send(request(api, payment(amount=9), idem="same-key"))
+            s2, h2, b2 = await c.response()
+            await c.send(request(api, payment(amount=10), idem="same-key"))
+            s3, _, _ = await c.response()
+            c.close()
+            assert (s1, s2, b1) == (201, 201, b2) and h2.get("idempotent-replayed") == "true" and s3 == 422
+    run(main())
+
+
+def test_connection_close_and_rate_limits(tmp_path):
+    async def main():
+        async with running_api(tmp_path, {"acq-a": {}}) as api:
+            c = await Raw.open(api)
+            await c.send(request(api, payment(), extra="Connection: close\r\n"))
+            status, headers, _ = await c.response()
+            assert status == 201 and headers.get("connection") == "close"
+            assert await asyncio.wait_for(c.r.read(), 5) == b""
+            # the 'slow' key allows a burst of 2 at 0.5/s: the third is 429 with Retry-After
+            c = await Raw.open(api)
+            await c.send(b"".join(request(api, payment(), key="slow") for _ in range(3)))
+            answers = [await c.response() for _ in range(3)]
+            assert [a[0] for a in answers] == [201, 201, 429]
+            assert int(answers[2][1]["retry-after"]) >= 1
+            c.close()
+            metrics = api.metrics.exposition().decode()
+            assert 'route="/v1/payments"' in metrics and 'status="429"' in metrics
+    run(main())
+
+
+def test_stopping_answers_the_payment_in_progress(tmp_path):
+    async def main():
+        async with running_api(tmp_path, {"acq-a": {"latency_ms": 300.0}}) as api:
+            c = await Raw.open(api)
+            await c.send(request(api, payment(amount=4242)))
+            await asyncio.sleep(0.1)  # in the flow, waiting for the acquirer
+            stopping = asyncio.ensure_future(api.runner.cleanup())
+            status, headers, body = await c.response()
+            assert status == 201 and json.loads(body)["amount"] == 4242
+            assert headers.get("connection") == "close"
+            await stopping
+            assert await asyncio.wait_for(c.r.read(), 5) == b""
+            c.close()
+    run(main())
+
+
+def test_plain_http(tmp_path):
+    """The lean path also serves the API without TLS (tls = false)."""
+    async def main():
+        async with running_api(tmp_path, {"acq-a": {}}, tls=False) as api:
+            c = await Raw.open(api)
+            await c.send(request(api, payment(expiry=FUTURE, amount=31)))
+            status, headers, body = await c.response()
+            assert status == 201 and lean(headers) and json.loads(body)["amount"] == 31
+            c.close()
+    run(main())
