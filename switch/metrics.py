@@ -243,8 +243,13 @@ class Metrics:
         self.decode_errors.labels(_bounded(listener, self._listeners, self._seen_lst)).inc()
 
     def observe_api(self, route: str, method: str, status: int, seconds: float) -> None:
-        self.api_requests.labels(route, method, str(status)).inc()
-        self.api_latency.labels(route).observe(seconds)
+        children = self._api_children.get((route, method, status))
+        if children is None:
+            children = (self.api_requests.labels(route, method, str(status)), self.api_latency.labels(route))
+            if len(self._api_children) < 1024:  # label values are bounded; the cache is too
+                self._api_children[(route, method, status)] = children
+        children[0].inc()
+        children[1].observe(seconds)
 
     def webhook_delivery(self, result: str) -> None:
         self.webhook_deliveries.labels(result).inc()

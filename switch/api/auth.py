@@ -151,7 +151,7 @@ class ApiKeyStore:
     # -- keys --------------------------------------------------------------
 
     def _digest(self, clear: str) -> str:
-        return hmac.new(self._salt, clear.encode("utf-8"), hashlib.sha256).hexdigest()
+        return hmac.digest(self._salt, clear.encode("utf-8"), "sha256").hex()
 
     def create_key(self, name: str, scopes, rate_per_s: float = 100.0, burst: int = 200, *,
                    terminal_id: str = "APISHIM1", merchant_id: str = "APISHIM00000001") -> str:
@@ -249,7 +249,9 @@ class IdempotencyCache:
               ) -> tuple[IdempotencyRecord, bool]:
         """(record, is_new). Raises IdempotencyConflict for a different request."""
         now = time.time()
-        records = self._by_key.setdefault(api_key_id, collections.OrderedDict())
+        records = self._by_key.get(api_key_id)
+        if records is None:
+            records = self._by_key[api_key_id] = collections.OrderedDict()
         rec = records.get(idem_key)
         if rec is not None and rec.done.done() and now - rec.created > self.ttl:
             del records[idem_key]
