@@ -15,6 +15,8 @@ import signal
 import sys
 from pathlib import Path
 
+from switch.runtime import tune_gc
+
 
 def _install_loop(use_uvloop: bool) -> str:
     if use_uvloop:
@@ -52,7 +54,7 @@ async def _run(args) -> int:
         print(f"isoswitch: cannot start: {e}", file=sys.stderr)
         await sw.stop(grace=0)
         return 1
-    _tune_gc()
+    tune_gc()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -88,26 +90,6 @@ async def _run(args) -> int:
     print("isoswitch: shutting down", flush=True)
     await sw.stop()
     return 0
-
-
-def _tune_gc() -> None:
-    """Garbage collection for a long-running switch, after start-up.
-
-    Everything built at start-up (modules, configuration, BIN table, tables
-    of the ISO codec) lives as long as the process: freezing it keeps full
-    collections from walking it again and again. The first generation's
-    threshold goes from 700 to 20,000 container allocations: a transaction
-    holds a few dozen objects for a few milliseconds, so at thousands of
-    transactions a second the default collected hundreds of times a second,
-    each time tracing every request in flight (measured: 11-20 us of CPU per
-    REST payment, ~0 with this setting). Cycles are still collected.
-    """
-    import gc
-
-    gc.collect()
-    gc.freeze()
-    _, g1, g2 = gc.get_threshold()
-    gc.set_threshold(20_000, g1, g2)
 
 
 async def _queue(args) -> int:

@@ -312,6 +312,9 @@ def _child_main(fd: int) -> int:
         return 1
     group_commit_s = max(0.0, float(init.get("group_commit_s") or 0.0))
     del init
+    from switch.runtime import tune_gc
+
+    tune_gc()
     ch.send(("ready", None))
     last_group = 1
     stopping = False
