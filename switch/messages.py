@@ -140,7 +140,7 @@ TEST_PAN = "476173900101001" + luhn_check_digit("476173900101001")
 
 
 def luhn_ok(pan: str) -> bool:
-    if not pan.isdigit() or not 12 <= len(pan) <= 19:
+    if not pan.isdigit() or not pan.isascii() or not 12 <= len(pan) <= 19:
         return False
     total = 0
     for i, c in enumerate(reversed(pan)):

@@ -28,9 +28,9 @@ import itertools
 import json
 import logging
 import math
+import os
 import random
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -761,7 +761,7 @@ def _new_record(kind: str, key: ApiKey, *, status: str, rc: str, approval: str |
                 amount: int, currency: str, terminal: str, merchant: str, iso: dict, parent: str | None,
                 now: float) -> dict:
     return {
-        "id": "txn_" + uuid.uuid4().hex,
+        "id": "txn_" + os.urandom(16).hex(),
         "type": kind,
         "status": status,
         "approved": rc in APPROVED_CODES,
