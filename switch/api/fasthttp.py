@@ -61,12 +61,13 @@ class _Date:
 
 
 class FastPaymentsProtocol(asyncio.Protocol):
-    __slots__ = ("_srv", "_transport", "_buf", "_busy", "_eof", "_close", "_read_paused", "_write_paused",
-                 "last_active")
+    __slots__ = ("_srv", "_transport", "_tls", "_buf", "_busy", "_eof", "_close", "_read_paused",
+                 "_write_paused", "last_active")
 
     def __init__(self, srv: ApiServer):
         self._srv = srv
         self._transport = None
+        self._tls = False
         self._buf = b""
         self._busy = False
         self._eof = False  # the client has sent all it will send
@@ -79,6 +80,7 @@ class FastPaymentsProtocol(asyncio.Protocol):
 
     def connection_made(self, transport) -> None:
         self._transport = transport
+        self._tls = transport.get_extra_info("sslcontext") is not None
         self.last_active = self._srv.loop.time()
         self._srv.connections.add(self)
 
@@ -101,7 +103,9 @@ class FastPaymentsProtocol(asyncio.Protocol):
         self._eof = True
         if not self._busy:
             self._next()
-        return True  # keep the transport open for the answer in progress
+        # keep a plain TCP transport open for the answer in progress; TLS
+        # closes on the peer's close_notify whatever this returns
+        return not self._tls
 
     def pause_writing(self) -> None:
         self._write_paused = True
