@@ -158,6 +158,12 @@ def test_malformed_and_oversized_requests_get_aiohttps_answers(tmp_path):
             status, headers, body = await c.response()
             assert status == 413 and json.loads(body)["status"] == 413
             c.close()
+            # bare LF line ends: never left waiting for a CRLF that will not come
+            c = await Raw.open(api)
+            await c.send(request(api, payment()).replace(b"\r\n", b"\n"))
+            status, _, _ = await c.response()
+            assert status in (201, 400)
+            c.close()
             # two Content-Length headers are never guessed at
             c = await Raw.open(api)
             await c.send(request(api, payment(), extra="Content-Length: 5\r\n"))

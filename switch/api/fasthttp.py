@@ -128,7 +128,8 @@ class FastPaymentsProtocol(asyncio.Protocol):
             return
         end = buf.find(b"\r\n\r\n")
         if end < 0:
-            if len(buf) > MAX_HEAD or self._eof:
+            # bare-LF line ends, an oversized head or a truncated one: aiohttp's to judge
+            if len(buf) > MAX_HEAD or self._eof or b"\n\n" in buf:
                 self._handoff()
             return
         lines = buf[:end].split(b"\r\n")
