@@ -99,3 +99,28 @@ def test_dashboard_renders_live_figures(tmp_path):
     if os.environ.get("ISOSWITCH_UPDATE_DOCS") == "1" and docs.is_dir():
         shutil.copyfile(shot, docs / "dashboard.png")
 
+
+
+def test_recent_rows_are_a_bounded_sample_at_high_rates():
+    """Below RECENT_ROWS_PER_S every transaction gets a dashboard row; above it,
+    rows stop for the rest of that second (a masked row per transaction at
+    20,000 TPS cost the switch CPU for a table of 25 rows)."""
+    from types import SimpleNamespace
+
+    from switch import metrics as M
+    from switch.messages import TEST_PAN
+
+    flow = SimpleNamespace(on_transaction=None, on_recent=None, on_acquirer=None)
+    m = M.Metrics()
+    m.instrument(SimpleNamespace(flow=flow))
+    rows = []
+    m.live.add_recent = rows.append
+    req = {"t": "0200", "2": TEST_PAN, "4": "000000001000", "49": "840"}
+    ctx = SimpleNamespace(listener="terminals")
+    for _ in range(3):
+        flow.on_recent(req, ctx, "acq-a", "00", 0.001)
+    assert len(rows) == 3 and rows[0]["masked_pan"] == TEST_PAN[:6] + "*" * 6 + TEST_PAN[-4:]
+    for _ in range(5 * M.RECENT_ROWS_PER_S):
+        flow.on_recent(req, ctx, "acq-a", "00", 0.001)
+    # at most one second's quota, or two if the calls straddled a second boundary
+    assert M.RECENT_ROWS_PER_S <= len(rows) <= 2 * M.RECENT_ROWS_PER_S
