@@ -757,11 +757,19 @@ async def _run_flow(st: ApiState, req: dict, before_outcome=None) -> dict:
     return switch_response(req, RC_SYSTEM_ERROR)
 
 
+def _txn_id(now: float) -> str:
+    """``txn_`` + 32 hex digits: milliseconds since the epoch (12) then 80 random
+    bits (20), as in a UUIDv7. New ids land at the right edge of the journal's
+    primary-key index instead of on random pages (measured: less writer CPU
+    per API payment), and they still cannot be guessed."""
+    return f"txn_{int(now * 1000) & 0xFFFF_FFFF_FFFF:012x}{os.urandom(10).hex()}"
+
+
 def _new_record(kind: str, key: ApiKey, *, status: str, rc: str, approval: str | None, masked: str,
                 amount: int, currency: str, terminal: str, merchant: str, iso: dict, parent: str | None,
                 now: float) -> dict:
     return {
-        "id": "txn_" + os.urandom(16).hex(),
+        "id": _txn_id(now),
         "type": kind,
         "status": status,
         "approved": rc in APPROVED_CODES,
