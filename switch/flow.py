@@ -59,6 +59,10 @@ REQUIRED = {
 _DUP_POLL_S = 0.05
 
 
+# response fields a terminal never gets back: card data the acquirer echoed, and
+# the bitmaps (re-encoded anyway)
+_NOT_TO_TERMINAL = NEVER_ECHO | {"p", "1"}
+
 @dataclass(slots=True)
 class RequestContext:
     listener: str
@@ -252,7 +256,9 @@ class TransactionFlow:
         return out
 
     def _terminal_doc(self, acq_resp: dict, req: dict) -> dict:
-        resp = {k: v for k, v in acq_resp.items() if k not in NEVER_ECHO and k not in ("p", "1")}
+        resp = dict(acq_resp)
+        for k in _NOT_TO_TERMINAL.intersection(resp):  # usually none: a C-level check
+            del resp[k]
         resp["11"] = req["11"]  # the terminal's own trace number (invariant 8)
         for k in ("32", "33"):
             if k in req:

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import random
 import time
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from core.bintable import BinRecord, BinTable, BinTableHolder
 from core.health import HALF_OPEN, AcquirerHealth, order_candidates
@@ -23,8 +23,10 @@ from switch.messages import pan_of
 SAMPLE_BIN_TABLE = Path(__file__).with_name("sample_bins.csv")
 
 
-@dataclass(frozen=True, slots=True)
-class RouteDecision:
+class RouteDecision(NamedTuple):
+    """Immutable; a NamedTuple because one is built per transaction and a
+    frozen dataclass's __init__ cost several times as much."""
+
     rule: str | None
     bin: BinRecord | None
     configured: tuple[str, ...]  # every acquirer the rule names, in rule order
@@ -113,4 +115,4 @@ class Router:
         trial = [h for h in ordered if h.state == HALF_OPEN]
         if trial:
             ordered = trial + [h for h in ordered if h.state != HALF_OPEN]
-        return RouteDecision(rule_name, rec, names, tuple(h.name for h in ordered))
+        return RouteDecision(rule_name, rec, names, tuple([h.name for h in ordered]))
