@@ -200,8 +200,10 @@ class FastPaymentsProtocol(asyncio.Protocol):
             transport.resume_reading()
         if buf:
             proto.data_received(buf)
-        if self._eof:
-            proto.eof_received()
+        if self._eof and not transport.is_closing() and not proto.eof_received():
+            # what the transport itself does when a protocol does not ask to
+            # stay half-open: without it aiohttp would wait for a body forever
+            transport.close()
 
     # -- housekeeping ---------------------------------------------------------
 
