@@ -264,7 +264,8 @@ def test_plain_http(tmp_path):
     run(main())
 
 
-def test_mangled_requests_never_hang_crash_or_get_a_5xx(tmp_path):
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
+def test_mangled_requests_never_hang_crash_or_get_a_5xx(tmp_path, tls):
     """Seeded mutations of a valid payment request (flipped, inserted, deleted and
     duplicated bytes, wrong lengths, stray CR/LF/NUL), each followed by the client
     closing: every answer is < 500, no request is left hanging (the API stops
@@ -295,7 +296,7 @@ def test_mangled_requests_never_hang_crash_or_get_a_5xx(tmp_path):
         return bytes(b)
 
     async def main():
-        async with running_api(tmp_path, {"acq-a": {}}, tls=False) as api:
+        async with running_api(tmp_path, {"acq-a": {}}, tls=tls) as api:
             statuses = []
             for _ in range(60):
                 c = await Raw.open(api)
