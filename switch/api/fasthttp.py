@@ -195,6 +195,8 @@ class FastPaymentsProtocol(asyncio.Protocol):
         proto = self._srv.aiohttp_factory()
         transport.set_protocol(proto)
         proto.connection_made(transport)
+        if self._write_paused:  # the transport will call resume_writing on aiohttp's protocol
+            proto.pause_writing()
         if self._read_paused:
             self._read_paused = False
             transport.resume_reading()
