@@ -36,8 +36,9 @@ log = logging.getLogger("isoswitch.api")
 _REQUEST_LINE = b"POST /v1/payments HTTP/1.1"
 # a header line as RFC 9110 allows it: a token, a colon, a value without
 # control characters (obs-fold and anything odd go to aiohttp)
-_TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
-_BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+_TOKEN_CHARS = b"!#$%&'*+.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz-"
+# control characters other than CR and LF (tab is allowed in values)
+_CTL = re.compile(rb"[\x00-\x08\x0b-\x0c\x0e-\x1f\x7f]")
 _HANDOFF_HEADERS = frozenset({"transfer-encoding", "expect", "upgrade"})
 MAX_HEAD = 8190  # aiohttp's default line/field limit: larger heads are its to refuse
 MAX_BACKLOG = 1 << 18  # bytes buffered behind a request in progress before reading pauses
@@ -132,16 +133,21 @@ class FastPaymentsProtocol(asyncio.Protocol):
             if len(buf) > MAX_HEAD or self._eof or b"\n\n" in buf:
                 self._handoff()
             return
-        lines = buf[:end].split(b"\r\n")
+        head = buf[:end]
+        crlf = head.count(b"\r\n")
+        if not head.startswith(_REQUEST_LINE) or _CTL.search(head) is not None \
+                or head.count(b"\r") != crlf or head.count(b"\n") != crlf:
+            self._handoff()  # another request, or a stray CR, LF or control character
+            return
+        lines = head.split(b"\r\n")
         if lines[0] != _REQUEST_LINE:
             self._handoff()
             return
         headers: dict[str, str] = {}
-        token, bad_value = _TOKEN.fullmatch, _BAD_VALUE.search
         for line in lines[1:]:
             name, colon, value = line.partition(b":")
-            if not colon or token(name) is None or bad_value(value) is not None:
-                self._handoff()
+            if not colon or not name or name.translate(None, _TOKEN_CHARS):
+                self._handoff()  # not "token: value"
                 return
             name = name.decode("ascii").lower()
             if name in headers or name in _HANDOFF_HEADERS:
