@@ -661,3 +661,40 @@ def test_payment_record_follows_the_answer_when_the_outcome_cannot_be_journaled(
                 assert json.loads(raw)["approved"]
 
     run(main())
+
+
+def test_idempotency_cache_is_bounded_and_forgets_expired_records(monkeypatch):
+    """Per API key at most ``per_key`` finished records, least recently used
+    forgotten first; a record older than ``ttl`` is forgotten; one still in
+    flight is never dropped (its waiters need it)."""
+    from switch.api import auth
+
+    async def main():
+        clock = [1000.0]
+        monkeypatch.setattr(auth.time, "time", lambda: clock[0])
+        cache = auth.IdempotencyCache(per_key=3, ttl=60.0)
+        recs = {}
+        for k in "abcd":
+            rec, new = cache.begin("key1", k, "fp-" + k)
+            assert new
+            recs[k] = rec
+            if k != "a":
+                cache.finish("key1", k, rec, 201, b"{}", "application/json")
+        # "a" is in flight: it stops the sweep although there are four
+        assert list(cache._by_key["key1"]) == ["a", "b", "c", "d"]
+        cache.finish("key1", "a", recs["a"], 201, b"{}", "application/json")
+        cache.begin("key1", "e", "fp-e")  # in flight from here on
+        assert list(cache._by_key["key1"]) == ["c", "d", "e"]
+        # the same key and request replays; another request with it is a conflict
+        rec, new = cache.begin("key1", "d", "fp-d")
+        assert not new and rec.status == 201
+        with pytest.raises(auth.IdempotencyConflict):
+            cache.begin("key1", "d", "fp-other")
+        # past the TTL a key is new again, and expired finished records go;
+        # "e", still in flight, stays
+        clock[0] += 61.0
+        rec, new = cache.begin("key1", "d", "fp-other")
+        assert new
+        assert list(cache._by_key["key1"]) == ["e", "d"]
+
+    run(main())

@@ -237,6 +237,7 @@ class IdempotencyCache:
         self.per_key = per_key
         self.ttl = ttl
         self._by_key: dict[str, collections.OrderedDict[str, IdempotencyRecord]] = {}
+        self._swept = 0.0  # expired records are swept at most once a second (and whenever over per_key)
 
     @staticmethod
     def fingerprint(method: str, path: str, body: bytes) -> str:
@@ -263,6 +264,9 @@ class IdempotencyCache:
             return rec, False
         rec = IdempotencyRecord(fingerprint, now, asyncio.get_running_loop().create_future())
         records[idem_key] = rec
+        if len(records) <= self.per_key and now - self._swept < 1.0:
+            return rec, True
+        self._swept = now
         # bounded: forget the least recently used (and expired) finished
         # records from the front; an in-flight one stops the sweep, its
         # waiters need it (a brief overshoot is fine)
