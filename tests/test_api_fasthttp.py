@@ -317,3 +317,32 @@ def test_mangled_requests_never_hang_crash_or_get_a_5xx(tmp_path, tls):
             # nothing is left waiting for a body from a client that has gone
             await asyncio.wait_for(api.runner.cleanup(), 5)
     run(main())
+
+
+def test_a_failing_handler_is_a_plain_500_on_both_paths(tmp_path, monkeypatch, caplog):
+    """A bug in the payment handler: both paths answer the same 500 problem, log
+    the traceback (never the card) and count it in the metrics."""
+    from switch.api import server
+
+    def broken(st, key, body):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(server, "payment_reply", broken)
+
+    async def main():
+        async with running_api(tmp_path, {"acq-a": {}}) as api:
+            answers = []
+            for target in ("/v1/payments", "/v1/payments?via=aiohttp"):
+                c = await Raw.open(api)
+                await c.send(request(api, payment(), target=target))
+                status, headers, body = await c.response()
+                c.close()
+                answers.append((status, headers["content-type"], json.loads(body)))
+            assert answers[0] == answers[1]
+            status, ctype, doc = answers[0]
+            assert status == 500 and ctype == "application/problem+json"
+            assert doc["type"] == "urn:isoswitch:problem:internal-error" and "boom" not in json.dumps(doc)
+            assert 'route="/v1/payments",status="500"' in api.metrics.exposition().decode()
+    run(main())
+    failures = [r for r in caplog.records if "API handler failed" in r.getMessage()]
+    assert len(failures) == 2 and all(TEST_PAN not in r.getMessage() for r in failures)

@@ -382,6 +382,13 @@ def _route_name(request: web.Request) -> str:
     return getattr(resource, "canonical", "unmatched")
 
 
+def _internal_error(method: str, route: str) -> Problem:
+    """Log the exception being handled (its traceback, never the request) and
+    answer a plain 500 problem."""
+    log.exception("API handler failed for %s %s", method, route)
+    return Problem(500, "Internal error", "the request could not be completed", slug="internal-error")
+
+
 @web.middleware
 async def problem_middleware(request: web.Request, handler):
     st = _state(request)
@@ -401,9 +408,7 @@ async def problem_middleware(request: web.Request, handler):
     except asyncio.CancelledError:
         raise
     except Exception:
-        log.exception("API handler failed for %s %s", request.method, _route_name(request))
-        resp = Problem(500, "Internal error", "the request could not be completed",
-                       slug="internal-error").response()
+        resp = _internal_error(request.method, _route_name(request)).response()
     st.metrics.observe_api(_route_name(request), request.method, resp.status, time.perf_counter() - t0)
     return resp
 
@@ -524,9 +529,7 @@ async def serve_payment(st: ApiState, get, body: bytes) -> Reply:
     except asyncio.CancelledError:
         raise
     except Exception:
-        log.exception("API handler failed for POST /v1/payments")
-        reply = Problem(500, "Internal error", "the request could not be completed",
-                        slug="internal-error").reply()
+        reply = _internal_error("POST", "/v1/payments").reply()
     st.metrics.observe_api("/v1/payments", "POST", reply.status, time.perf_counter() - t0)
     return reply
 
