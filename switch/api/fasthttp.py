@@ -33,7 +33,9 @@ from aiohttp import web
 
 log = logging.getLogger("isoswitch.api")
 
-_REQUEST_LINE = b"POST /v1/payments HTTP/1.1"
+# the request line and its CRLF: a head without header lines has no
+# Content-Length, so aiohttp's anyway
+_REQUEST_LINE = b"POST /v1/payments HTTP/1.1\r\n"
 # a header line as RFC 9110 allows it: a token, a colon, a value without
 # control characters (obs-fold and anything odd go to aiohttp)
 _TOKEN_CHARS = b"!#$%&'*+.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz-"
@@ -139,12 +141,8 @@ class FastPaymentsProtocol(asyncio.Protocol):
                 or head.count(b"\r") != crlf or head.count(b"\n") != crlf:
             self._handoff()  # another request, or a stray CR, LF or control character
             return
-        lines = head.split(b"\r\n")
-        if lines[0] != _REQUEST_LINE:
-            self._handoff()
-            return
         headers: dict[str, str] = {}
-        for line in lines[1:]:
+        for line in head[len(_REQUEST_LINE):].split(b"\r\n"):
             name, colon, value = line.partition(b":")
             if not colon or not name or name.translate(None, _TOKEN_CHARS):
                 self._handoff()  # not "token: value"
