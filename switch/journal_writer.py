@@ -461,12 +461,18 @@ class ProcessWriter(asyncio.Protocol):
         self._lost: asyncio.Future | None = None
         self.error: str | None = None
         self._stopping = False
+        self._respawn: asyncio.Task | None = None
 
     # -- lifecycle
 
     async def start(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        await self._spawn()
+
+    async def _spawn(self) -> None:
         from switch.journal import JournalError
-        loop = self.loop = asyncio.get_running_loop()
+        loop = self.loop
+        self._unpacker = _unpacker()
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             env = dict(os.environ)
@@ -491,15 +497,41 @@ class ProcessWriter(asyncio.Protocol):
             "path": self.path, "synchronous": self.synchronous, "keys": self._keyring._material(),
             "node_id": self.node_id, "boot_id": self.boot_id, "group_commit_s": self.group_commit_s,
         }))
-        self._keyring = None
         try:
             await self._ready
         except BaseException:
             await self._reap(kill=True)
             raise
 
+    async def _restart(self) -> None:
+        """A new writer child after the last one died, with backoff: journal
+        writes fail (and the flow answers 96) only while it is down."""
+        from switch.journal import JournalError
+        delay = 0.2
+        while not self._stopping:
+            await self._reap(kill=True)
+            await asyncio.sleep(delay)
+            if self._stopping:
+                return
+            try:
+                await self._spawn()
+            except (JournalError, OSError) as exc:
+                log.error("journal writer restart failed (%s); next attempt in %.1f s", exc, min(delay * 2, 10.0))
+                delay = min(delay * 2, 10.0)
+                continue
+            self.stats["restarts"] = self.stats.get("restarts", 0) + 1
+            self.error = None
+            log.warning("journal writer restarted; journal writes resume")
+            return
+
     async def stop(self) -> None:
         self._stopping = True
+        if self._respawn is not None and not self._respawn.done():
+            self._respawn.cancel()
+            try:
+                await self._respawn
+            except asyncio.CancelledError:
+                pass
         if self.transport is not None and not self.transport.is_closing():
             self._flush()
             self.transport.write(_packb((0, "stop", ())))
@@ -595,14 +627,20 @@ class ProcessWriter(asyncio.Protocol):
 
     def connection_lost(self, exc) -> None:
         from switch.journal import JournalError
+        self._buf.clear()  # their futures fail below: never sent to a later writer
+        # restart a writer that was serving, not one that failed to start
+        ready = self._ready is not None and self._ready.done() and not self._ready.cancelled() \
+            and self._ready.exception() is None
         if self.error is None:
             self.error = "journal writer has stopped"
             if not self._stopping:
-                # every write from now on fails (the flow answers 96); /readyz
-                # reports it; a restart of the switch recovers (invariant 7)
+                # writes fail (the flow answers 96, and reverses what an acquirer
+                # answered) until a new writer runs; /readyz reports it meanwhile
                 code = self.proc.poll() if self.proc is not None else None
                 log.critical("journal writer process exited unexpectedly (exit status %s); "
-                             "journal writes fail until the switch is restarted", code)
+                             "journal writes fail until it is restarted", code)
+        if not self._stopping and ready and (self._respawn is None or self._respawn.done()):
+            self._respawn = self.loop.create_task(self._restart(), name="journal-writer-restart")
         err = JournalError(self.error)
         if self._ready is not None and not self._ready.done():
             self._ready.set_exception(err)

@@ -567,12 +567,22 @@ def test_api_keys_persisted_hashed(tmp_path):
     assert again.revoke("k1") and ApiKeyStore(tmp_path / "keys.json").authenticate(clear) is None
 
 
-def test_readyz_reports_a_dead_journal_writer(tmp_path):
-    """The SQLite writer process killed under a running switch: /readyz turns 503 and
-    names the journal, a payment gets 96 (nothing forwarded without a journal row)."""
+def test_readyz_reports_a_dead_journal_writer(tmp_path, monkeypatch):
+    """The SQLite writer process killed under a running switch, and its restarts
+    failing for a while: /readyz turns 503 and names the journal, a payment gets
+    96 (nothing forwarded without a journal row). Once a restart succeeds,
+    /readyz is 200 again and payments are approved."""
     import signal
+
+    from switch.journal import JournalError
+    from switch.journal_writer import ProcessWriter
+
+    async def cannot_start(self):
+        raise JournalError("journal writer cannot start (test)")
+
     async def main():
         async with running_api(tmp_path) as api:
+            monkeypatch.setattr(ProcessWriter, "_spawn", cannot_start)
             os.kill(api.sw.journal._writer.proc.pid, signal.SIGKILL)
             async with api.session(None) as s:
                 for _ in range(100):
@@ -587,6 +597,18 @@ def test_readyz_reports_a_dead_journal_writer(tmp_path):
                 st, raw, _ = await post(p, "/v1/payments", payment())
             assert json.loads(raw)["response_code"] == "96", (st, raw)
             assert api.sw.links["acq-a"].counters["sent"] == sent
+            monkeypatch.undo()  # the next restart attempt succeeds
+            async with api.session(None) as s:
+                for _ in range(400):
+                    async with s.get("/readyz") as r:
+                        if r.status == 200:
+                            break
+                    await asyncio.sleep(0.05)
+                assert r.status == 200
+            async with api.session() as p:
+                st, raw, _ = await post(p, "/v1/payments", payment())
+            assert json.loads(raw)["response_code"] == "00", (st, raw)
+            assert api.sw.journal.stats["restarts"] == 1
     run(main())
 
 

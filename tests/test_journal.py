@@ -834,7 +834,8 @@ def test_sqlite_writer_process_lifecycle_and_no_key_material_in_argv_or_env(tmp_
 
 def test_sqlite_writer_death_fails_writes_and_is_reported(tmp_path):
     """A writer killed under the switch: pending and later writes raise JournalError
-    (the flow answers 96), problem() says why (/readyz turns 503); nothing hangs."""
+    (the flow answers 96), problem() says why (/readyz turns 503); nothing hangs;
+    a new writer process is started and writes work again."""
     import signal as _signal
     async def go():
         j = SqliteJournal(tmp_path / "d.db", KeyRing.generate())
@@ -850,6 +851,14 @@ def test_sqlite_writer_death_fails_writes_and_is_reported(tmp_path):
                 await j.record_outcome(tid, "00", None, {"39": "00"}, 1.0)
             # what was committed before stays readable
             assert (await j.get(tid))["state"] == "received"
+            # a new writer process takes over by itself
+            for _ in range(300):
+                if j.problem() is None:
+                    break
+                await asyncio.sleep(0.05)
+            assert j.problem() is None and j.stats["restarts"] == 1
+            await j.record_outcome(tid, "00", None, {"39": "00"}, 1.0)
+            assert (await j.get(tid))["response_code"] == "00"
         finally:
             await j.close()
         # the next start on the same file works (a restarted switch)
