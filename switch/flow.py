@@ -171,11 +171,12 @@ class TransactionFlow:
         t0 = time.monotonic()
         txn = self._txn_record(req, ctx, key)
         try:
+            sent = None  # the request as an acquirer answered it
             if mti in REVERSAL_REQUESTS:
                 txn_id = await self.journal.record_received(txn)
                 resp, acquirer = await self._terminal_reversal(req, ctx, txn_id)
             else:
-                txn_id, resp, acquirer = await self._forward(req, ctx, txn)
+                txn_id, resp, acquirer, sent = await self._forward(req, ctx, txn)
                 if txn_id is None:  # answered without forwarding (92, 91): journal it now
                     txn_id = await self.journal.record_received(txn)
         except DuplicateTransaction:
@@ -193,7 +194,18 @@ class TransactionFlow:
             except Exception:  # the channel's problem; the outcome is journaled regardless
                 log.exception("before_outcome hook failed")
         # the outcome is durable before the terminal hears it (invariant 2)
-        await self.journal.record_outcome(txn_id, resp.get("39"), resp.get("38"), resp, elapsed * 1000.0)
+        try:
+            await self.journal.record_outcome(txn_id, resp.get("39"), resp.get("38"), resp, elapsed * 1000.0)
+        except Exception:
+            if sent is not None:
+                # The acquirer answered, but the terminal will hear 96 instead:
+                # whatever the acquirer approved must be undone there. (A restart
+                # would queue this reversal too, DESIGN.md #7; the switch may run
+                # on for long after a passing journal failure.)
+                self.counters["outcome_not_journaled"] += 1
+                await self.reversals.enqueue_or_hold(acquirer, sent, "answer not delivered: its outcome could "
+                                                     "not be journaled", txn_id)
+            raise
         if self.on_transaction is not None:
             seconds = time.monotonic() - ctx.received
             self.on_transaction(mti, acquirer, resp.get("39", ""), seconds)
@@ -271,12 +283,13 @@ class TransactionFlow:
         return resp
 
     async def _forward(self, req: dict, ctx: RequestContext,
-                       txn: TxnRecord) -> tuple[int | None, dict, str]:
-        """(txn_id or None if nothing was journaled, response, acquirer)."""
+                       txn: TxnRecord) -> tuple[int | None, dict, str, dict | None]:
+        """(txn_id or None if nothing was journaled, response, acquirer, the
+        request as sent to the acquirer whose answer this is, else None)."""
         decision = self.router.route(req)
         if not decision.configured:
             self.counters["no_route"] += 1
-            return None, switch_response(req, RC_NO_ROUTE), ""
+            return None, switch_response(req, RC_NO_ROUTE), "", None
         journal = self.journal
         journaled: list[int] = []  # the txn_id once the first forwarding is journaled
         last_answer = None
@@ -319,11 +332,14 @@ class TransactionFlow:
                 link.health.record_failure("timeout", time.monotonic())
                 self.counters["unknown_outcome"] += 1
                 txn_id = journaled[0]
-                await journal.record_timeout(txn_id)
-                await self.reversals.enqueue(name, e.sent_doc, e.reason, txn_id)
+                try:
+                    await journal.record_timeout(txn_id)
+                except Exception as exc:  # the reversal below matters more than this mark
+                    log.error("txn %s: timeout not journaled (%s)", txn_id, exc)
+                await self.reversals.enqueue_or_hold(name, e.sent_doc, e.reason, txn_id)
                 log.warning("outcome unknown at %s (%s) for pan %s: reversal queued",
                             name, e.reason, mask_pan(pan_of(req)))
-                return txn_id, switch_response(req, RC_INOPERATIVE), name
+                return txn_id, switch_response(req, RC_INOPERATIVE), name, None
             if self.on_acquirer is not None:
                 self.on_acquirer(name, reply.latency)
             rc = reply.doc.get("39", "")
@@ -334,13 +350,14 @@ class TransactionFlow:
                 continue
             link.health.record_success(reply.latency, time.monotonic())
             self.counters["answered"] += 1
-            return journaled[0], self._terminal_doc(reply.doc, req), name
+            return journaled[0], self._terminal_doc(reply.doc, req), name, reply.sent_doc
         txn_id = journaled[0] if journaled else None
         if last_answer is not None:
             # every candidate declined with a "try elsewhere" code: pass the last one on
-            return txn_id, self._terminal_doc(last_answer.doc, req), last_answer.acquirer
+            return (txn_id, self._terminal_doc(last_answer.doc, req), last_answer.acquirer,
+                    last_answer.sent_doc)
         self.counters["no_acquirer"] += 1
-        return txn_id, switch_response(req, RC_INOPERATIVE), ""
+        return txn_id, switch_response(req, RC_INOPERATIVE), "", None
 
     async def _terminal_reversal(self, req: dict, ctx: RequestContext,
                                  txn_id: int) -> tuple[dict, str]:

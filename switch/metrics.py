@@ -420,6 +420,15 @@ class SwitchCollector:
         parked = GaugeMetricFamily("isoswitch_reversals_parked", "Reversals parked past their limits")
         parked.add_metric([], len(reversals.parked) if reversals is not None else 0)
         yield parked
+        held = GaugeMetricFamily("isoswitch_reversals_held",
+                                 "Reversals held in memory because the journal refused them (retried every second)")
+        held.add_metric([], reversals.held if reversals is not None else 0)
+        yield held
+        journal = getattr(sw, "journal", None)
+        restarts = CounterMetricFamily("isoswitch_journal_writer_restarts",
+                                       "Times the SQLite journal's writer process was restarted after dying")
+        restarts.add_metric([], (getattr(journal, "stats", None) or {}).get("restarts", 0))
+        yield restarts
         rev_events = CounterMetricFamily("isoswitch_reversal_events", "Store-and-forward counters",
                                          labels=["event"])
         if reversals is not None:

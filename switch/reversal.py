@@ -97,6 +97,8 @@ class ReversalQueue:
         self._tasks: dict[str, asyncio.Task] = {}
         self._depth: dict[str, int] = {}
         self._parked: list = []
+        self._held: collections.deque = collections.deque()  # reversals the journal could not take yet
+        self._held_task: asyncio.Task | None = None
         self._stopping = False
 
     def bind(self, links: dict) -> None:
@@ -131,6 +133,39 @@ class ReversalQueue:
         self._wake[acquirer].set()
         return entry_id
 
+    async def enqueue_or_hold(self, acquirer: str, original: dict, reason: str, txn_id: int | None = None) -> None:
+        """``enqueue``, or when the journal refuses the write (writer down, disk
+        full): keep the reversal in memory and offer it again every second
+        until the journal takes it. Never dropped while the process lives; if
+        the process ends first, start-up recovery (DESIGN.md #7) queues every
+        forwarded request whose outcome is not journaled."""
+        try:
+            await self.enqueue(acquirer, original, reason, txn_id)
+        except Exception as exc:
+            self._held.append((acquirer, reversal_payload(original), reason, txn_id))
+            self.counters["held"] += 1
+            log.critical("reversal for %s (%s) not journaled (%s); held in memory (%d held), retried every second",
+                         acquirer, reason, exc, len(self._held))
+            if self._held_task is None or self._held_task.done():
+                self._held_task = asyncio.get_running_loop().create_task(self._offer_held(), name="reversals-held")
+
+    @property
+    def held(self) -> int:
+        """Reversals waiting in memory for the journal to take them."""
+        return len(self._held)
+
+    async def _offer_held(self) -> None:
+        while self._held:
+            await asyncio.sleep(1.0)
+            while self._held:
+                acquirer, payload, reason, txn_id = self._held[0]
+                try:
+                    await self.enqueue(acquirer, payload, reason, txn_id)
+                except Exception:
+                    break  # the journal still refuses: next second
+                self._held.popleft()
+                self.counters["held_journaled"] += 1
+
     async def requeue_parked(self, entry_id: int) -> bool:
         entry = await self.journal.sf_get(entry_id)
         ok = await self.journal.sf_requeue(entry_id)
@@ -150,9 +185,22 @@ class ReversalQueue:
 
     async def stop(self) -> None:
         self._stopping = True
-        for t in self._tasks.values():
+        tasks = list(self._tasks.values())
+        if self._held_task is not None:
+            tasks.append(self._held_task)
+        for t in tasks:
             t.cancel()
-        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
+        while self._held:  # a last offer before the journal closes
+            acquirer, payload, reason, txn_id = self._held[0]
+            try:
+                await self.enqueue(acquirer, payload, reason, txn_id)
+            except Exception:
+                log.critical("%d reversal(s) could not be journaled before stopping; start-up recovery "
+                             "queues those whose outcome is not journaled", len(self._held))
+                break
+            self._held.popleft()
+            self.counters["held_journaled"] += 1
 
     async def wait_empty(self, timeout: float = 10.0) -> bool:
         deadline = time.monotonic() + timeout

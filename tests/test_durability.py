@@ -297,3 +297,44 @@ def test_two_switch_processes_on_one_postgres_journal_send_each_reversal_once(tm
             await sim.stop()
 
     run(go(), timeout=150)
+
+
+def test_journal_writer_killed_under_traffic_restarts_and_reverses_undelivered_answers(tmp_path):
+    """kill -9 of the SQLite journal's writer process while the acquirer holds
+    30 requests: their approvals cannot be journaled, so the terminals hear 96
+    and each approval is reversed exactly once; the writer comes back by itself
+    and later requests are approved again, without restarting the switch."""
+    async def go():
+        async with running_switch(tmp_path, {"acq-a": {"latency_ms": 250.0}}) as sw:
+            sim = sw.sims["acq-a"]
+            writer = sw.journal._writer
+            old_pid = writer.proc.pid
+            async with terminal(sw, tmp_path) as t:
+                first = [asyncio.create_task(t.request(make_purchase(1000 + i, stan=i + 1), timeout=10))
+                         for i in range(30)]
+                assert await wait_until(lambda: len(financial(sim)) == 30, 10)
+                os.kill(old_pid, signal.SIGKILL)  # the answers are still at the acquirer
+                answers = await asyncio.gather(*first)
+                assert await wait_until(lambda: sw.journal.problem() is None, 30)
+                assert writer.proc.pid != old_pid and writer.stats["restarts"] == 1
+                later = [await t.request(make_purchase(2000 + i, stan=100 + i), timeout=10) for i in range(5)]
+            assert [r["39"] for r in later] == ["00"] * 5
+            codes = collections.Counter(r["39"] for r in answers)
+            assert set(codes) <= {"00", "96"} and codes["96"] >= 1, codes
+            assert await sw.reversals.wait_empty(30)
+            undelivered = {r["4"] for r in answers if r["39"] == "96"}
+            forwarded = {d["4"] for d in financial(sim)}
+            reversed_ = collections.Counter(r["4"] for r in reversals(sim))
+            # every answer the terminal did not get is reversed, once; nothing delivered is
+            assert set(reversed_) == undelivered & forwarded and set(reversed_.values()) == {1}
+            assert sw.flow.counters["outcome_not_journaled"] == len(reversed_)
+            # the journal was down when they were due: held in memory, then journaled
+            held = sw.reversals.counters
+            assert held["held"] >= 1 and held["held_journaled"] == held["held"] and sw.reversals.held == 0
+            # the journal agrees: no forwarded request is left without an outcome or a reversal
+            rows = await sw.journal.by_time(limit=100)
+            open_rows = [r for r in rows if r["response_code"] is None and not r["reversal_queued"]
+                         and r["forwarded_at"] is not None]
+            assert open_rows == [], open_rows
+
+    run(go(), timeout=150)
