@@ -154,17 +154,26 @@ class ReversalQueue:
         """Reversals waiting in memory for the journal to take them."""
         return len(self._held)
 
+    async def _offer_first_held(self) -> None:
+        """Journal the oldest held reversal (raises while the journal refuses).
+        A refused write may still have committed (the writer died between its
+        COMMIT and the reply): a transaction already marked as reversed is not
+        queued twice."""
+        acquirer, payload, reason, txn_id = self._held[0]
+        row = await self.journal.get(txn_id) if txn_id is not None else None
+        if row is None or not row.get("reversal_queued"):
+            await self.enqueue(acquirer, payload, reason, txn_id)
+        self._held.popleft()
+        self.counters["held_journaled"] += 1
+
     async def _offer_held(self) -> None:
         while self._held:
             await asyncio.sleep(1.0)
             while self._held:
-                acquirer, payload, reason, txn_id = self._held[0]
                 try:
-                    await self.enqueue(acquirer, payload, reason, txn_id)
+                    await self._offer_first_held()
                 except Exception:
                     break  # the journal still refuses: next second
-                self._held.popleft()
-                self.counters["held_journaled"] += 1
 
     async def requeue_parked(self, entry_id: int) -> bool:
         entry = await self.journal.sf_get(entry_id)
@@ -192,15 +201,12 @@ class ReversalQueue:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         while self._held:  # a last offer before the journal closes
-            acquirer, payload, reason, txn_id = self._held[0]
             try:
-                await self.enqueue(acquirer, payload, reason, txn_id)
+                await self._offer_first_held()
             except Exception:
                 log.critical("%d reversal(s) could not be journaled before stopping; start-up recovery "
                              "queues those whose outcome is not journaled", len(self._held))
                 break
-            self._held.popleft()
-            self.counters["held_journaled"] += 1
 
     async def wait_empty(self, timeout: float = 10.0) -> bool:
         deadline = time.monotonic() + timeout

@@ -1053,3 +1053,46 @@ def test_retention_days_config_and_background_pruning(tmp_path):
             await j.close()
 
     run(go())
+
+
+@pytest.mark.parametrize("committed", [False, True], ids=["refused", "committed-but-refused"])
+def test_a_reversal_the_journal_refuses_is_held_and_queued_exactly_once(tmp_path, committed):
+    """ReversalQueue.enqueue_or_hold: while the journal refuses the write the
+    reversal waits in memory and is offered again every second. When a refused
+    write had in fact committed (the writer died after COMMIT, before replying),
+    the transaction is already marked reversed and nothing is queued twice."""
+    from switch.reversal import ReversalQueue
+
+    async def go():
+        async with SqliteJournal(tmp_path / "j.db", KeyRing.generate()) as j:
+            tid = await j.record_received_forwarded(txn(stan="000042"), "acq-a", "000007",
+                                                    {"t": "0200", "11": "000007", "4": "000000001000"})
+            rq = ReversalQueue(j, poll_s=0.05)
+            rq._ensure_worker = lambda acquirer: None  # no sender: the queue itself is what is checked
+            real, calls = j.sf_enqueue, []
+
+            async def flaky(*a, **k):
+                calls.append(a)
+                if len(calls) <= 2:
+                    if committed and len(calls) == 1:
+                        await real(*a, **k)
+                    raise JournalError("journal writer has stopped")
+                return await real(*a, **k)
+
+            j.sf_enqueue = flaky
+            await rq.enqueue_or_hold("acq-a", {"t": "0200", "11": "000007", "4": "000000001000", "2": "4111111111111111"},
+                                     "test", tid)
+            assert rq.held == 1 and rq.counters["held"] == 1
+            for _ in range(100):
+                if rq.held == 0:
+                    break
+                await asyncio.sleep(0.1)
+            assert rq.held == 0 and rq.counters["held_journaled"] == 1
+            entries = await j.sf_list()
+            assert [(e.acquirer, e.txn_id) for e in entries] == [("acq-a", tid)]
+            assert (await j.get(tid))["reversal_queued"]
+            # a committed first attempt is found on the next offer: no second write
+            assert len(calls) == (1 if committed else 3)
+            await rq.stop()
+
+    run(go())
