@@ -427,6 +427,10 @@ class AcquirerLink:
                 p.future.set_exception(_Lost())
         if lost:
             self.counters["lost_in_flight"] += len(lost)
+            # one failure for the breaker per lost connection, however many
+            # requests it carried: a single reset must not hold the acquirer
+            # open for open_seconds when the link is back in milliseconds
+            self.health.record_failure("connect", time.monotonic())
 
     def _on_frame(self, frame: bytes, conn: _LinkProtocol) -> None:
         if self.cfg.tpdu:

@@ -329,7 +329,8 @@ class TransactionFlow:
                 continue
             except OutcomeUnknown as e:
                 # possibly received: reverse there, never re-send elsewhere
-                link.health.record_failure("timeout", time.monotonic())
+                if e.reason == "timeout":  # a lost link counted itself, once (AcquirerLink)
+                    link.health.record_failure("timeout", time.monotonic())
                 self.counters["unknown_outcome"] += 1
                 txn_id = journaled[0]
                 try:

@@ -41,8 +41,9 @@ def _toml(v) -> str:
 @contextlib.asynccontextmanager
 async def running_switch(tmp_path: Path, sims: dict[str, dict] | None = None, *,
                          acquirer_opts: dict[str, dict] | None = None, listener: dict | None = None,
-                         routing: str = "", wait_up: bool = True):
-    """Start simulators (name -> AcquirerSimulator kwargs), then a switch routed to them."""
+                         routing: str = "", wait_up: bool = True, proxies: dict | None = None):
+    """Start simulators (name -> AcquirerSimulator kwargs), then a switch routed to them
+    (through ``proxies[name]``, a tests.faultproxy.FaultProxy, where given)."""
     sims = {"acq-a": {}, "acq-b": {}} if sims is None else sims
     acquirer_opts = acquirer_opts or {}
     started: dict[str, AcquirerSimulator] = {}
@@ -55,11 +56,15 @@ async def running_switch(tmp_path: Path, sims: dict[str, dict] | None = None, *,
     text = f'[switch]\nstate_dir = "{tmp_path / "state"}"\nshutdown_grace = 1.0\n'
     text += "[simulators]\nembedded = false\n"
     text += "[[listeners]]\n" + "\n".join(f"{k} = {_toml(v)}" for k, v in lst.items()) + "\n"
+    proxies = proxies or {}
     for name, sim in started.items():
         opts = dict(acquirer_opts.get(name, {}))
         if "dialect" not in opts and sims[name].get("dialect"):
             opts["dialect"] = sims[name]["dialect"]
-        text += acquirer_block(name, sim.port, **opts)
+        port = sim.port
+        if name in proxies:
+            port = (await proxies[name].start(sim.port)).port
+        text += acquirer_block(name, port, **opts)
     text += textwrap.dedent(routing)
     cfg_path = tmp_path / "isoswitch.toml"
     cfg_path.write_text(text)
@@ -72,6 +77,8 @@ async def running_switch(tmp_path: Path, sims: dict[str, dict] | None = None, *,
         yield sw
     finally:
         await sw.stop(grace=0.5)
+        for proxy in proxies.values():
+            await proxy.stop()
         for sim in started.values():
             await sim.stop()
 
