@@ -228,7 +228,7 @@ class WriterCore:
         return complete
 
     def _one_by_one(self, sql: str, seqs: list, rows: list, results: list, *, returning: bool) -> None:
-        conn, JournalError = self.conn, self.J.JournalError
+        conn = self.conn
         for seq, row in zip(seqs, rows):
             try:
                 if returning:
@@ -237,75 +237,71 @@ class WriterCore:
                 else:
                     results.append((seq, True, conn.execute(sql, row).rowcount))
             except Exception as exc:
-                if not conn.in_transaction:  # SQLite rolled the whole group back
-                    raise sqlite3.OperationalError(f"transaction rolled back: {exc}") from None
-                results.append((seq, False, str(exc) if isinstance(exc, JournalError) else
-                                f"journal write failed: {type(exc).__name__}: {exc}"))
+                results.append((seq, False, self._failed(exc)))
+
+    def _failed(self, exc: Exception) -> str:
+        """The message for one write that failed; raises when SQLite rolled back
+        the whole group (then every write in it fails)."""
+        if not self.conn.in_transaction:
+            raise sqlite3.OperationalError(f"transaction rolled back: {exc}") from None
+        if isinstance(exc, self.J.JournalError):
+            return str(exc)
+        return f"journal write failed: {type(exc).__name__}: {exc}"
+
+    def _run_one(self, seq, name, args, results: list) -> None:
+        conn = self.conn
+        spec = self.ops.get(name)
+        if spec is None:
+            results.append((seq, False, f"journal write failed: unknown operation {name!r}"))
+            return
+        fn, atomic = spec
+        if atomic is None:  # sf_insert: atomic when it also marks the transaction
+            atomic = args[1] == "reversal" and args[2] is not None
+        if atomic:
+            conn.execute("SAVEPOINT op")
+        try:
+            results.append((seq, True, fn(*args)))
+        except Exception as exc:
+            results.append((seq, False, self._failed(exc)))
+            if atomic:
+                conn.execute("ROLLBACK TO op")
+        if atomic:
+            conn.execute("RELEASE op")
+
+    def _abandon(self, group, message: str) -> list:
+        try:
+            self.conn.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass
+        return [(s, False, message) for s, _op, _a in group]
 
     def run_group(self, group) -> list:
         """Run ``[(seq, op, args), ...]`` in one transaction; ``[(seq, ok, value), ...]`` after COMMIT."""
         conn = self.conn
-        JournalError = self.J.JournalError
         try:
             conn.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
             return [(seq, False, f"journal write failed: {exc}") for seq, _op, _a in group]
-        results = []
-        ops = self.ops
-        i, n = 0, len(group)
-        while i < n:
-            seq, name, args = group[i]
-            if name in _BATCHED:
+        results: list = []
+        try:
+            i, n = 0, len(group)
+            while i < n:
+                seq, name, args = group[i]
                 j = i + 1
-                while j < n and group[j][1] in _BATCHED:
-                    j += 1
+                if name in _BATCHED:
+                    while j < n and group[j][1] in _BATCHED:
+                        j += 1
                 if j - i > 1:
-                    try:
-                        self._run_batch(group[i:j], results)
-                    except sqlite3.Error as exc:  # the transaction itself is broken
-                        try:
-                            conn.execute("ROLLBACK")
-                        except sqlite3.Error:
-                            pass
-                        return [(s, False, f"journal write failed: {exc}") for s, _op, _a in group]
-                    i = j
-                    continue
-            i += 1
-            try:
-                spec = ops.get(name)
-                if spec is None:
-                    results.append((seq, False, f"journal write failed: unknown operation {name!r}"))
-                    continue
-                fn, atomic = spec
-                if atomic is None:  # sf_insert: atomic when it also marks the transaction
-                    atomic = args[1] == "reversal" and args[2] is not None
-                if atomic:
-                    conn.execute("SAVEPOINT op")
-                try:
-                    results.append((seq, True, fn(*args)))
-                except Exception as exc:
-                    if not conn.in_transaction:  # SQLite rolled the whole group back
-                        raise sqlite3.OperationalError(f"transaction rolled back: {exc}") from None
-                    if atomic:
-                        conn.execute("ROLLBACK TO op")
-                    results.append((seq, False, str(exc) if isinstance(exc, JournalError) else
-                                    f"journal write failed: {type(exc).__name__}: {exc}"))
-                if atomic:
-                    conn.execute("RELEASE op")
-            except sqlite3.Error as exc:  # the transaction itself is broken
-                try:
-                    conn.execute("ROLLBACK")
-                except sqlite3.Error:
-                    pass
-                return [(s, False, f"journal write failed: {exc}") for s, _op, _a in group]
+                    self._run_batch(group[i:j], results)
+                else:
+                    self._run_one(seq, name, args, results)
+                i = j
+        except sqlite3.Error as exc:  # the transaction itself is broken
+            return self._abandon(group, f"journal write failed: {exc}")
         try:
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
-            try:
-                conn.execute("ROLLBACK")
-            except sqlite3.Error:
-                pass
-            return [(s, False, f"journal commit failed: {exc}") for s, _op, _a in group]
+            return self._abandon(group, f"journal commit failed: {exc}")
         return results
 
 
