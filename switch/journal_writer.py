@@ -194,7 +194,7 @@ class WriterCore:
             try:
                 row = self._fwd_row(*args) if fwd else self._outcome_row(*args)
             except Exception as exc:
-                results.append((seq, False, f"journal write failed: {type(exc).__name__}: {exc}"))
+                results.append((seq, False, self._failed(exc)))
                 continue
             (fwd_seqs if fwd else out_seqs).append(seq)
             (fwd_rows if fwd else out_rows).append(row)
