@@ -43,6 +43,11 @@ class NotSent(Exception):
         self.reason = reason
 
 
+# NotSent.reason when journaling the forwarding outlasted the request's time:
+# the journal's fault, not the acquirer's (no breaker failure)
+NOT_SENT_LATE = "no time left after journaling"
+
+
 class OutcomeUnknown(Exception):
     """The request may have reached the acquirer: it must be reversed there."""
 
@@ -332,7 +337,10 @@ class AcquirerLink:
         when it may have (timeout, link lost after the write).
         `before_write(stan, doc)` is awaited after the link STAN is assigned and
         before any byte is written: the journal records the forwarding there
-        (DESIGN.md #2), so a crash after the write always finds it.
+        (DESIGN.md #2), so a crash after the write always finds it. `timeout`
+        counts from this call, that write included: when the journal took all
+        of it, nothing is sent (NotSent, NOT_SENT_LATE) -- the terminal has
+        been answered by then.
         `draining_ok`: reversals of earlier traffic still go to a drained link.
         """
         if self.draining and not draining_ok:
@@ -377,11 +385,17 @@ class AcquirerLink:
             self.counters["encode_errors"] += 1
             raise NotSent(self.name, f"cannot encode for this acquirer: {e.msg}, field {e.field}") from None
         if before_write is not None:
+            t0 = time.monotonic()
             self._reserved.add(stan)
             try:
                 await before_write(stan, out)
             finally:
                 self._reserved.discard(stan)
+            waited = time.monotonic() - t0
+            if waited >= timeout:
+                self.counters["not_sent_late"] += 1
+                raise NotSent(self.name, NOT_SENT_LATE)
+            timeout -= waited
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
         now = time.monotonic()

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from switch.acquirer import AcquirerLink, NotSent, OutcomeUnknown
+from switch.acquirer import NOT_SENT_LATE, AcquirerLink, NotSent, OutcomeUnknown
 from switch.journal import DuplicateTransaction, Journal, TxnRecord
 from switch.messages import (
     FINANCIAL_REQUESTS,
@@ -85,6 +85,14 @@ class RequestContext:
 class TraceCollision(Exception):
     """A channel-assigned request (RequestContext.channel) reused a known key; nothing was sent.
     The channel picks a new trace number and tries again."""
+
+
+# The listener answers 91 itself this long before a request's deadline when
+# the flow has not answered yet (invariant 1's safety net).
+GUARD_LEAD = 0.01
+# An outcome journaled later than this before the deadline may not reach the
+# terminal (the guard answers instead): it is treated as not delivered.
+LATE_LEAD = 2 * GUARD_LEAD
 
 
 class TransactionFlow:
@@ -206,6 +214,15 @@ class TransactionFlow:
                 await self.reversals.enqueue_or_hold(acquirer, sent, "answer not delivered: its outcome could "
                                                      "not be journaled", txn_id)
             raise
+        if time.monotonic() >= ctx.deadline - LATE_LEAD:
+            # Journaling outlasted the terminal's time (a stalled disk or
+            # database): the listener's guard answers 91, so whatever the
+            # acquirer approved must not stand.
+            self.counters["outcome_too_late"] += 1
+            if sent is not None:
+                await self.reversals.enqueue_or_hold(acquirer, sent, "answer too late: journaling outlasted "
+                                                     "the terminal's deadline", txn_id)
+            resp = switch_response(req, RC_INOPERATIVE)
         if self.on_transaction is not None:
             seconds = time.monotonic() - ctx.received
             self.on_transaction(mti, acquirer, resp.get("39", ""), seconds)
@@ -323,8 +340,11 @@ class TransactionFlow:
             except NotSent as e:
                 # certainly not received: safe to try the next candidate
                 self.counters["failover_not_sent"] += 1
-                link.health.record_failure("write" if e.reason != "link down" else "connect",
-                                           time.monotonic())
+                # the journal's slowness is not the acquirer's failure (but a
+                # half-open breaker's trial must end, so it counts there)
+                if e.reason != NOT_SENT_LATE or link.health.half_open_trials:
+                    link.health.record_failure("write" if e.reason != "link down" else "connect",
+                                               time.monotonic())
                 log.info("not sent to %s (%s), trying next candidate", name, e.reason)
                 continue
             except OutcomeUnknown as e:

@@ -18,7 +18,7 @@ import time
 from core import framing, iso8583
 from switch.certs import peer_identity
 from switch.config import ListenerConfig
-from switch.flow import RequestContext, TransactionFlow
+from switch.flow import GUARD_LEAD, RequestContext, TransactionFlow
 from switch.messages import (
     NETWORK_REQUESTS,
     RC_FORMAT_ERROR,
@@ -186,7 +186,7 @@ class TerminalProtocol(asyncio.Protocol):
         answered = [False]
         # Safety net for invariant 1: whatever happens below, the terminal gets
         # an answer before its timeout (the flow itself answers well before).
-        guard = self.loop.call_at(ctx.deadline - 0.01, self._deadline, req, tpdu, answered)
+        guard = self.loop.call_at(ctx.deadline - GUARD_LEAD, self._deadline, req, tpdu, answered)
         self.loop.create_task(self._serve(req, ctx, tpdu, answered, guard))
 
     async def _serve(self, req, ctx, tpdu, answered, guard):

@@ -338,3 +338,41 @@ def test_journal_writer_killed_under_traffic_restarts_and_reverses_undelivered_a
             assert open_rows == [], open_rows
 
     run(go(), timeout=150)
+
+
+def test_a_stalled_journal_never_leaves_an_answer_the_terminal_did_not_get(tmp_path):
+    """The journal's writer stops (SIGSTOP: a hung disk) while 10 answers are
+    at the acquirer and 10 more requests arrive. The terminals get 91 at their
+    deadline. When the writer continues: the 10 approvals, journaled too late
+    to be delivered, are reversed once each; the 10 requests whose forwarding
+    was journaled too late are never sent. Invariants 1, 2 and 4."""
+    async def go():
+        async with running_switch(tmp_path, {"acq-a": {"latency_ms": 200.0}},
+                                  acquirer_opts={"acq-a": {"timeout": 1.0}},
+                                  listener={"terminal_timeout": 1.5}) as sw:
+            sim = sw.sims["acq-a"]
+            writer = sw.journal._writer.proc.pid
+            async with terminal(sw, tmp_path) as t:
+                first = [asyncio.create_task(t.request(make_purchase(1000 + i, stan=i + 1), timeout=5))
+                         for i in range(10)]
+                assert await wait_until(lambda: len(financial(sim)) == 10, 5)
+                os.kill(writer, signal.SIGSTOP)
+                try:
+                    second = [asyncio.create_task(t.request(make_purchase(2000 + i, stan=100 + i), timeout=5))
+                              for i in range(10)]
+                    answers = await asyncio.gather(*first, *second)
+                    assert [a["39"] for a in answers] == ["91"] * 20  # each at its deadline
+                    await asyncio.sleep(0.5)
+                finally:
+                    os.kill(writer, signal.SIGCONT)
+                # the flows finish once their writes complete
+                assert await wait_until(lambda: sw.flow.counters["outcome_too_late"] == 20
+                                        and sw.links["acq-a"].counters["not_sent_late"] == 10, 15)
+                assert await sw.reversals.wait_empty(30)
+                reversed_ = collections.Counter(r["4"] for r in reversals(sim))
+                assert set(reversed_) == {d["4"] for d in financial(sim)} and set(reversed_.values()) == {1}
+                assert len(financial(sim)) == 10  # the late-journaled forwardings never left
+                assert sw.links["acq-a"].health.state_name == "CLOSED"  # not the acquirer's fault
+                assert (await t.request(make_purchase(3000, stan=300), timeout=5))["39"] == "00"
+
+    run(go(), timeout=120)
