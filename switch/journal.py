@@ -1179,6 +1179,10 @@ class PostgresJournal(Journal):
                  retention_days: float = 0.0, **pool_kwargs):
         super().__init__(keyring, node_id=node_id, stale_after=stale_after, retention_days=retention_days)
         self._dsn = dsn
+        # A database that stops answering (a network partition, a hung server)
+        # must fail a write, not hold it for the kernel's TCP give-up time: the
+        # flow then answers and reverses as for any journal failure.
+        pool_kwargs.setdefault("command_timeout", 30.0)
         self._pool_args = dict(min_size=min_size, max_size=max_size, **pool_kwargs)
         self._pool = None
         self._sql: dict[str, str] = {}

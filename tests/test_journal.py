@@ -1096,3 +1096,41 @@ def test_a_reversal_the_journal_refuses_is_held_and_queued_exactly_once(tmp_path
             await rq.stop()
 
     run(go())
+
+
+def test_a_postgres_journal_that_stops_answering_fails_writes_then_recovers(tmp_path, pg_dsn):
+    """Replies from PostgreSQL held in the network (tests/faultproxy.py): a write
+    fails after the command timeout instead of waiting for TCP to give up, and
+    once replies flow again the journal works without a restart."""
+    from urllib.parse import urlsplit
+
+    from tests.faultproxy import FaultProxy
+
+    async def go():
+        url = urlsplit(pg_dsn)
+        proxy = await FaultProxy().start(url.port)
+        dsn = pg_dsn.replace(f":{url.port}/", f":{proxy.port}/")
+        j = PostgresJournal(dsn, KeyRing.generate(), command_timeout=1.0)
+        await j.start()
+        try:
+            tid = await j.record_received(txn(stan="000001"))
+            proxy.stall("down")
+            loop = asyncio.get_running_loop()
+            t0 = loop.time()
+            with pytest.raises(Exception) as e:
+                await j.record_outcome(tid, "00", "A1", {"39": "00"}, 1.0)
+            assert loop.time() - t0 < 5.0
+            assert "4111111111111111" not in str(e.value)
+            proxy.resume("down")
+            for _ in range(50):  # the pool replaces what the timeout broke
+                try:
+                    await j.record_outcome(tid, "00", "A1", {"39": "00"}, 1.0)
+                    break
+                except Exception:
+                    await asyncio.sleep(0.2)
+            assert (await j.get(tid))["response_code"] == "00"
+        finally:
+            await j.close()
+            await proxy.stop()
+
+    run(go())
