@@ -84,7 +84,9 @@ class TerminalProtocol(asyncio.Protocol):
         self.transport = None
         self.identity: str | None = None
         self.in_flight = 0
-        self.paused = False
+        self.paused = False  # reading paused: max_in_flight requests in flight
+        self.write_paused = False  # reading paused: the terminal is not reading its answers
+        self._reading_paused = False
         self.last_rx = time.monotonic()
         self.partial_since: float | None = None
         self._timer = None
@@ -119,6 +121,12 @@ class TerminalProtocol(asyncio.Protocol):
         if self.transport is None:
             return
         now = time.monotonic()
+        if self._reading_paused:
+            # the switch is not reading (backpressure): a frame the terminal
+            # cannot finish, or its silence, is not the terminal's doing
+            self.last_rx = now
+            if self.partial_since is not None:
+                self.partial_since = now
         if self.partial_since is not None and now - self.partial_since > self.listener.frame_timeout:
             self.listener.counters["frame_timeouts"] += 1
             log.info("terminal connection closed: frame not completed in %.1fs", self.listener.frame_timeout)
@@ -129,6 +137,29 @@ class TerminalProtocol(asyncio.Protocol):
             self.transport.close()
             return
         self._arm_timer()
+
+    # -- flow control ------------------------------------------------------------
+
+    def pause_writing(self):
+        # A terminal that sends without reading its answers would otherwise
+        # make the switch buffer them without bound: read nothing more from it
+        # until its answers drain (the transport's high-water mark).
+        self.write_paused = True
+        self.listener.counters["write_backpressure"] += 1
+        self._sync_reading()
+
+    def resume_writing(self):
+        self.write_paused = False
+        self._sync_reading()
+
+    def _sync_reading(self):
+        want = self.paused or self.write_paused
+        if want != self._reading_paused and self.transport is not None and not self.transport.is_closing():
+            self._reading_paused = want
+            if want:
+                self.transport.pause_reading()
+            else:
+                self.transport.resume_reading()
 
     # -- input -----------------------------------------------------------------
 
@@ -181,7 +212,7 @@ class TerminalProtocol(asyncio.Protocol):
         self.in_flight += 1
         if self.in_flight >= self.cfg.max_in_flight and not self.paused:
             self.paused = True
-            self.transport.pause_reading()
+            self._sync_reading()
         ctx = RequestContext(self.listener.cfg.name, self.identity, now, now + self.cfg.terminal_timeout)
         answered = [False]
         # Safety net for invariant 1: whatever happens below, the terminal gets
@@ -213,9 +244,9 @@ class TerminalProtocol(asyncio.Protocol):
         """``resp`` None: the flow was cancelled (shutdown), answered 91."""
         guard.cancel()
         self.in_flight -= 1
-        if self.paused and self.in_flight < self.cfg.max_in_flight and self.transport is not None:
+        if self.paused and self.in_flight < self.cfg.max_in_flight:
             self.paused = False
-            self.transport.resume_reading()
+            self._sync_reading()
         if answered[0]:
             return
         answered[0] = True

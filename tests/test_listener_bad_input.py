@@ -155,3 +155,68 @@ def test_valid_frame_with_undecodable_fields_is_answered_30(tmp_path):
             assert sw.listeners[0].counters["decode_errors"] >= 2
 
     run(go())
+
+
+def test_a_terminal_that_never_reads_its_answers_is_not_buffered_without_bound(tmp_path):
+    """A terminal (mTLS, the default listener) keeps sending and reads nothing:
+    once its answers pass the transport's high-water marks the switch stops
+    reading from it, so the backpressure reaches the terminal instead of the
+    switch's memory. When it reads again, every request is answered."""
+    import socket as _socket
+
+    from core.framing import FrameDecoder
+    from switch.sim.terminal import TerminalClient, dev_client_context
+
+    def small_buffers(sock):  # a slow path (small kernel buffers): the switch's own buffers are what fills
+        for opt in (_socket.SO_RCVBUF, _socket.SO_SNDBUF):
+            sock.setsockopt(_socket.SOL_SOCKET, opt, 16384)
+
+    async def go():
+        async with running_switch(tmp_path, {"acq-a": {}}, listener={"terminal_timeout": 60.0}) as sw:
+            lst = sw.listeners[0]
+            enc = TerminalClient("127.0.0.1", lst.port, framing=lst.cfg.framing, dialect=lst.cfg.dialect)
+            sock = _socket.socket()
+            small_buffers(sock)
+            sock.connect(("127.0.0.1", lst.port))
+            sock.setblocking(False)
+            reader, writer = await asyncio.open_connection(
+                sock=sock, ssl=dev_client_context(tmp_path / "state", "TERM0001"), server_hostname="localhost",
+                limit=1024)  # the client's own buffering stays small too
+            assert await _until(lambda: lst.connections)
+            conn = next(iter(lst.connections))
+            small_buffers(conn.transport.get_extra_info("socket"))
+            blocked, most_buffered, stan = False, 0, 0
+            while stan < 30_000:  # ~4 MB of answers if nothing stopped it
+                writer.write(b"".join(enc._encode(make_purchase(100, stan=(stan := stan + 1))) for _ in range(200)))
+                try:
+                    # a switch that reads on takes 200 requests well within this
+                    await asyncio.wait_for(writer.drain(), 5.0)
+                except asyncio.TimeoutError:
+                    blocked = True  # the switch stopped reading: backpressure reached the terminal
+                    break
+                most_buffered = max(most_buffered, conn.transport.get_write_buffer_size())
+            assert blocked and lst.counters["write_backpressure"] >= 1, (stan, dict(lst.counters))
+            assert most_buffered < 2 << 20, most_buffered
+            # the terminal reads again: everything it sent is answered
+            dec = FrameDecoder(header=lst.cfg.framing, max_frame=lst.cfg.max_frame)
+            answered, codes = 0, set()
+            drained = asyncio.ensure_future(writer.drain())
+            while answered < stan:
+                data = await asyncio.wait_for(reader.read(1 << 16), 30)
+                assert data, f"closed after {answered} of {stan} answers"
+                for frame in dec.feed(data):
+                    codes.add(iso8583.decode(frame, lst.spec)[0]["39"])
+                    answered += 1
+            await drained
+            assert codes == {"00"} and lst.counters["answered"] == stan
+            writer.close()
+
+    run(go(), timeout=110)
+
+
+async def _until(pred, timeout=5.0):
+    for _ in range(int(timeout / 0.02)):
+        if pred():
+            return True
+        await asyncio.sleep(0.02)
+    return pred()
