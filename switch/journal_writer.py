@@ -502,7 +502,6 @@ class ProcessWriter(asyncio.Protocol):
     async def _restart(self) -> None:
         """A new writer child after the last one died, with backoff: journal
         writes fail (and the flow answers 96) only while it is down."""
-        from switch.journal import JournalError
         delay = 0.2
         while not self._stopping:
             await self._reap(kill=True)
@@ -511,9 +510,9 @@ class ProcessWriter(asyncio.Protocol):
                 return
             try:
                 await self._spawn()
-            except (JournalError, OSError) as exc:
-                log.error("journal writer restart failed (%s); next attempt in %.1f s", exc, min(delay * 2, 10.0))
+            except Exception as exc:  # any failure: try again later, never give up silently
                 delay = min(delay * 2, 10.0)
+                log.error("journal writer restart failed (%s); next attempt in %.1f s", exc, delay)
                 continue
             self.stats["restarts"] = self.stats.get("restarts", 0) + 1
             self.error = None
