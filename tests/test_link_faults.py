@@ -37,6 +37,14 @@ async def wait_until(pred, timeout=10.0):
     return pred()
 
 
+async def _at_the_acquirer(t, sim, n: int, first_amount: int) -> list:
+    """``n`` purchases sent; returns their tasks once the acquirer holds them all."""
+    tasks = [asyncio.create_task(t.request(make_purchase(first_amount + i, stan=i + 1), timeout=5))
+             for i in range(n)]
+    assert await wait_until(lambda: len(financial(sim)) == n)
+    return tasks
+
+
 def _reversed_once(sw, sim, originals: dict) -> None:
     """Each original (by link STAN) has exactly one store-and-forward entry,
     acknowledged, and every reversal message the acquirer saw is for one of them."""
@@ -59,9 +67,7 @@ def test_reset_in_the_middle_of_a_response_reverses_every_request_in_flight(tmp_
             async with terminal(sw, tmp_path) as t:
                 loop = asyncio.get_running_loop()
                 t0 = loop.time()
-                tasks = [asyncio.create_task(t.request(make_purchase(3000 + i, stan=i + 1), timeout=5))
-                         for i in range(20)]
-                assert await wait_until(lambda: len(financial(sim)) == 20)
+                tasks = await _at_the_acquirer(t, sim, 20, 3000)
                 proxy.cut_after("down", 7)  # a length header and 5 bytes of the first answer, then RST
                 answers = await asyncio.gather(*tasks)
                 assert loop.time() - t0 < 3.0  # each within the terminal timeout
@@ -161,9 +167,7 @@ def test_garbage_where_a_frame_header_should_be_drops_the_link_and_reverses(tmp_
                                   acquirer_opts={"acq-a": {"timeout": 5.0}}, proxies={"acq-a": proxy}) as sw:
             sim = sw.sims["acq-a"]
             async with terminal(sw, tmp_path) as t:
-                tasks = [asyncio.create_task(t.request(make_purchase(8000 + i, stan=i + 1), timeout=5))
-                         for i in range(5)]
-                assert await wait_until(lambda: len(financial(sim)) == 5)
+                tasks = await _at_the_acquirer(t, sim, 5, 8000)
                 proxy.inject("down", b"\xff\xff" + b"\x00garbage" * 4)  # a 65,535-byte frame: over max_frame
                 answers = await asyncio.gather(*tasks)
                 assert [a["39"] for a in answers] == ["91"] * 5
