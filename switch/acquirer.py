@@ -25,7 +25,7 @@ from typing import Callable
 from core import framing, iso8583
 from core.health import AcquirerHealth
 from switch.config import AcquirerConfig
-from switch.messages import is_response_to, mask_pan, transmission_time
+from switch.messages import is_response_to, mask_pan, switch_response, transmission_time
 
 log = logging.getLogger("isoswitch.acquirer")
 
@@ -91,6 +91,9 @@ class _LinkProtocol(asyncio.Protocol):
             header=link.cfg.framing, max_frame=link.cfg.max_frame, tpdu=link.cfg.tpdu
         )
         self.ready = False
+        # the host said sign-off (x800 DE70 002 / 1804 DE24 802): no new
+        # requests on this connection until it signs on again
+        self.signed_off = False
         self.loop = asyncio.get_running_loop()
         self.closed = self.loop.create_future()
         self.last_rx = time.monotonic()
@@ -248,7 +251,7 @@ class AcquirerLink:
                     log.warning("acquirer %s[%d]: sign-on not answered", self.name, i)
                     proto.transport.abort()
                 else:
-                    proto.ready = True
+                    proto.ready = not proto.signed_off
                     delay = cfg.reconnect_min
                     self.counters["connects"] += 1
                     log.info("acquirer %s[%d]: link up", self.name, i)
@@ -460,9 +463,13 @@ class AcquirerLink:
             log.warning("acquirer %s: undecodable response (%s at field %s pos %d)",
                         self.name, e.msg, e.field, e.pos)
             return
+        mti = doc.get("t", "")
+        if len(mti) == 4 and mti[2] in "0246":  # the host's own request, advice or notification
+            self._on_host_message(doc, conn)
+            return
         stan = doc.get("11", "")
         p = self.pending.get(stan)
-        if p is None or not is_response_to(p.mti, doc.get("t", "")):
+        if p is None or not is_response_to(p.mti, mti):
             if stan in self._late:
                 self.counters["late"] += 1
                 log.warning("acquirer %s: late response for link STAN %s (rc %s, pan %s)",
@@ -481,6 +488,69 @@ class AcquirerLink:
             p.timer.cancel()
         if not p.future.done():
             p.future.set_result(doc)
+
+
+    def _on_host_message(self, doc: dict, conn: _LinkProtocol) -> None:
+        """A message the host started on this connection: answered on it.
+
+        Network management (x800, and x820 advices) is what hosts send
+        unprompted: echo tests, sign-on, sign-off, cut-over. A host that gets
+        no answer to its echo marks the link down, so the switch answers:
+        00 (1993: 800) for those, 12 (902) for any other code, such as a key
+        exchange the switch does not take part in. Sign-off stops new
+        requests on the connection (the link fails over, as for a link that
+        is down: nothing was sent) until the host signs on again; requests
+        already sent stay pending and are answered or reversed as usual.
+        Any other request or advice (the switch is not an issuer) is answered
+        12 and counted; notifications (x4x) want no answer.
+        """
+        mti = doc["t"]
+        fn = mti[2]
+        self.counters["host_messages"] += 1
+        if fn == "4" or fn == "6":
+            return
+        code = None
+        if mti[1] == "8":
+            code = doc.get("24") if self.v1993 else doc.get("70")
+            if code in HOST_SIGN_OFF:
+                if not conn.signed_off:
+                    conn.signed_off = True
+                    conn.ready = False
+                    self.counters["host_sign_offs"] += 1
+                    log.warning("acquirer %s[%d]: host signed off; no new requests on this connection "
+                                "until it signs on", self.name, conn.index)
+                rc = "00"
+            elif code in HOST_SIGN_ON:
+                if conn.signed_off:
+                    conn.signed_off = False
+                    conn.ready = not conn.closed.done()
+                    log.warning("acquirer %s[%d]: host signed on again", self.name, conn.index)
+                rc = "00"
+            else:
+                rc = "00" if code in HOST_NETWORK_OK else "12"
+        else:
+            rc = "12"
+            log.warning("acquirer %s: host sent MTI %s, which the switch does not take; answered 12",
+                        self.name, mti)
+        resp = switch_response(doc, rc)
+        if code is not None:
+            resp["24" if self.v1993 else "70"] = code
+        try:
+            raw, _ = iso8583.encode(resp, self.spec)
+        except iso8583.EncodeError as e:
+            self.counters["encode_errors"] += 1
+            log.warning("acquirer %s: cannot answer the host's MTI %s (%s, field %s)",
+                        self.name, mti, e.msg, e.field)
+            return
+        if conn.write(raw):
+            self.counters["host_answers"] += 1
+
+
+# Network management codes the switch answers 00 when the host sends them:
+# ISO 8583:1987 DE70 / ISO 8583:1993 DE24 function codes
+HOST_SIGN_ON = frozenset({"001", "801"})
+HOST_SIGN_OFF = frozenset({"002", "802"})
+HOST_NETWORK_OK = frozenset({"301", "831", "201", "202", "821"})
 
 
 class _Expired(Exception):

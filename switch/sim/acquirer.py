@@ -40,6 +40,11 @@ per batch, which is what makes tens of thousands of messages per second
 possible. With a variable latency responses leave out of order, as they do
 from a real host; the switch matches them by STAN.
 
+The host can start messages too: :meth:`AcquirerSimulator.send_network`
+(echo, sign-on, sign-off on every connection) and
+:meth:`AcquirerSimulator.send_to_switch` (any message) return the switch's
+answers.
+
 Faults (:class:`Fault`) may be replaced at any time (``sim.fault = Fault(...)``)
 and apply to messages received from then on.
 """
@@ -487,6 +492,8 @@ class AcquirerSimulator:
         self._conns: set[_Conn] = set()
         self._timers: set[asyncio.TimerHandle] = set()
         self._started = False
+        self._host_waiters: dict[str, asyncio.Future] = {}
+        self._host_stan = 0
         self.reset()
 
     # ------------------------------------------------------------ bookkeeping
@@ -525,6 +532,45 @@ class AcquirerSimulator:
                     f"{self.name}: {len(got)} of {count} {mti or 'messages'} received"
                 )
             await asyncio.sleep(0.005)
+
+    # ------------------------------------------------------------ host-initiated messages
+    async def send_to_switch(self, doc: dict, *, timeout: float = 2.0) -> list[dict]:
+        """Send ``doc`` as this host's own request on every open connection (DE11
+        set per connection) and return the switch's answers, one per connection.
+        Raises asyncio.TimeoutError when an answer does not come in time."""
+        loop = asyncio.get_running_loop()
+        waits = []
+        for conn in list(self._conns):
+            t = conn.transport
+            if t is None or t.is_closing():
+                continue
+            self._host_stan = self._host_stan % 99_999 + 1
+            stan = f"{900_000 + self._host_stan:06d}"
+            msg = dict(doc)
+            msg["11"] = stan
+            payload = iso8583.encode(msg, self.spec)[0]
+            if self.tpdu:
+                payload = b"\x60\x00\x00\x00\x00" + payload
+            fut = self._host_waiters[stan] = loop.create_future()
+            waits.append(fut)
+            t.write(build_frame(payload, self.framing, self.max_frame))
+        try:
+            return list(await asyncio.wait_for(asyncio.gather(*waits), timeout))
+        finally:
+            for stan in [k for k, f in self._host_waiters.items() if f in waits]:
+                del self._host_waiters[stan]
+
+    async def send_network(self, code: str = "301", *, timeout: float = 2.0) -> list[dict]:
+        """Network management from the host on every connection: ISO 8583:1987
+        0800 with DE70 ``code`` (001 sign-on, 002 sign-off, 301 echo), 1993
+        1804 with DE24 (801, 802, 831; the 1987 codes are translated)."""
+        now = time.strftime("%m%d%H%M%S", time.gmtime())
+        if self.is_1993:
+            fn = {"001": "801", "002": "802", "301": "831"}.get(code, code)
+            doc = {"t": "1804", "7": now, "24": fn}
+        else:
+            doc = {"t": "0800", "7": now, "70": code}
+        return await self.send_to_switch(doc, timeout=timeout)
 
     # ------------------------------------------------------------ faults
     @property
@@ -663,6 +709,12 @@ class AcquirerSimulator:
             self.undecodable += 1
             return
         mti = req.get("t", "")
+        if self._host_waiters and mti[2:3] in ("1", "3") and mti.isdigit():
+            waiter = self._host_waiters.pop(req.get("11", ""), None)
+            if waiter is not None:  # the switch's answer to a message this host sent
+                if not waiter.done():
+                    waiter.set_result(req)
+                return
         self.counts[mti] += 1
         self._log(req)
         conn.received += 1
