@@ -54,7 +54,10 @@ class Switch:
         if cfg.journal.backend == "none":
             log.warning("journal backend 'none': nothing is durable (no crash recovery, no "
                         "replay after a restart); for measuring journal cost only")
-        self.reversals = ReversalQueue(self.journal)
+        saf = cfg.store_and_forward
+        self.reversals = ReversalQueue(self.journal, max_attempts=saf.max_attempts, max_age=saf.max_age_seconds,
+                                       backoff_min=saf.backoff_min, backoff_max=saf.backoff_max,
+                                       retry_codes=saf.retry_codes)
         if cfg.uses_dev_pki:
             self.pki = await asyncio.to_thread(certs.ensure_dev_pki, cfg.switch.state_dir)
         acquirers = list(cfg.acquirers)

@@ -262,6 +262,23 @@ class MetricsConfig:
     enabled: bool = True
 
 
+# Acknowledgements that mean "not applied, send it again": the acquirer (or
+# the issuer behind it) was inoperative or failed. ISO 8583:1987 response
+# codes and their ISO 8583:1993 action codes.
+DEFAULT_SF_RETRY_CODES = ("91", "96", "907", "909")
+
+
+@dataclass(frozen=True)
+class StoreForwardConfig:
+    """The durable queue of reversals and advices (switch/reversal.py)."""
+
+    max_attempts: int = 50  # then parked (kept, counted, re-queueable), never deleted
+    max_age_seconds: float = 86_400.0  # likewise, counted from when it was queued
+    backoff_min: float = 0.5  # seconds before the first repeat; doubles per attempt
+    backoff_max: float = 60.0
+    retry_codes: tuple[str, ...] = DEFAULT_SF_RETRY_CODES
+
+
 @dataclass(frozen=True)
 class Config:
     switch: SwitchConfig
@@ -273,6 +290,7 @@ class Config:
     simulators: SimulatorsConfig
     api: ApiConfig
     metrics: MetricsConfig
+    store_and_forward: StoreForwardConfig = field(default_factory=StoreForwardConfig)
     source: Path | None = None  # the file it came from; None for defaults
     # Legal but probably unintended settings, for the log at start-up.
     warnings: tuple[str, ...] = ()
@@ -995,6 +1013,23 @@ class _Builder:
         t.finish()
         return None if t.bad else MetricsConfig(**out)
 
+    # [store_and_forward]
+    def store_and_forward(self) -> StoreForwardConfig | None:
+        t = self.root.table("store_and_forward")
+        if t is None:
+            return None
+        out = dict(
+            max_attempts=t.int("max_attempts", 50, lo=1),
+            max_age_seconds=t.number("max_age_seconds", 86_400.0, gt=0),
+            backoff_min=t.number("backoff_min", 0.5, gt=0),
+            backoff_max=t.number("backoff_max", 60.0, gt=0),
+            retry_codes=t.str_list("retry_codes", DEFAULT_SF_RETRY_CODES, check=_retry_code),
+        )
+        if "backoff_min" not in t.bad and "backoff_max" not in t.bad and out["backoff_max"] < out["backoff_min"]:
+            t.fail("backoff_max", f"must be at least backoff_min ({_show(out['backoff_min'])})")
+        t.finish()
+        return None if t.bad else StoreForwardConfig(**out)
+
     # cross-section checks
     def cross_checks(self, listeners, acquirers, api) -> None:
         sockets: dict[tuple[str, int], str] = {}
@@ -1036,6 +1071,14 @@ def _response_code(s: str) -> str | None:
     return None
 
 
+def _retry_code(s: str) -> str | None:
+    if not (len(s) == 2 and s.isascii() and s.isalnum()) and not (len(s) == 3 and s.isascii() and s.isdigit()):
+        return "must be a 2-character response code or a 3-digit ISO 8583:1993 action code"
+    if s in _APPROVAL_CODES or (len(s) == 3 and s[0] == "0"):
+        return "must not be an approval code"
+    return None
+
+
 def _currency(s: str) -> str | None:
     if _DIGITS.match(s) and len(s) == 3:
         return None
@@ -1053,6 +1096,7 @@ def _build(doc: dict, *, base_dir: Path, source: Path | None, check_files: bool)
     routing = b.routing(acquirers)
     api = b.api()
     metrics = b.metrics()
+    store_and_forward = b.store_and_forward()
     b.root.finish()
     if listeners is not None and acquirers is not None:
         b.cross_checks(listeners, acquirers, api)
@@ -1061,6 +1105,6 @@ def _build(doc: dict, *, base_dir: Path, source: Path | None, check_files: bool)
     return Config(
         switch=switch, journal=journal, security=security,
         listeners=tuple(listeners), acquirers=tuple(acquirers), routing=routing,
-        simulators=simulators, api=api, metrics=metrics,
+        simulators=simulators, api=api, metrics=metrics, store_and_forward=store_and_forward,
         source=source, warnings=tuple(b.warnings),
     )

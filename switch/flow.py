@@ -364,6 +364,18 @@ class TransactionFlow:
             if self.on_acquirer is not None:
                 self.on_acquirer(name, reply.latency)
             rc = reply.doc.get("39", "")
+            if not rc.strip():
+                # An answer without a response code says nothing about the
+                # outcome: the acquirer may have approved. Unknown, so as after
+                # a timeout: reversed there, never sent elsewhere (DESIGN.md #3).
+                link.health.record_failure("timeout", time.monotonic())
+                self.counters["answer_without_rc"] += 1
+                txn_id = journaled[0]
+                await self.reversals.enqueue_or_hold(name, reply.sent_doc, "answer without a response code",
+                                                     txn_id)
+                log.warning("answer from %s without a response code (MTI %s) for pan %s: reversal queued",
+                            name, reply.doc.get("t"), mask_pan(pan_of(req)))
+                return txn_id, switch_response(req, RC_SYSTEM_ERROR), name, None
             if rc in link.cfg.try_elsewhere_codes:
                 link.health.record_failure("try_elsewhere", time.monotonic())
                 self.counters["failover_try_elsewhere"] += 1

@@ -79,7 +79,8 @@ class ReversalQueue:
 
     def __init__(self, journal, *, max_attempts: int = 50, max_age: float = 86_400.0,
                  backoff_min: float = 0.5, backoff_max: float = 60.0, lease_s: float = 60.0,
-                 poll_s: float = 0.5, worker_id: str | None = None):
+                 poll_s: float = 0.5, worker_id: str | None = None,
+                 retry_codes: tuple[str, ...] = ("91", "96", "907", "909")):
         import os
         import socket
 
@@ -90,6 +91,8 @@ class ReversalQueue:
         self.backoff_max = backoff_max
         self.lease_s = lease_s
         self.poll_s = poll_s
+        # an acknowledgement with one of these codes (or none) did not apply it: sent again
+        self.retry_codes = frozenset(retry_codes)
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
         self.links: dict = {}
         self.counters = collections.Counter()
@@ -251,13 +254,22 @@ class ReversalQueue:
                     raise NotSent(acquirer, "no such link")
                 reply = await link.request(rev, link.cfg.timeout, draining_ok=True)
             except (NotSent, OutcomeUnknown) as exc:
+                problem = str(exc)
+            else:
+                rc = reply.doc.get("39") or ""
+                problem = None
+                if not rc.strip() or rc in self.retry_codes:
+                    self.counters["retry_codes"] += 1
+                    problem = f"answered {rc or 'without a response code'}: not applied"
+            if problem is not None:
                 delay = min(self.backoff_min * (2 ** entry.attempts), self.backoff_max)
-                await self.journal.sf_retry(entry.id, time.time() + delay, str(exc))
+                await self.journal.sf_retry(entry.id, time.time() + delay, problem)
                 self.counters["retries"] += 1
                 await asyncio.sleep(delay)  # FIFO: the head goes again before anything behind it
                 continue
-            # Any 0410 acknowledges the reversal (00 reversed, 25 original not
-            # found: either way the acquirer now knows it must not stand).
+            # Any other answer acknowledges the reversal (00 reversed, 25
+            # original not found: either way the acquirer now knows it must
+            # not stand); ``retry_codes`` say it was not applied.
             await self.journal.sf_ack(entry.id)
             self.counters["acknowledged"] += 1
             self._depth[acquirer] = max(0, self._depth.get(acquirer, 1) - 1)

@@ -76,7 +76,7 @@ SECTIONS = [config.SwitchConfig, config.JournalConfig, config.SecurityConfig,
             config.ListenerConfig, config.AcquirerConfig, config.BreakerConfig,
             config.RouteRule, config.RouteTarget, config.RoutingConfig,
             config.SimulatorsConfig, config.SimulatedAcquirer, config.ApiConfig,
-            config.MetricsConfig]
+            config.MetricsConfig, config.StoreForwardConfig]
 
 
 @pytest.mark.parametrize("cls", SECTIONS, ids=lambda c: c.__name__)
@@ -110,6 +110,7 @@ def test_defaults(tmp_path):
     assert cfg.routing == config.RoutingConfig(None, ("sim-a", "sim-b"), ())
     assert not cfg.api.enabled and cfg.api.port == 8443
     assert cfg.metrics.enabled
+    assert cfg.store_and_forward == config.StoreForwardConfig(50, 86_400.0, 0.5, 60.0, ("91", "96", "907", "909"))
 
 
 def test_load_config_none_is_the_default(tmp_path, monkeypatch):
@@ -284,6 +285,21 @@ BAD = [
     ("simulator-field",
      '[simulators]\nacquirers = [{ name = "s", latency_ms = -1 }]\n',
      "simulators.acquirers[0].latency_ms: must be a number >= 0, got -1"),
+    ("saf-retry-approval",
+     '[store_and_forward]\nretry_codes = ["91", "00"]\n',
+     'store_and_forward.retry_codes[1]: must not be an approval code, got "00"'),
+    ("saf-retry-1993-approval",
+     '[store_and_forward]\nretry_codes = ["001"]\n',
+     'store_and_forward.retry_codes[0]: must not be an approval code, got "001"'),
+    ("saf-retry-form",
+     '[store_and_forward]\nretry_codes = ["9"]\n',
+     "store_and_forward.retry_codes[0]: must be a 2-character response code or a 3-digit"),
+    ("saf-backoff",
+     '[store_and_forward]\nbackoff_min = 5\nbackoff_max = 1\n',
+     "store_and_forward.backoff_max: must be at least backoff_min (5.0)"),
+    ("saf-attempts",
+     '[store_and_forward]\nmax_attempts = 0\n',
+     "store_and_forward.max_attempts: must be an integer >= 1, got 0"),
 ]
 
 

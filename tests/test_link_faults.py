@@ -177,3 +177,33 @@ def test_garbage_where_a_frame_header_should_be_drops_the_link_and_reverses(tmp_
                 assert (await t.request(make_purchase(9000, stan=50), timeout=5))["39"] == "00"
 
     run(go(), timeout=90)
+
+
+def test_answer_without_a_response_code_is_reversed_never_passed_on(tmp_path):
+    """An answer that says nothing about the outcome is an unknown outcome: the
+    terminal gets 96 and the request is reversed at that acquirer, never sent
+    elsewhere (and no answer without DE39 reaches the terminal)."""
+    from switch.sim.acquirer import Fault
+
+    routing = """
+    [routing]
+    default_acquirers = ["acq-a", "acq-b"]
+    """
+
+    async def go():
+        async with running_switch(tmp_path, routing=routing) as sw:
+            a, b = sw.sims["acq-a"], sw.sims["acq-b"]
+            sw.router.rng.random = lambda: 0.0  # acq-a first
+            a.fault = Fault(omit_fields=("39",))
+            async with terminal(sw, tmp_path) as t:
+                answers = [await t.request(make_purchase(5000 + i, stan=i + 1)) for i in range(3)]
+                assert [(r["t"], r["39"]) for r in answers] == [("0210", "96")] * 3
+                assert [r["11"] for r in answers] == ["000001", "000002", "000003"]
+                assert not financial(b)
+                a.fault = Fault()
+                assert await sw.reversals.wait_empty(15)
+                _reversed_once(sw, a, {d["11"]: d for d in financial(a)})
+                assert sw.flow.counters["answer_without_rc"] == 3
+                assert (await t.request(make_purchase(6000, stan=9)))["39"] == "00"
+
+    run(go())

@@ -138,6 +138,43 @@ def test_no_failover_after_timeout_terminal_gets_91_and_reversal_is_queued(tmp_p
     run(go())
 
 
+def test_reversal_acknowledged_with_a_retry_code_is_sent_again_until_applied(tmp_path):
+    """[store_and_forward] retry_codes: an 0410 saying "not applied" (91 here)
+    is no acknowledgement; the entry is repeated (0401) with backoff, and
+    acknowledged once the acquirer answers anything else."""
+    routing = """
+    [store_and_forward]
+    backoff_min = 0.05
+    backoff_max = 0.1
+    retry_codes = ["91"]
+    """
+
+    async def go():
+        async with running_switch(tmp_path, {"acq-a": {}}, routing=routing,
+                                  acquirer_opts={"acq-a": {"timeout": 0.3}}) as sw:
+            a = sw.sims["acq-a"]
+            a.fault = Fault(drop_responses=True)
+            async with terminal(sw, tmp_path) as t:
+                r = await t.request(make_purchase(1000, stan=42), timeout=5)
+                assert r["39"] == "91"
+                a.fault = Fault(respond_rc="91")
+                loop = asyncio.get_running_loop()
+                deadline = loop.time() + 10
+                while len([d for d in a.received if d["t"] in ("0400", "0401")]) < 3 and loop.time() < deadline:
+                    await asyncio.sleep(0.02)
+                assert sw.reversals.counters["acknowledged"] == 0
+                assert sw.reversals.counters["retry_codes"] >= 2
+                [entry] = await sw.journal.sf_list()
+                assert entry.attempts >= 2 and "answered 91" in (entry.last_error or "")
+                a.fault = Fault(respond_rc="25")  # original not found: acknowledged all the same
+                assert await sw.reversals.wait_empty(10)
+                assert sw.reversals.counters["acknowledged"] == 1
+                revs = [d["t"] for d in a.received if d["t"] in ("0400", "0401")]
+                assert revs[0] == "0400" and set(revs[1:]) == {"0401"} and len(revs) >= 4
+
+    run(go())
+
+
 def test_circuit_breaker_opens_and_recovers(tmp_path):
     routing = """
     [routing]

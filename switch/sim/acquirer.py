@@ -318,7 +318,10 @@ class Fault:
       established ones stay); setting it back to False listens again on the
       same port;
     * ``respond_rc``: answer every request (not network management) with this
-      response code, overriding the rules.
+      response code, overriding the rules;
+    * ``omit_fields``: leave these fields out of every answer to a request
+      that is not network management (``("39",)``: answers without a
+      response code).
     """
 
     drop_responses: bool = False
@@ -328,6 +331,7 @@ class Fault:
     answer_before_close: bool = False
     refuse: bool = False
     respond_rc: str | None = None
+    omit_fields: tuple[str, ...] = ()
 
 
 NO_FAULT = Fault()
@@ -859,6 +863,8 @@ class AcquirerSimulator:
             resp["38"] = self.approval_code(req)
         if "37" not in resp and "37" in spec:
             resp["37"] = self.make_rrn(req)
+        for f in fault.omit_fields:
+            resp.pop(f, None)
         return resp
 
 
