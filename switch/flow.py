@@ -22,19 +22,21 @@ from switch.messages import (
     FINANCIAL_REQUESTS,
     NETWORK_REQUESTS,
     NEVER_ECHO,
+    RC_APPROVED,
     RC_DUPLICATE,
     RC_FORMAT_ERROR,
     RC_INOPERATIVE,
     RC_NO_ROUTE,
     RC_SYSTEM_ERROR,
     REVERSAL_REQUESTS,
+    is_advice_mti,
     mask_pan,
     original_mti,
     pan_of,
     response_mti,
     switch_response,
 )
-from switch.reversal import ReversalQueue, reversal_payload
+from switch.reversal import ReversalQueue, advice_payload, reversal_payload
 from switch.router import Router
 
 log = logging.getLogger("isoswitch.flow")
@@ -43,6 +45,7 @@ log = logging.getLogger("isoswitch.flow")
 REQUIRED = {
     "0100": ("3", "4", "11", "41"),
     "0200": ("3", "4", "11", "41"),
+    "0120": ("3", "4", "11", "41"),
     "0220": ("3", "4", "11", "41"),
     "0400": ("3", "4", "11", "41"),
     "0401": ("3", "4", "11", "41"),
@@ -50,6 +53,7 @@ REQUIRED = {
     "0421": ("3", "4", "11", "41"),
     "1100": ("3", "4", "11", "41"),
     "1200": ("3", "4", "11", "41"),
+    "1120": ("3", "4", "11", "41"),
     "1220": ("3", "4", "11", "41"),
     "1420": ("3", "4", "11", "41"),
     "1421": ("3", "4", "11", "41"),
@@ -307,6 +311,8 @@ class TransactionFlow:
         if not decision.configured:
             self.counters["no_route"] += 1
             return None, switch_response(req, RC_NO_ROUTE), "", None
+        if is_advice_mti(req.get("t")):
+            return await self._forward_advice(req, ctx, txn, decision)
         journal = self.journal
         journaled: list[int] = []  # the txn_id once the first forwarding is journaled
         last_answer = None
@@ -391,6 +397,80 @@ class TransactionFlow:
                     last_answer.sent_doc)
         self.counters["no_acquirer"] += 1
         return txn_id, switch_response(req, RC_INOPERATIVE), "", None
+
+    async def _forward_advice(self, req: dict, ctx: RequestContext, txn: TxnRecord,
+                              decision) -> tuple[int | None, dict, str, None]:
+        """An advice (x120/x220: a completion, a stand-in authorization) reports
+        what has happened, so it is delivered, never reversed, and never sent
+        to another acquirer than its own: the first the routing rule names
+        that this switch has a link to (the one holding the authorization).
+
+        When that link takes it now, the acquirer's acknowledgement is passed
+        on. Otherwise -- link down, drained, circuit open, not sent, timed out,
+        lost, or acknowledged with a store-and-forward retry code -- it is
+        stored and forwarded: the terminal gets 00 once the entry is durable
+        (the switch owns its delivery from there) and the queue repeats it
+        (x121/x221) until the acquirer acknowledges it. A crash in between is
+        recovered the same way (DESIGN.md #7, an advice instead of a reversal).
+        Never returns the request as sent: an acknowledged advice is not
+        reversed when its outcome cannot be journaled.
+        """
+        name = next((n for n in decision.configured if n in self.links), None)
+        if name is None:
+            self.counters["no_route"] += 1
+            return None, switch_response(req, RC_NO_ROUTE), "", None
+        link = self.links[name]
+        journal = self.journal
+        acq_doc = self._acquirer_doc(req, link)
+        journaled: list[int] = []
+
+        async def journal_forwarding(stan, sent):
+            journaled.append(await journal.record_received_forwarded(txn, name, stan, advice_payload(sent)))
+
+        now = time.monotonic()
+        remaining = ctx.deadline - now - self.answer_margin
+        if link.draining:
+            reason = "acquirer drained"
+        elif not link.health.allow_request(now):
+            reason = "acquirer circuit open"
+        elif remaining <= 0:
+            reason = "no time left to send it"
+        else:
+            try:
+                reply = await link.request(acq_doc, min(link.cfg.timeout, remaining), journal_forwarding)
+            except NotSent as e:
+                if e.reason != NOT_SENT_LATE or link.health.half_open_trials:
+                    link.health.record_failure("write" if e.reason != "link down" else "connect",
+                                               time.monotonic())
+                reason = f"not sent ({e.reason})"
+            except OutcomeUnknown as e:
+                if e.reason == "timeout":
+                    link.health.record_failure("timeout", time.monotonic())
+                txn_id = journaled[0]
+                try:
+                    await journal.record_timeout(txn_id)
+                except Exception as exc:
+                    log.error("txn %s: timeout not journaled (%s)", txn_id, exc)
+                return await self._store_advice(req, name, e.sent_doc, e.reason, txn_id)
+            else:
+                rc = reply.doc.get("39", "")
+                if rc.strip() and rc not in self.reversals.retry_codes:
+                    link.health.record_success(reply.latency, time.monotonic())
+                    self.counters["answered"] += 1
+                    return journaled[0], self._terminal_doc(reply.doc, req), name, None
+                return await self._store_advice(req, name, reply.sent_doc,
+                                                f"acknowledged {rc or 'without a response code'}: not applied",
+                                                journaled[0])
+        txn_id = journaled[0] if journaled else await journal.record_received(txn)
+        return await self._store_advice(req, name, acq_doc, reason, txn_id, was_sent=False)
+
+    async def _store_advice(self, req: dict, name: str, sent: dict, reason: str, txn_id: int, *,
+                            was_sent: bool = True) -> tuple[int, dict, str, None]:
+        if was_sent:  # it may have arrived: every delivery from the queue is a repeat (x121/x221)
+            sent = dict(sent, t=sent["t"][:3] + "1")
+        await self.reversals.enqueue_or_hold(name, sent, reason, txn_id, kind="advice")
+        self.counters["advices_stored"] += 1
+        return txn_id, switch_response(req, RC_APPROVED), name, None
 
     async def _terminal_reversal(self, req: dict, ctx: RequestContext,
                                  txn_id: int) -> tuple[dict, str]:

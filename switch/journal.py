@@ -66,7 +66,7 @@ from typing import Any
 import msgpack
 
 from switch.keys import DecryptError, KeyRing
-from switch.messages import mask_pan
+from switch.messages import is_advice_mti, mask_pan
 
 log = logging.getLogger("isoswitch.journal")
 
@@ -897,17 +897,21 @@ class Journal(abc.ABC):
         return None
 
     def _recovery_plan(self, rows) -> list[tuple]:
-        """(txn_id, acquirer, sf state, payload blob, parked reason) for each unresolved row."""
+        """(txn_id, acquirer, sf kind, sf state, payload blob, parked reason) for each
+        unresolved row: an advice (x120/x220) is repeated, anything else reversed."""
         plan = []
         for txn_id, acquirer, link_stan, blob, *key in rows:
             fields = self._decrypt_reversal(txn_id, blob, tuple(key))
+            kind = "advice" if is_advice_mti(key[3] if len(key) > 3 else "") else "reversal"
             reason = None
+            if fields is not None and kind == "advice" and str(fields.get("t", ""))[:3]:
+                fields["t"] = str(fields["t"])[:3] + "1"  # it may have arrived: a repeat
             if fields is None:
                 fields = {"11": link_stan}
-                reason = ("reversal fields missing or undecryptable at recovery; "
-                          "reverse manually")
-            payload = self.keyring.encrypt(_pack(fields), _sf_aad(acquirer, "reversal", txn_id))
-            plan.append((txn_id, acquirer, "parked" if reason else "queued", payload, reason))
+                reason = (f"{kind} fields missing or undecryptable at recovery; "
+                          + ("send it again manually" if kind == "advice" else "reverse manually"))
+            payload = self.keyring.encrypt(_pack(fields), _sf_aad(acquirer, kind, txn_id))
+            plan.append((txn_id, acquirer, kind, "parked" if reason else "queued", payload, reason))
         return plan
 
     async def recover_unknown_outcomes(self) -> list[tuple[int, str, str, dict | None]]:
@@ -1271,7 +1275,7 @@ class PostgresJournal(Journal):
             async with c.transaction():
                 entry_id = await c.fetchval(self._q(SQL_SF_INSERT), acquirer, kind, txn_id, blob,
                                             "queued", now, next_at)
-                if kind == "reversal" and txn_id is not None:
+                if txn_id is not None:  # the transaction's unknown outcome is this entry's now
                     await c.execute(self._q(SQL_SF_MARK_TXN), txn_id)
                 return entry_id
 
@@ -1286,8 +1290,8 @@ class PostgresJournal(Journal):
                 rows = await c.fetch(self._q(SQL_RECOVER_SELECT + " FOR UPDATE OF t SKIP LOCKED"), *dead)
                 plan = self._recovery_plan([tuple(r.values()) for r in rows])
                 now = time.time()
-                for txn_id, acquirer, state, payload, reason in plan:
-                    entry_id = await c.fetchval(self._q(SQL_SF_INSERT), acquirer, "reversal", txn_id, payload,
+                for txn_id, acquirer, kind, state, payload, reason in plan:
+                    entry_id = await c.fetchval(self._q(SQL_SF_INSERT), acquirer, kind, txn_id, payload,
                                                 state, now, now)
                     if reason:
                         await c.execute("UPDATE sf_queue SET parked_reason = $1, parked_at = $2 WHERE id = $3",

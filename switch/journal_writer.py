@@ -143,7 +143,7 @@ class WriterCore:
     def op_sf_insert(self, acquirer, kind, txn_id, blob, now, next_at):
         J, c = self.J, self.conn
         entry_id = c.execute(J.SQL_SF_INSERT, (acquirer, kind, txn_id, blob, "queued", now, next_at)).fetchone()[0]
-        if kind == "reversal" and txn_id is not None:
+        if txn_id is not None:  # the transaction's unknown outcome is this entry's now
             c.execute(J.SQL_SF_MARK_TXN, (txn_id,))
         return entry_id
 
@@ -163,8 +163,8 @@ class WriterCore:
         rows = c.execute(J.SQL_RECOVER_SELECT, dead).fetchall()
         plan = self._recovery_plan(rows)
         now = time.time()
-        for txn_id, acquirer, state, payload, reason in plan:
-            entry_id = c.execute(J.SQL_SF_INSERT, (acquirer, "reversal", txn_id, payload, state, now,
+        for txn_id, acquirer, kind, state, payload, reason in plan:
+            entry_id = c.execute(J.SQL_SF_INSERT, (acquirer, kind, txn_id, payload, state, now,
                                                    now)).fetchone()[0]
             if reason:
                 c.execute("UPDATE sf_queue SET parked_reason = ?, parked_at = ? WHERE id = ?",
@@ -256,7 +256,7 @@ class WriterCore:
             return
         fn, atomic = spec
         if atomic is None:  # sf_insert: atomic when it also marks the transaction
-            atomic = args[1] == "reversal" and args[2] is not None
+            atomic = args[2] is not None
         if atomic:
             conn.execute("SAVEPOINT op")
         try:

@@ -19,8 +19,8 @@ RC_SYSTEM_ERROR = "96"
 
 # Request MTIs the switch forwards (ISO 8583:1987 0xxx and :1993 1xxx);
 # network management is answered locally
-FINANCIAL_REQUESTS = frozenset({"0100", "0101", "0200", "0201", "0220", "0221",
-                                "1100", "1101", "1200", "1201", "1220", "1221"})
+FINANCIAL_REQUESTS = frozenset({"0100", "0101", "0120", "0121", "0200", "0201", "0220", "0221",
+                                "1100", "1101", "1120", "1121", "1200", "1201", "1220", "1221"})
 REVERSAL_REQUESTS = frozenset({"0400", "0401", "0420", "0421", "1420", "1421"})
 NETWORK_REQUESTS = frozenset({"0800", "1804"})
 
@@ -53,6 +53,13 @@ def response_mti(mti: str) -> str:
 def original_mti(mti: str) -> str:
     """0201 -> 0200: a repeat is the same request sent again."""
     return mti[:3] + "0" if len(mti) == 4 and mti[3] == "1" else mti
+
+
+def is_advice_mti(mti: str | None) -> bool:
+    """x120/x121, x220/x221: an advice reports what has happened (a completion,
+    a stand-in authorization); it is delivered, repeated until acknowledged,
+    never reversed."""
+    return bool(mti) and len(mti) == 4 and mti[1] in "12" and mti[2] == "2"
 
 
 def is_response_to(request_mti: str, response: str) -> bool:

@@ -5,6 +5,10 @@ acquirer it may have reached; the first attempt goes as 0400, repeats as
 0401; nothing is dropped: an entry past its attempt or age limit is parked
 and stays visible (`parked`) until re-queued.
 
+Advices (x120/x220) go through the same queue when their acquirer cannot
+take them at once (``kind="advice"``): repeated as x121/x221 until
+acknowledged, never reversed.
+
 Entries live in the journal database (switch/journal.py), so they survive
 a crash and several processes sharing a PostgreSQL journal drain one queue.
 """
@@ -59,6 +63,22 @@ def build_reversal(original: dict, repeat: bool) -> dict:
     )
     rev["90"] = de90
     return rev
+
+
+def build_advice(original: dict, repeat: bool) -> dict:
+    """An advice as stored (x120/x220), or its repeat (x121/x221): the same
+    fields again, DE11 assigned by the link as for every message. One stored
+    as a repeat (it may have reached the acquirer before) always goes as one."""
+    adv = dict(original)
+    mti = str(adv.get("t", "0220"))
+    adv["t"] = mti[:3] + ("1" if repeat or mti[3:] == "1" else "0")
+    return adv
+
+
+def advice_payload(sent: dict) -> dict:
+    """What the queue keeps of an advice as sent: all of it (the journal drops
+    track data, PIN blocks and ICC data before anything is stored)."""
+    return dict(sent)
 
 
 def reversal_payload(sent: dict) -> dict:
@@ -127,25 +147,32 @@ class ReversalQueue:
     def parked(self) -> list:
         return list(self._parked)
 
-    async def enqueue(self, acquirer: str, original: dict, reason: str, txn_id: int | None = None) -> int:
-        entry_id = await self.journal.sf_enqueue(acquirer, "reversal", txn_id, reversal_payload(original))
-        self.counters["queued"] += 1
+    async def enqueue(self, acquirer: str, original: dict, reason: str, txn_id: int | None = None,
+                      kind: str = "reversal") -> int:
+        """Queue the reversal of ``original`` (the request as sent), or with
+        ``kind="advice"`` the advice ``original`` itself, for ``acquirer``."""
+        advice = kind == "advice"
+        payload = advice_payload(original) if advice else reversal_payload(original)
+        entry_id = await self.journal.sf_enqueue(acquirer, kind, txn_id, payload)
+        self.counters["advices_queued" if advice else "queued"] += 1
         self._depth[acquirer] = self._depth.get(acquirer, 0) + 1
-        log.warning("reversal %d queued for %s (%s)", entry_id, acquirer, reason)
+        log.warning("%s %d queued for %s (%s)", kind, entry_id, acquirer, reason)
         self._ensure_worker(acquirer)
         self._wake[acquirer].set()
         return entry_id
 
-    async def enqueue_or_hold(self, acquirer: str, original: dict, reason: str, txn_id: int | None = None) -> None:
+    async def enqueue_or_hold(self, acquirer: str, original: dict, reason: str, txn_id: int | None = None,
+                              kind: str = "reversal") -> None:
         """``enqueue``, or when the journal refuses the write (writer down, disk
         full): keep the reversal in memory and offer it again every second
         until the journal takes it. Never dropped while the process lives; if
         the process ends first, start-up recovery (DESIGN.md #7) queues every
         forwarded request whose outcome is not journaled."""
         try:
-            await self.enqueue(acquirer, original, reason, txn_id)
+            await self.enqueue(acquirer, original, reason, txn_id, kind)
         except Exception as exc:
-            self._held.append((acquirer, reversal_payload(original), reason, txn_id))
+            payload = advice_payload(original) if kind == "advice" else reversal_payload(original)
+            self._held.append((acquirer, payload, reason, txn_id, kind))
             self.counters["held"] += 1
             log.critical("reversal for %s (%s) not journaled (%s); held in memory (%d held), retried every second",
                          acquirer, reason, exc, len(self._held))
@@ -162,10 +189,10 @@ class ReversalQueue:
         A refused write may still have committed (the writer died between its
         COMMIT and the reply): a transaction already marked as reversed is not
         queued twice."""
-        acquirer, payload, reason, txn_id = self._held[0]
+        acquirer, payload, reason, txn_id, kind = self._held[0]
         row = await self.journal.get(txn_id) if txn_id is not None else None
         if row is None or not row.get("reversal_queued"):
-            await self.enqueue(acquirer, payload, reason, txn_id)
+            await self.enqueue(acquirer, payload, reason, txn_id, kind)
         self._held.popleft()
         self.counters["held_journaled"] += 1
 
@@ -244,11 +271,13 @@ class ReversalQueue:
             if entry.attempts >= self.max_attempts or time.time() - entry.created_at > self.max_age:
                 await self.journal.sf_park(entry.id, f"gave up after {entry.attempts} attempts")
                 self.counters["parked"] += 1
-                log.error("reversal %d for %s parked after %d attempts", entry.id, acquirer, entry.attempts)
+                log.error("%s %d for %s parked after %d attempts", entry.kind, entry.id, acquirer, entry.attempts)
                 await self.refresh()
                 continue
             link = self.links.get(acquirer)
-            rev = build_reversal(entry.payload, repeat=entry.repeat or entry.attempts > 0)
+            advice = entry.kind == "advice"
+            repeat = entry.repeat or entry.attempts > 0
+            rev = build_advice(entry.payload, repeat) if advice else build_reversal(entry.payload, repeat)
             try:
                 if link is None:
                     raise NotSent(acquirer, "no such link")
@@ -271,6 +300,6 @@ class ReversalQueue:
             # original not found: either way the acquirer now knows it must
             # not stand); ``retry_codes`` say it was not applied.
             await self.journal.sf_ack(entry.id)
-            self.counters["acknowledged"] += 1
+            self.counters["advices_acknowledged" if advice else "acknowledged"] += 1
             self._depth[acquirer] = max(0, self._depth.get(acquirer, 1) - 1)
-            log.info("reversal %d acknowledged by %s (rc %s)", entry.id, acquirer, reply.doc.get("39"))
+            log.info("%s %d acknowledged by %s (rc %s)", entry.kind, entry.id, acquirer, reply.doc.get("39"))
