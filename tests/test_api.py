@@ -685,6 +685,46 @@ def test_payment_record_follows_the_answer_when_the_outcome_cannot_be_journaled(
     run(main())
 
 
+def test_payment_record_committed_but_reported_lost_says_what_the_client_was_told(tmp_path):
+    """The writer dies between COMMIT and its reply: the outcome and the API
+    record are in the journal, but both writes are reported failed. The flow
+    answers 96 and reverses the approval; the record must say 96 (not the
+    approval it was first written with) and the client gets that answer."""
+    from switch.journal import JournalError
+
+    async def main():
+        async with running_api(tmp_path, {"acq-a": {}}) as api:
+            real_outcome = api.sw.journal.record_outcome
+            real_add_soon = api.store.add_soon
+
+            async def committed_then_lost(*a, **k):
+                await real_outcome(*a, **k)
+                raise JournalError("journal writer has stopped")
+
+            def add_soon_lost(rec, card=None):
+                committed = real_add_soon(rec, card)
+
+                async def lost():
+                    await committed
+                    raise JournalError("journal writer has stopped")
+                return asyncio.ensure_future(lost())
+
+            api.sw.journal.record_outcome = committed_then_lost
+            api.store.add_soon = add_soon_lost
+            async with api.session() as s:
+                status, raw, _ = await post(s, "/v1/payments", payment())
+                body = json.loads(raw)
+                assert status == 201 and body["response_code"] == "96" and not body["approved"], body
+                async with s.get(f"/v1/transactions/{body['id']}") as r:
+                    got = await r.json()
+                assert got["response_code"] == "96" and got["status"] == "declined", got
+            assert api.sw.reversals.counters["queued"] == 1
+            assert await api.sw.reversals.wait_empty(10)
+            assert [d["t"] for d in api.sw.sims["acq-a"].received if d["t"].startswith("04")] == ["0400"]
+
+    run(main())
+
+
 def test_idempotency_cache_is_bounded_and_forgets_expired_records(monkeypatch):
     """Per API key at most ``per_key`` finished records, least recently used
     forgotten first; a record older than ``ttl`` is forgotten; one still in

@@ -87,7 +87,9 @@ class TransactionStore(Protocol):
         """``add`` started now (raising at once on card data); await the future for durability."""
         ...
 
-    async def update(self, txn_id: str, changes: dict) -> None: ...
+    async def update(self, txn_id: str, changes: dict) -> bool:
+        """Merge ``changes`` into a record; False when there is no such record."""
+        ...
 
     async def get(self, txn_id: str) -> dict | None: ...
 
@@ -134,13 +136,15 @@ class MemoryTransactionStore:
         while len(self._items) > self.max_records:
             self._items.popitem(last=False)
 
-    async def update(self, txn_id: str, changes: dict) -> None:
+    async def update(self, txn_id: str, changes: dict) -> bool:
         _check_no_card_data(changes.keys())
         rec = self._items.get(txn_id)
-        if rec is not None:
-            rec.update(changes)
-            if rec.get("status") in ("reversed", "refunded"):
-                self._vault.drop(txn_id)
+        if rec is None:
+            return False
+        rec.update(changes)
+        if rec.get("status") in ("reversed", "refunded"):
+            self._vault.drop(txn_id)
+        return True
 
     async def get(self, txn_id: str) -> dict | None:
         rec = self._items.get(txn_id)
@@ -200,9 +204,9 @@ class JournalTransactionStore:
         _check_no_card_data(record.keys())
         return self.journal.api_put_soon(record, card)
 
-    async def update(self, txn_id: str, changes: dict) -> None:
+    async def update(self, txn_id: str, changes: dict) -> bool:
         _check_no_card_data(changes.keys())
-        await self.journal.api_update(txn_id, changes)
+        return await self.journal.api_update(txn_id, changes)
 
     async def get(self, txn_id: str) -> dict | None:
         return await self.journal.api_get(txn_id)
@@ -848,14 +852,23 @@ async def payment_reply(st: ApiState, key: ApiKey, body: bytes) -> Reply:
     resp = await _run_flow(st, req, before_outcome)
     if early:
         rec, saved = early[-1]
-        await saved
-        if rec["response_code"] != resp.get("39", "96"):
-            # the flow's answer changed after the hook (its outcome could not be
-            # journaled): the record says what the client is told
-            rec = dict(rec, **{k: v for k, v in record(resp)[0].items()
-                               if k in ("status", "approved", "response_code", "approval_code")})
-            await st.store.update(rec["id"], {k: rec[k] for k in ("status", "approved", "response_code",
-                                                                  "approval_code")})
+        try:
+            await saved
+            saved_ok = True
+        except Exception as exc:
+            # Its fate is unknown: the writer may have died after its COMMIT.
+            # The flow's outcome shared that commit, so the flow has answered 96
+            # and reversed the payment; the record must not say "approved".
+            log.error("API transaction %s: record not confirmed by the journal (%s); writing it again",
+                      rec["id"], exc)
+            saved_ok = False
+        if not saved_ok or rec["response_code"] != resp.get("39", "96"):
+            # the record says what the client is told
+            final, card = record(resp)
+            changes = {k: final[k] for k in ("status", "approved", "response_code", "approval_code")}
+            rec = dict(rec, **changes)
+            if not await st.store.update(rec["id"], changes):
+                await st.store.add(rec, card)
     else:  # answered before reaching the acquirer (format error, shed): no outcome hook
         rec, card = record(resp)
         await st.store.add(rec, card)
