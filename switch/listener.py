@@ -5,7 +5,9 @@ desynchronises the stream, so the connection is closed; an undecodable
 message inside a good frame is answered 30 when its MTI and STAN can be read,
 else counted and dropped. A frame that starts but does not finish within
 `frame_timeout` (slow drip) closes the connection, as does `idle_timeout`
-without any data. None of this touches other connections.
+without any data, or with none of its answers read (a terminal that does not
+read makes the switch stop reading from it first, so what is buffered for it
+stays bounded). None of this touches other connections.
 """
 from __future__ import annotations
 
@@ -86,6 +88,7 @@ class TerminalProtocol(asyncio.Protocol):
         self.in_flight = 0
         self.paused = False  # reading paused: max_in_flight requests in flight
         self.write_paused = False  # reading paused: the terminal is not reading its answers
+        self.write_paused_since = 0.0
         self._reading_paused = False
         self.last_rx = time.monotonic()
         self.partial_since: float | None = None
@@ -132,6 +135,13 @@ class TerminalProtocol(asyncio.Protocol):
             log.info("terminal connection closed: frame not completed in %.1fs", self.listener.frame_timeout)
             self.transport.abort()
             return
+        if self.write_paused and now - self.write_paused_since > self.cfg.idle_timeout:
+            # it has read none of its answers for idle_timeout: a terminal
+            # that is gone or stuck; its buffered answers are dropped with it
+            self.listener.counters["write_stalled_closed"] += 1
+            log.info("terminal connection closed: answers not read for %.1fs", self.cfg.idle_timeout)
+            self.transport.abort()
+            return
         if self.in_flight == 0 and now - self.last_rx > self.cfg.idle_timeout:
             self.listener.counters["idle_closed"] += 1
             self.transport.close()
@@ -145,6 +155,7 @@ class TerminalProtocol(asyncio.Protocol):
         # make the switch buffer them without bound: read nothing more from it
         # until its answers drain (the transport's high-water mark).
         self.write_paused = True
+        self.write_paused_since = time.monotonic()
         self.listener.counters["write_backpressure"] += 1
         self._sync_reading()
 

@@ -214,6 +214,50 @@ def test_a_terminal_that_never_reads_its_answers_is_not_buffered_without_bound(t
     run(go(), timeout=110)
 
 
+def test_a_terminal_that_stops_reading_for_idle_timeout_is_closed(tmp_path):
+    """Backpressure bounds what the switch buffers for a terminal that reads
+    nothing; one that has read none of its answers for idle_timeout is gone or
+    stuck, and its connection is closed. Other terminals are unaffected."""
+    import socket as _socket
+
+    from switch.sim.terminal import TerminalClient, dev_client_context
+    from tests.switch_harness import terminal
+
+    async def go():
+        async with running_switch(tmp_path, {"acq-a": {}},
+                                  listener={"terminal_timeout": 5.0, "idle_timeout": 1.0}) as sw:
+            lst = sw.listeners[0]
+            enc = TerminalClient("127.0.0.1", lst.port, framing=lst.cfg.framing, dialect=lst.cfg.dialect)
+            sock = _socket.socket()
+            for opt in (_socket.SO_RCVBUF, _socket.SO_SNDBUF):
+                sock.setsockopt(_socket.SOL_SOCKET, opt, 16384)
+            sock.connect(("127.0.0.1", lst.port))
+            sock.setblocking(False)
+            reader, writer = await asyncio.open_connection(
+                sock=sock, ssl=dev_client_context(tmp_path / "state", "TERM0001"), server_hostname="localhost",
+                limit=1024)
+            assert await _until(lambda: lst.connections)
+            conn = next(iter(lst.connections))
+            ssock = conn.transport.get_extra_info("socket")
+            for opt in (_socket.SO_RCVBUF, _socket.SO_SNDBUF):
+                ssock.setsockopt(_socket.SOL_SOCKET, opt, 16384)
+            stan = 0
+            while stan < 30_000 and not lst.counters["write_backpressure"]:
+                writer.write(b"".join(enc._encode(make_purchase(100, stan=(stan := stan + 1))) for _ in range(200)))
+                try:
+                    await asyncio.wait_for(writer.drain(), 5.0)
+                except asyncio.TimeoutError:
+                    break
+            assert lst.counters["write_backpressure"] >= 1
+            assert await _until(lambda: conn not in lst.connections, 5.0)
+            assert lst.counters["write_stalled_closed"] == 1
+            async with terminal(sw, tmp_path, "TERM0002") as t:
+                assert (await t.request(make_purchase(100, stan=1, terminal_id="TERM0002")))["39"] == "00"
+            writer.transport.abort()
+
+    run(go(), timeout=60)
+
+
 async def _until(pred, timeout=5.0):
     for _ in range(int(timeout / 0.02)):
         if pred():
