@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import hmac
 import logging
 import os
 import re
@@ -346,6 +347,18 @@ CREATE TABLE IF NOT EXISTS api_txn (
     card BLOB
 );
 CREATE INDEX IF NOT EXISTS api_txn_created ON api_txn (created_ts);
+-- Idempotency keys of POST /v1/payments, written with the payment's record so
+-- a client's retry after a restart (or on another switch process) is answered
+-- with that payment, never charged again
+CREATE TABLE IF NOT EXISTS api_idem (
+    owner TEXT NOT NULL,
+    idem_key TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    api_id TEXT,
+    created_ts REAL NOT NULL,
+    PRIMARY KEY (owner, idem_key)
+);
+CREATE INDEX IF NOT EXISTS api_idem_created ON api_idem (created_ts);
 CREATE TABLE IF NOT EXISTS late_response (
     id INTEGER PRIMARY KEY,
     acquirer TEXT NOT NULL,
@@ -452,6 +465,10 @@ SQL_SF_CLAIM_PG = (
 SQL_API_INSERT = ("INSERT INTO api_txn (id, owner, status, terminal_id, created_ts, parent_id, doc, card) "
                   "VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
 SQL_API_DOC = "SELECT doc FROM api_txn WHERE id = ?"
+SQL_API_IDEM_PUT = ("INSERT INTO api_idem (owner, idem_key, fingerprint, api_id, created_ts) VALUES (?, ?, ?, ?, ?) "
+                    "ON CONFLICT (owner, idem_key) DO UPDATE SET fingerprint = excluded.fingerprint, "
+                    "api_id = excluded.api_id, created_ts = excluded.created_ts")
+SQL_API_IDEM_GET = "SELECT fingerprint, api_id, created_ts FROM api_idem WHERE owner = ? AND idem_key = ?"
 SQL_API_SET = ("UPDATE api_txn SET doc = ?, status = ?, "
                "card = CASE WHEN ? THEN NULL ELSE card END WHERE id = ?")
 # a payment that is reversed or fully refunded needs its card no more
@@ -491,6 +508,8 @@ SQL_PRUNE = {
                       "WHERE received_at < ? ORDER BY id LIMIT ?)"),
     "api_txn": ("DELETE FROM api_txn WHERE id IN (SELECT id FROM api_txn WHERE created_ts < ? "
                 "ORDER BY created_ts LIMIT ?)"),
+    "api_idem": ("DELETE FROM api_idem WHERE (owner, idem_key) IN (SELECT owner, idem_key FROM api_idem "
+                 "WHERE created_ts < ? ORDER BY created_ts LIMIT ?)"),
 }
 RETENTION_CHECK_S = 3600.0  # how often a journal with a retention period prunes
 
@@ -826,16 +845,47 @@ class Journal(abc.ABC):
         and, optionally, its card as AES-GCM ciphertext for later follow-ups."""
         await self.api_put_soon(record, card)
 
-    def api_put_soon(self, record: dict, card: tuple[str, str] | None = None) -> asyncio.Future:
+    def api_put_soon(self, record: dict, card: tuple[str, str] | None = None,
+                     idem: tuple[str, str] | None = None) -> asyncio.Future:
         """``api_put`` submitted now (SQLite: it shares the group commit of a write
-        submitted right after it); await the returned future for durability."""
+        submitted right after it); await the returned future for durability.
+        ``idem``: (Idempotency-Key, request fingerprint), journaled in the same
+        transaction, so a retry finds this record (``api_idem_claim``)."""
         api_id = str(record["id"])
         blob = None if card is None else self.keyring.encrypt(
             f"{card[0]}|{card[1]}".encode("ascii"), _api_card_aad(api_id))
-        aw = self._exec(SQL_API_INSERT, (api_id, record.get("owner"), str(record["status"]),
-                                         record.get("terminal_id"), float(record["created_ts"]),
-                                         record.get("parent_id"), _pack_on_loop(record), blob))
+        params = (api_id, record.get("owner"), str(record["status"]), record.get("terminal_id"),
+                  float(record["created_ts"]), record.get("parent_id"), _pack_on_loop(record), blob)
+        if idem is None:
+            aw = self._exec(SQL_API_INSERT, params)
+        else:
+            aw = self._api_put_idem(params, (str(record.get("owner")), str(idem[0]),
+                                             self.keyring.request_digest(str(idem[1])), api_id,
+                                             float(record["created_ts"])))
         return aw if isinstance(aw, asyncio.Future) else asyncio.ensure_future(aw)
+
+    def _api_put_idem(self, params: tuple, idem_params: tuple):
+        """SQL_API_INSERT and SQL_API_IDEM_PUT in one transaction."""
+        raise NotImplementedError
+
+    async def api_idem_claim(self, owner: str, idem_key: str, fingerprint: str,
+                             stale_before: float) -> tuple[bool, str | None] | None:
+        """None when ``idem_key`` is new (this caller may run the payment), else
+        (same request?, API transaction id or None while another switch process
+        runs it). ``fingerprint``: the request's digest; the journal keeps only
+        its HMAC (``KeyRing.request_digest``). One process owns a SQLite journal
+        and its in-memory cache orders its own requests, so SQLite only looks;
+        PostgreSQL claims the key atomically for the several processes sharing
+        it, taking over a claim left by a process that died before
+        ``stale_before``."""
+        r = await self._fetchone(SQL_API_IDEM_GET, (str(owner), str(idem_key)))
+        if r is None:
+            return None
+        return hmac.compare_digest(r[0], self.keyring.request_digest(str(fingerprint))), r[1]
+
+    async def api_idem_release(self, owner: str, idem_key: str) -> None:
+        """Forget a claim whose request ended without a payment (a 4xx/5xx answer)."""
+        return None
 
     async def api_update(self, api_id: str, changes: dict) -> bool:
         """Merge ``changes`` into a record; the card is deleted once it is reversed or fully refunded."""
@@ -1113,6 +1163,9 @@ class SqliteJournal(Journal):
     def _exec(self, sql: str, params: tuple):
         return self._submit("exec", sql, params)
 
+    def _api_put_idem(self, params: tuple, idem_params: tuple):
+        return self._submit("api_put", params, idem_params)
+
     def _outcome(self, txn_id, response_code, approval_code, doc, latency_ms, now):
         return self._submit("outcome", txn_id, response_code, approval_code, _pack_on_loop(sanitize_replay(doc)),
                             latency_ms, now)
@@ -1269,6 +1322,39 @@ class PostgresJournal(Journal):
                     await c.execute(self._q(SQL_LATE_TXN), rc, now, txn_id)
                 await c.execute(self._q(SQL_LATE_INSERT), acquirer, link_stan, rc, txn_id, now)
                 return txn_id
+
+    async def _api_put_idem(self, params: tuple, idem_params: tuple):
+        async with self._p().acquire() as c:
+            async with c.transaction():
+                await c.execute(self._q(SQL_API_INSERT), *params)
+                await c.execute(self._q(SQL_API_IDEM_PUT), *idem_params)
+        return 1
+
+    async def api_idem_claim(self, owner: str, idem_key: str, fingerprint: str,
+                             stale_before: float) -> tuple[bool, str | None] | None:
+        owner, idem_key = str(owner), str(idem_key)
+        fingerprint = self.keyring.request_digest(str(fingerprint))
+        async with self._p().acquire() as c:
+            claimed = await c.fetchval(
+                "INSERT INTO api_idem (owner, idem_key, fingerprint, api_id, created_ts) "
+                "VALUES ($1, $2, $3, NULL, $4) ON CONFLICT (owner, idem_key) DO NOTHING RETURNING 1",
+                owner, idem_key, str(fingerprint), time.time())
+            if claimed:
+                return None
+            # a claim whose process died before writing the payment: its request
+            # was never forwarded or is reversed by recovery; this one runs it
+            took = await c.fetchval(
+                "UPDATE api_idem SET fingerprint = $3, created_ts = $4 WHERE owner = $1 AND idem_key = $2 "
+                "AND api_id IS NULL AND created_ts < $5 RETURNING 1",
+                owner, idem_key, str(fingerprint), time.time(), float(stale_before))
+            if took:
+                return None
+            r = await c.fetchrow(self._q(SQL_API_IDEM_GET), owner, idem_key)
+        return None if r is None else (hmac.compare_digest(r[0], fingerprint), r[1])
+
+    async def api_idem_release(self, owner: str, idem_key: str) -> None:
+        await self._p().execute("DELETE FROM api_idem WHERE owner = $1 AND idem_key = $2 AND api_id IS NULL",
+                                str(owner), str(idem_key))
 
     async def _sf_insert(self, acquirer, kind, txn_id, blob, now, next_at) -> int:
         async with self._p().acquire() as c:

@@ -91,6 +91,7 @@ class WriterCore:
             "sf_claim": (self.op_sf_claim, False),
             "recover": (self.op_recover, True),
             "api_update": (self.op_api_update, False),
+            "api_put": (self.op_api_put, True),
         }
 
     # the journal's card-data helpers, shared with the other backends
@@ -146,6 +147,12 @@ class WriterCore:
         if txn_id is not None:  # the transaction's unknown outcome is this entry's now
             c.execute(J.SQL_SF_MARK_TXN, (txn_id,))
         return entry_id
+
+    def op_api_put(self, params, idem_params):
+        c, J = self.conn, self.J
+        c.execute(J.SQL_API_INSERT, params)
+        c.execute(J.SQL_API_IDEM_PUT, idem_params)
+        return 1
 
     def op_api_update(self, api_id, changes_packed):
         J, c = self.J, self.conn

@@ -300,6 +300,12 @@ class KeyRing:
 
     # -- PAN fingerprint
 
+    def request_digest(self, digest: str) -> str:
+        """HMAC-SHA256 (hex) of a request's own digest (an Idempotency-Key's
+        fingerprint, a hash over a body that holds a PAN): what the journal keeps
+        instead, so nothing stored is a plain hash over card data."""
+        return hmac.digest(self._fp_key, b"isoswitch/request/" + digest.encode("ascii"), "sha256").hex()
+
     def pan_fingerprint(self, pan: str) -> str:
         """HMAC-SHA256 (hex) of the PAN's digits with the fingerprint key; never a plain hash."""
         digits = pan if isinstance(pan, str) and pan.isascii() and pan.isdigit() else "".join(

@@ -701,8 +701,8 @@ def test_payment_record_committed_but_reported_lost_says_what_the_client_was_tol
                 await real_outcome(*a, **k)
                 raise JournalError("journal writer has stopped")
 
-            def add_soon_lost(rec, card=None):
-                committed = real_add_soon(rec, card)
+            def add_soon_lost(rec, card=None, idem=None):
+                committed = real_add_soon(rec, card, idem)
 
                 async def lost():
                     await committed

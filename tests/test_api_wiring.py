@@ -142,3 +142,58 @@ def test_api_transactions_and_cards_survive_a_restart_in_the_journal(tmp_path):
             assert TEST_PAN.encode() not in data and TEST_PAN.encode("utf-16-le") not in data
 
     run(go(), timeout=120)
+
+
+def test_a_retried_payment_is_never_charged_twice_across_a_restart(tmp_path):
+    """The Idempotency-Key of POST /v1/payments is journaled with the payment's
+    record: a client retrying after the switch restarted (its answer lost in
+    a crash, say) gets that payment back, the acquirer sees one request; the
+    same key with another body is 422, a new key is a new payment."""
+    api_cfg = """
+    [api]
+    enabled = true
+    port = 0
+    """
+    body = {"pan": TEST_PAN, "expiry": "2912", "amount": 7100, "currency": "USD", "type": "purchase"}
+
+    async def session(sw):
+        ctx = ssl.create_default_context(cafile=str(certs.dev_pki_paths(tmp_path / "state").ca_cert))
+        return ClientSession(connector=TCPConnector(ssl=ctx)), f"https://localhost:{bound_port(sw.api_runner)}"
+
+    def purchases(sw):
+        return [d for d in sw.sims["acq-a"].received if d.get("t") == "0200"]
+
+    async def go():
+        (tmp_path / "state").mkdir(exist_ok=True)
+        key = subprocess.run([sys.executable, "-m", "switch.api.auth", "create", "--file",
+                              str(tmp_path / "state" / "api_keys.json"), "--name", "t", "--scopes",
+                              "payments"], capture_output=True, text=True, check=True).stdout.split()[-1]
+        auth = {"Authorization": f"Bearer {key}"}
+        async with running_switch(tmp_path, {"acq-a": {}}, routing=api_cfg) as sw:
+            s, base = await session(sw)
+            async with s:
+                r = await s.post(f"{base}/v1/payments", json=body, headers={**auth, "Idempotency-Key": "k-1"})
+                paid = await r.json()
+                assert r.status == 201 and paid["approved"]
+                r = await s.post(f"{base}/v1/payments", json=dict(body, expiry="0101"),
+                                 headers={**auth, "Idempotency-Key": "bad-1"})
+                assert r.status == 400  # no payment made: the key does not stand for one
+        async with running_switch(tmp_path, {"acq-a": {}}, routing=api_cfg) as sw:
+            s, base = await session(sw)
+            async with s:
+                for _ in range(2):  # from the journal, then from the new process's cache
+                    r = await s.post(f"{base}/v1/payments", json=body, headers={**auth, "Idempotency-Key": "k-1"})
+                    assert r.status == 201 and await r.json() == paid
+                    assert r.headers.get("Idempotent-Replayed") == "true"
+                r = await s.post(f"{base}/v1/payments", json=dict(body, amount=7200),
+                                 headers={**auth, "Idempotency-Key": "k-1"})
+                assert r.status == 422
+                assert not purchases(sw)
+                r = await s.post(f"{base}/v1/payments", json=dict(body, expiry="0101"),
+                                 headers={**auth, "Idempotency-Key": "bad-1"})
+                assert r.status == 400
+                r = await s.post(f"{base}/v1/payments", json=body, headers={**auth, "Idempotency-Key": "k-2"})
+                other = await r.json()
+                assert r.status == 201 and other["id"] != paid["id"] and len(purchases(sw)) == 1
+
+    run(go())

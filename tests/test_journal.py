@@ -897,6 +897,43 @@ def test_sqlite_writer_ignores_sigint_and_sigterm_until_the_parent_closes(tmp_pa
 # The REST API's transactions (switch.api.JournalTransactionStore)
 
 
+def test_api_idempotency_keys_are_journaled_with_their_payment(backend):
+    """Both backends: a key written with its record is found again (fingerprint,
+    record id) by a later process; PostgreSQL also claims a new key atomically,
+    so a second process with the same key waits (record id None) until the
+    claim is stale or released."""
+    async def go():
+        j = backend.make(node_id="idem-1")
+        await j.start()
+        try:
+            assert await j.api_idem_claim("k1", "key-a", "fp-a", 0.0) is None
+            await j.api_put_soon({"id": "txn_a", "status": "approved", "created_ts": time.time(), "owner": "k1"},
+                                 None, ("key-a", "fp-a"))
+            assert await j.api_idem_claim("k1", "key-a", "fp-a", 0.0) == (True, "txn_a")
+            assert await j.api_idem_claim("k2", "key-a", "fp-a", 0.0) is None  # per API key
+        finally:
+            await j.close()
+        j2 = backend.make(node_id="idem-2")
+        await j2.start()
+        try:
+            assert await j2.api_idem_claim("k1", "key-a", "other", 0.0) == (False, "txn_a")
+            assert (await j2.api_get("txn_a"))["status"] == "approved"
+            # kept as an HMAC only: the request's own digest hashes a body with a PAN in it
+            assert await j2._fetchone("SELECT fingerprint FROM api_idem WHERE idem_key = ? AND owner = ?",
+                                      ("key-a", "k1")) == (backend.keyring.request_digest("fp-a"),)
+            if backend.name == "postgres":
+                # "k2"/"key-a" was claimed above and never paid: another process waits...
+                assert await j2.api_idem_claim("k2", "key-a", "fp-b", 0.0) == (False, None)
+                # ...until the claim is older than its processes' time (the claimant died)
+                assert await j2.api_idem_claim("k2", "key-a", "fp-b", time.time() + 1) is None
+                await j2.api_idem_release("k2", "key-a")
+                assert await j2.api_idem_claim("k2", "key-a", "fp-c", 0.0) is None
+        finally:
+            await j2.close()
+
+    run(go())
+
+
 def test_api_records_and_cards(backend):
     """Both backends: records round-trip, update merges, list filters and pages
     newest first, the card is ciphertext bound to its row and is deleted once

@@ -83,8 +83,10 @@ class TransactionStore(Protocol):
 
     async def add(self, record: dict, card: tuple[str, str] | None = None) -> None: ...
 
-    def add_soon(self, record: dict, card: tuple[str, str] | None = None) -> asyncio.Future:
-        """``add`` started now (raising at once on card data); await the future for durability."""
+    def add_soon(self, record: dict, card: tuple[str, str] | None = None,
+                 idem: tuple[str, str] | None = None) -> asyncio.Future:
+        """``add`` started now (raising at once on card data); await the future for durability.
+        ``idem``: (Idempotency-Key, fingerprint) of the POST that made the record."""
         ...
 
     async def update(self, txn_id: str, changes: dict) -> bool:
@@ -122,7 +124,8 @@ class MemoryTransactionStore:
     async def add(self, record: dict, card: tuple[str, str] | None = None) -> None:
         self._add(record, card)
 
-    def add_soon(self, record: dict, card: tuple[str, str] | None = None) -> asyncio.Future:
+    def add_soon(self, record: dict, card: tuple[str, str] | None = None,
+                 idem: tuple[str, str] | None = None) -> asyncio.Future:
         fut = asyncio.get_running_loop().create_future()
         self._add(record, card)
         fut.set_result(None)
@@ -199,10 +202,19 @@ class JournalTransactionStore:
     async def add(self, record: dict, card: tuple[str, str] | None = None) -> None:
         await self.add_soon(record, card)
 
-    def add_soon(self, record: dict, card: tuple[str, str] | None = None) -> asyncio.Future:
-        """``add`` submitted now; the returned future resolves once it is durable."""
+    def add_soon(self, record: dict, card: tuple[str, str] | None = None,
+                 idem: tuple[str, str] | None = None) -> asyncio.Future:
+        """``add`` submitted now; the returned future resolves once it is durable.
+        ``idem``: (Idempotency-Key, request fingerprint) of the POST that made it."""
         _check_no_card_data(record.keys())
-        return self.journal.api_put_soon(record, card)
+        return self.journal.api_put_soon(record, card, idem)
+
+    async def idem_claim(self, owner: str, idem_key: str, fingerprint: str,
+                         stale_before: float) -> tuple[str, str | None] | None:
+        return await self.journal.api_idem_claim(owner, idem_key, fingerprint, stale_before)
+
+    async def idem_release(self, owner: str, idem_key: str) -> None:
+        await self.journal.api_idem_release(owner, idem_key)
 
     async def update(self, txn_id: str, changes: dict) -> bool:
         _check_no_card_data(changes.keys())
@@ -474,33 +486,76 @@ def idempotency_key(get) -> str:
     return idem
 
 
-async def idempotent(st: ApiState, key: ApiKey, idem: str, method: str, path: str, body: bytes, run) -> Reply:
+def _idempotency_conflict() -> Problem:
+    return Problem(422, "Idempotency key reused",
+                   "this Idempotency-Key was used with a different request",
+                   slug="idempotency-conflict",
+                   errors=[{"field": "Idempotency-Key", "problem": "already used with another request"}])
+
+
+async def _journaled_payment(st: ApiState, key: ApiKey, idem: str, fp: str) -> Reply | None:
+    """The payment an earlier life of this switch (or another process on the
+    same PostgreSQL journal) made for this Idempotency-Key, as a replay; None
+    when the key is new. A retry after a crash or a restart is never charged
+    twice: the key is journaled with the payment's record, in the same
+    transaction, before its outcome."""
+    claim = getattr(st.store, "idem_claim", None)
+    if claim is None:
+        return None
+    found = await claim(key.id, idem, fp, time.time() - 2 * st.settings.timeout - 5.0)
+    if found is None:
+        return None
+    same_request, api_id = found
+    if not same_request:
+        raise _idempotency_conflict()
+    if api_id is None:
+        raise Problem(409, "Request in progress", "a request with this Idempotency-Key is being processed; "
+                      "retry it shortly", slug="idempotency-in-progress", headers={"Retry-After": "1"})
+    rec = await st.store.get(api_id)
+    if rec is None:
+        return None
+    return Reply(201, _dumps(public_view(rec)), headers={"Idempotent-Replayed": "true"})
+
+
+async def idempotent(st: ApiState, key: ApiKey, idem: str, method: str, path: str, body: bytes, run,
+                     fp: str | None = None, journaled=None) -> Reply:
     """``run()``'s reply, once per (API key, Idempotency-Key): a repeat with the
     same request gets the stored reply (waiting for the first if it is still
-    running), one with another request 422."""
-    fp = IdempotencyCache.fingerprint(method, path, body)
+    running), one with another request 422. ``journaled()``: the reply
+    journaled for this key by an earlier life of the switch, or None."""
+    if fp is None:
+        fp = IdempotencyCache.fingerprint(method, path, body)
     while True:
         try:
             rec, new = st.idempotency.begin(key.id, idem, fp)
         except IdempotencyConflict:
-            raise Problem(422, "Idempotency key reused",
-                          "this Idempotency-Key was used with a different request",
-                          slug="idempotency-conflict",
-                          errors=[{"field": "Idempotency-Key", "problem": "already used with another request"}])
+            raise _idempotency_conflict() from None
         if new:
             break
         await asyncio.shield(rec.done)
         if rec.status:
             return Reply(rec.status, rec.body, rec.content_type, {"Idempotent-Replayed": "true"})
         # the first attempt died without an answer: run this one
+    replay = None
     try:
         try:
-            reply = await run()
+            replay = None if journaled is None else await journaled()
+            if replay is not None:
+                reply = replay
+            else:
+                reply = await run()
+                if journaled is not None and reply.status != 201:
+                    # no payment was made: the key's claim (PostgreSQL) is let go
+                    await st.store.idem_release(key.id, idem)
         except Problem as p:
             reply = p.reply()
     except BaseException:
         st.idempotency.abandon(key.id, idem, rec)
         raise
+    if reply.status in (409, 422) and replay is None and journaled is not None:
+        # decided by another request's claim: not this key's answer for good
+        st.idempotency.abandon(key.id, idem, rec)
+        return reply
     st.idempotency.finish(key.id, idem, rec, reply.status, reply.body, reply.content_type)
     return reply
 
@@ -516,7 +571,11 @@ async def idempotency_middleware(request: web.Request, handler):
     async def run() -> Reply:
         return Reply.of(await handler(request))
 
-    return (await idempotent(st, request[API_KEY], idem, request.method, request.path, body, run)).response()
+    key = request[API_KEY]
+    fp = IdempotencyCache.fingerprint(request.method, request.path, body)
+    journaled = (lambda: _journaled_payment(st, key, idem, fp)) if request.path == "/v1/payments" else None
+    return (await idempotent(st, key, idem, request.method, request.path, body, run, fp,
+                             journaled)).response()
 
 
 async def serve_payment(st: ApiState, get, body: bytes) -> Reply:
@@ -526,8 +585,11 @@ async def serve_payment(st: ApiState, get, body: bytes) -> Reply:
     try:
         try:
             key = authorize(st, "/v1/payments", get)
-            reply = await idempotent(st, key, idempotency_key(get), "POST", "/v1/payments", body,
-                                     lambda: payment_reply(st, key, body))
+            idem = idempotency_key(get)
+            fp = IdempotencyCache.fingerprint("POST", "/v1/payments", body)
+            reply = await idempotent(st, key, idem, "POST", "/v1/payments", body,
+                                     lambda: payment_reply(st, key, body, (idem, fp)), fp,
+                                     lambda: _journaled_payment(st, key, idem, fp))
         except Problem as p:
             reply = p.reply()
     except asyncio.CancelledError:
@@ -818,10 +880,14 @@ async def _emit(st: ApiState, rec: dict, event: str) -> None:
 
 async def create_payment(request: web.Request) -> web.Response:
     st = _state(request)
-    return (await payment_reply(st, request[API_KEY], await _read_body(request, st.settings.max_body))).response()
+    body = await _read_body(request, st.settings.max_body)
+    idem = (idempotency_key(request.headers.get), IdempotencyCache.fingerprint(request.method, request.path, body))
+    return (await payment_reply(st, request[API_KEY], body, idem)).response()
 
 
-async def payment_reply(st: ApiState, key: ApiKey, body: bytes) -> Reply:
+async def payment_reply(st: ApiState, key: ApiKey, body: bytes, idem: tuple[str, str] | None = None) -> Reply:
+    """POST /v1/payments; ``idem``: (Idempotency-Key, request fingerprint),
+    journaled with the payment's record."""
     p = validate_payment(_json_doc(body), key, st.settings)
     now = time.time()
     numeric, alpha = p["currency"]
@@ -847,7 +913,7 @@ async def payment_reply(st: ApiState, key: ApiKey, body: bytes) -> Reply:
     def before_outcome(resp: dict) -> None:
         # submitted with the flow's outcome write: one group commit, one wait
         rec, card = record(resp)
-        early.append((rec, st.store.add_soon(rec, card)))
+        early.append((rec, st.store.add_soon(rec, card, idem)))
 
     resp = await _run_flow(st, req, before_outcome)
     if early:
@@ -868,10 +934,10 @@ async def payment_reply(st: ApiState, key: ApiKey, body: bytes) -> Reply:
             changes = {k: final[k] for k in ("status", "approved", "response_code", "approval_code")}
             rec = dict(rec, **changes)
             if not await st.store.update(rec["id"], changes):
-                await st.store.add(rec, card)
+                await st.store.add_soon(rec, card, idem)
     else:  # answered before reaching the acquirer (format error, shed): no outcome hook
         rec, card = record(resp)
-        await st.store.add(rec, card)
+        await st.store.add_soon(rec, card, idem)
     req.clear()  # the only object holding the clear PAN in this handler (with p)
     await _emit(st, rec, f"{p['type']}.{'approved' if rec['approved'] else 'declined'}")
     return Reply(201, _dumps(public_view(rec)))
