@@ -91,7 +91,10 @@ class WriterCore:
             "sf_claim": (self.op_sf_claim, False),
             "recover": (self.op_recover, True),
             "api_update": (self.op_api_update, False),
-            "api_put": (self.op_api_put, True),
+            # the key first: a key without its record is harmless (a retry runs
+            # the payment), a record without its key is not, so no savepoint
+            "api_put": (self.op_api_put, False),
+            "idem_get": (self.op_idem_get, False),
         }
 
     # the journal's card-data helpers, shared with the other backends
@@ -150,9 +153,12 @@ class WriterCore:
 
     def op_api_put(self, params, idem_params):
         c, J = self.conn, self.J
-        c.execute(J.SQL_API_INSERT, params)
         c.execute(J.SQL_API_IDEM_PUT, idem_params)
+        c.execute(J.SQL_API_INSERT, params)
         return 1
+
+    def op_idem_get(self, params):
+        return self.conn.execute(self.J.SQL_API_IDEM_GET, params).fetchone()
 
     def op_api_update(self, api_id, changes_packed):
         J, c = self.J, self.conn

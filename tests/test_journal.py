@@ -906,11 +906,24 @@ def test_api_idempotency_keys_are_journaled_with_their_payment(backend):
         j = backend.make(node_id="idem-1")
         await j.start()
         try:
+            old = time.time() - 10 * 86_400
+            for i in range(3):
+                await j.api_put_soon({"id": f"txn_old{i}", "status": "approved", "created_ts": old + i,
+                                      "owner": "k1"}, None, (f"old-{i}", "fp"))
             assert await j.api_idem_claim("k1", "key-a", "fp-a", 0.0) is None
             await j.api_put_soon({"id": "txn_a", "status": "approved", "created_ts": time.time(), "owner": "k1"},
                                  None, ("key-a", "fp-a"))
             assert await j.api_idem_claim("k1", "key-a", "fp-a", 0.0) == (True, "txn_a")
             assert await j.api_idem_claim("k2", "key-a", "fp-a", 0.0) is None  # per API key
+            # retention forgets old keys with their records (written in time
+            # order, as payments are), and nothing younger
+            await j.api_put_soon({"id": "txn_b", "status": "approved", "created_ts": time.time(), "owner": "k1"},
+                                 None, ("key-b", "fp-b"))
+            counts = await j.prune(time.time() - 86_400, batch=2)
+            assert counts["api_idem"] == 3 and counts["api_txn"] == 3
+            assert await j.api_idem_claim("k1", "old-0", "fp", 0.0) is None
+            assert await j.api_idem_claim("k1", "key-a", "fp-a", 0.0) == (True, "txn_a")
+            assert await j.api_idem_claim("k1", "key-b", "fp-b", 0.0) == (True, "txn_b")
         finally:
             await j.close()
         j2 = backend.make(node_id="idem-2")
