@@ -900,6 +900,11 @@ class Journal(abc.ABC):
         """Forget a claim whose request ended without a payment (a 4xx/5xx answer)."""
         return None
 
+    async def api_idem_scan(self, fn) -> int:
+        """``fn(owner, idem_key)`` for every journaled Idempotency-Key (in a worker
+        thread, streamed); returns how many."""
+        raise NotImplementedError
+
     async def api_update(self, api_id: str, changes: dict) -> bool:
         """Merge ``changes`` into a record; the card is deleted once it is reversed or fully refunded."""
         return await self._api_update(str(api_id), _pack(changes)) == 1
@@ -1221,6 +1226,20 @@ class SqliteJournal(Journal):
         def run():
             with self._slock:
                 return conn.execute(sql, params).fetchall()
+        return await asyncio.to_thread(run)
+
+    async def api_idem_scan(self, fn) -> int:
+        conn = self._sconn
+        if conn is None:
+            raise JournalError("journal is closed")
+
+        def run():
+            n = 0
+            with self._slock:
+                for owner, key in conn.execute("SELECT owner, idem_key FROM api_idem"):
+                    fn(owner, key)
+                    n += 1
+            return n
         return await asyncio.to_thread(run)
 
     # -- for tests and tools

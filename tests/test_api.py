@@ -760,3 +760,20 @@ def test_idempotency_cache_is_bounded_and_forgets_expired_records(monkeypatch):
         assert list(cache._by_key["key1"]) == ["e", "d"]
 
     run(main())
+
+
+def test_seen_keys_filter_has_no_false_negatives_and_few_false_positives():
+    """The filter that spares a new Idempotency-Key its journal lookup (SQLite):
+    every key added is reported seen; of keys never added, about 1% at
+    capacity are (a journal lookup then answers for them)."""
+    from switch.api.auth import SeenKeys
+
+    seen = SeenKeys(capacity=20_000)
+    added = [(f"k{i % 3}", uuid.uuid4().hex) for i in range(20_000)]
+    for owner, key in added:
+        seen.add(owner, key)
+    assert all(pair in seen for pair in added)
+    assert seen.count == 20_000
+    false = sum((f"k{i % 3}", uuid.uuid4().hex) in seen for i in range(20_000))
+    assert false < 20_000 * 0.03, false
+    assert sum((f"x{owner}", key) in seen for owner, key in added[:2000]) < 100  # the owner is part of the key

@@ -216,6 +216,45 @@ class ApiKeyStore:
 # Idempotency
 
 
+class SeenKeys:
+    """A Bloom filter of the (API key id, Idempotency-Key) pairs journaled with a
+    payment. "Not seen" is certain, so a new key -- nearly every request --
+    needs no journal lookup; "seen" may be a false positive (about 1% at
+    ``capacity`` keys, more beyond), which the journal lookup then settles.
+    Keys are never removed (a filter cannot forget); it is rebuilt from the
+    journal at every start."""
+
+    __slots__ = ("_bits", "_mask", "_k", "count")
+
+    def __init__(self, capacity: int = 3_000_000, false_positive: float = 0.01):
+        m = max(1 << 16, int(-capacity * math.log(false_positive) / (math.log(2) ** 2)))
+        bits = 1 << (m - 1).bit_length()  # a power of two: positions by mask
+        self._bits = bytearray(bits >> 3)
+        self._mask = bits - 1
+        self._k = max(1, round(bits / max(1, capacity) * math.log(2)))
+        self.count = 0
+
+    def _positions(self, owner: str, key: str):
+        h = hashlib.blake2b(f"{owner}\0{key}".encode("utf-8", "surrogatepass"), digest_size=16).digest()
+        a = int.from_bytes(h[:8], "little")
+        b = int.from_bytes(h[8:], "little") | 1
+        mask = self._mask
+        return [(a + i * b) & mask for i in range(self._k)]
+
+    def add(self, owner: str, key: str) -> None:
+        bits = self._bits
+        for p in self._positions(owner, key):
+            bits[p >> 3] |= 1 << (p & 7)
+        self.count += 1
+
+    def __contains__(self, pair: tuple[str, str]) -> bool:
+        bits = self._bits
+        for p in self._positions(pair[0], pair[1]):
+            if not bits[p >> 3] >> (p & 7) & 1:
+                return False
+        return True
+
+
 @dataclass
 class IdempotencyRecord:
     fingerprint: str

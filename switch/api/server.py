@@ -37,7 +37,7 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
-from switch.api.auth import ApiKey, ApiKeyStore, IdempotencyCache, IdempotencyConflict
+from switch.api.auth import ApiKey, ApiKeyStore, IdempotencyCache, IdempotencyConflict, SeenKeys
 from switch.messages import RC_SYSTEM_ERROR, luhn_ok, mask_pan, switch_response
 from switch.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from switch.metrics import Metrics
@@ -198,6 +198,20 @@ class JournalTransactionStore:
 
     def __init__(self, journal):
         self.journal = journal
+        # SQLite (one process owns it): the keys journaled so far, so a new
+        # key needs no lookup; filled by ``load_seen`` before the API serves.
+        # PostgreSQL: None, every new key is claimed in the database (several
+        # processes share it).
+        self.seen: SeenKeys | None = None
+
+    async def load_seen(self) -> int:
+        """Fill the filter of journaled Idempotency-Keys (SQLite journals only)."""
+        if getattr(self.journal, "backend", None) != "sqlite":
+            return 0
+        seen = SeenKeys()
+        n = await self.journal.api_idem_scan(seen.add)
+        self.seen = seen
+        return n
 
     async def add(self, record: dict, card: tuple[str, str] | None = None) -> None:
         await self.add_soon(record, card)
@@ -207,10 +221,15 @@ class JournalTransactionStore:
         """``add`` submitted now; the returned future resolves once it is durable.
         ``idem``: (Idempotency-Key, request fingerprint) of the POST that made it."""
         _check_no_card_data(record.keys())
-        return self.journal.api_put_soon(record, card, idem)
+        fut = self.journal.api_put_soon(record, card, idem)
+        if idem is not None and self.seen is not None:
+            self.seen.add(str(record.get("owner")), idem[0])
+        return fut
 
     async def idem_claim(self, owner: str, idem_key: str, fingerprint: str,
-                         stale_before: float) -> tuple[str, str | None] | None:
+                         stale_before: float) -> tuple[bool, str | None] | None:
+        if self.seen is not None and (owner, idem_key) not in self.seen:
+            return None  # certainly never journaled
         return await self.journal.api_idem_claim(owner, idem_key, fingerprint, stale_before)
 
     async def idem_release(self, owner: str, idem_key: str) -> None:
@@ -1372,6 +1391,11 @@ async def start_api(switch, api_cfg=None, *, keys: ApiKeyStore, store: Transacti
     from switch.api.fasthttp import ApiServer
 
     api_cfg = api_cfg if api_cfg is not None else switch.config.api
+    load_seen = getattr(store, "load_seen", None)
+    if load_seen is not None:
+        n = await load_seen()
+        if n:
+            log.info("REST API: %d journaled Idempotency-Keys loaded", n)
     if ssl_context is None and api_cfg.tls:
         if api_cfg.dev_pki:
             await asyncio.to_thread(certs.ensure_dev_pki, switch.config.switch.state_dir)
