@@ -82,8 +82,13 @@ class RequestContext:
     # TraceCollision, never a replay of someone else's answer.
     channel: str | None = None
     # Called with the answer right before its outcome write is submitted, so a
-    # channel can submit its own record with it (one group commit, one wait).
-    before_outcome: Callable[[dict], None] | None = None
+    # channel can journal its own record with it: what it returns (a journal
+    # ``api_put_params`` tuple, or None) is written in the outcome's own
+    # transaction.
+    before_outcome: Callable[[dict], tuple | None] | None = None
+    # Set by the flow: its outcome (and whatever was attached to it) could not
+    # be journaled, so the answer became 96 and the acquirer's is reversed.
+    outcome_failed: bool = False
 
 
 class TraceCollision(Exception):
@@ -200,15 +205,21 @@ class TransactionFlow:
             replay = await self._journaled_answer(req, ctx, key)
             return replay if replay is not None else switch_response(req, RC_DUPLICATE)
         elapsed = time.monotonic() - t0
+        attach = None
         if ctx.before_outcome is not None:
             try:
-                ctx.before_outcome(resp)
+                attach = ctx.before_outcome(resp)
             except Exception:  # the channel's problem; the outcome is journaled regardless
                 log.exception("before_outcome hook failed")
         # the outcome is durable before the terminal hears it (invariant 2)
         try:
-            await self.journal.record_outcome(txn_id, resp.get("39"), resp.get("38"), resp, elapsed * 1000.0)
+            if attach is None:
+                await self.journal.record_outcome(txn_id, resp.get("39"), resp.get("38"), resp, elapsed * 1000.0)
+            else:
+                await self.journal.record_outcome(txn_id, resp.get("39"), resp.get("38"), resp, elapsed * 1000.0,
+                                                  attach)
         except Exception:
+            ctx.outcome_failed = True
             if sent is not None:
                 # The acquirer answered, but the terminal will hear 96 instead:
                 # whatever the acquirer approved must be undone there. (A restart

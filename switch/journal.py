@@ -690,10 +690,18 @@ class Journal(abc.ABC):
                                "timeout or reversal already journaled)")
 
     async def record_outcome(self, txn_id: int, response_code: str | None, approval_code: str | None,
-                             response_doc_for_replay: dict | None, latency_ms: float | None) -> None:
-        """Journal the answer the terminal gets (kept sanitized for replay); call BEFORE answering."""
-        n = await self._outcome(txn_id, response_code, approval_code, response_doc_for_replay or {},
-                                None if latency_ms is None else float(latency_ms), time.time())
+                             response_doc_for_replay: dict | None, latency_ms: float | None,
+                             attach: tuple | None = None) -> None:
+        """Journal the answer the terminal gets (kept sanitized for replay); call BEFORE answering.
+        ``attach``: an API record (``api_put_params``) journaled in the same
+        transaction, so no crash can leave one without the other."""
+        lat = None if latency_ms is None else float(latency_ms)
+        if attach is None:
+            n = await self._outcome(txn_id, response_code, approval_code, response_doc_for_replay or {}, lat,
+                                    time.time())
+        else:
+            n = await self._outcome_api(txn_id, response_code, approval_code, response_doc_for_replay or {}, lat,
+                                        time.time(), attach)
         if n != 1:
             raise JournalError(f"txn {txn_id}: unknown transaction")
 
@@ -853,23 +861,31 @@ class Journal(abc.ABC):
         and, optionally, its card as AES-GCM ciphertext for later follow-ups."""
         await self.api_put_soon(record, card)
 
-    def api_put_soon(self, record: dict, card: tuple[str, str] | None = None,
-                     idem: tuple[str, str] | None = None) -> asyncio.Future:
-        """``api_put`` submitted now (SQLite: it shares the group commit of a write
-        submitted right after it); await the returned future for durability.
-        ``idem``: (Idempotency-Key, request fingerprint), journaled in the same
-        transaction, so a retry finds this record (``api_idem_claim``)."""
+    def api_put_params(self, record: dict, card: tuple[str, str] | None = None,
+                       idem: tuple[str, str] | None = None) -> tuple:
+        """(SQL_API_INSERT params, SQL_API_IDEM_PUT params or None) for a record:
+        the card encrypted, the request's digest as its HMAC."""
         api_id = str(record["id"])
         blob = None if card is None else self.keyring.encrypt(
             f"{card[0]}|{card[1]}".encode("ascii"), _api_card_aad(api_id))
         params = (api_id, record.get("owner"), str(record["status"]), record.get("terminal_id"),
                   float(record["created_ts"]), record.get("parent_id"), _pack_on_loop(record), blob)
         if idem is None:
+            return params, None
+        return params, (str(record.get("owner")), str(idem[0]), self.keyring.request_digest(str(idem[1])),
+                        api_id, float(record["created_ts"]))
+
+    def api_put_soon(self, record: dict, card: tuple[str, str] | None = None,
+                     idem: tuple[str, str] | None = None) -> asyncio.Future:
+        """``api_put`` submitted now (SQLite: it shares the group commit of a write
+        submitted right after it); await the returned future for durability.
+        ``idem``: (Idempotency-Key, request fingerprint), journaled in the same
+        transaction, so a retry finds this record (``api_idem_claim``)."""
+        params, idem_params = self.api_put_params(record, card, idem)
+        if idem_params is None:
             aw = self._exec(SQL_API_INSERT, params)
         else:
-            aw = self._api_put_idem(params, (str(record.get("owner")), str(idem[0]),
-                                             self.keyring.request_digest(str(idem[1])), api_id,
-                                             float(record["created_ts"])))
+            aw = self._api_put_idem(params, idem_params)
         return aw if isinstance(aw, asyncio.Future) else asyncio.ensure_future(aw)
 
     def _api_put_idem(self, params: tuple, idem_params: tuple):
@@ -1023,6 +1039,10 @@ class Journal(abc.ABC):
     async def _outcome(self, txn_id, response_code, approval_code, doc, latency_ms, now) -> int:
         packed = _pack(sanitize_replay(doc))
         return await self._exec(SQL_OUTCOME, (response_code, approval_code, packed, latency_ms, now, txn_id))
+
+    async def _outcome_api(self, txn_id, response_code, approval_code, doc, latency_ms, now, attach) -> int:
+        """The outcome, then the attached API record (``api_put_params``), in one transaction."""
+        raise NotImplementedError
 
     @abc.abstractmethod
     async def _insert_forwarded(self, txn: TxnRecord, acquirer: str, link_stan: str, now: float,
@@ -1194,6 +1214,11 @@ class SqliteJournal(Journal):
         return self._submit("outcome", txn_id, response_code, approval_code, _pack_on_loop(sanitize_replay(doc)),
                             latency_ms, now)
 
+    def _outcome_api(self, txn_id, response_code, approval_code, doc, latency_ms, now, attach):
+        # one message, so one group and one COMMIT: a crash keeps both or neither
+        return self._submit("outcome_api", txn_id, response_code, approval_code,
+                            _pack_on_loop(sanitize_replay(doc)), latency_ms, now, attach[0], attach[1])
+
     def _late_response(self, acquirer, link_stan, rc, now):
         return self._submit("late", acquirer, link_stan, rc, now)
 
@@ -1361,6 +1386,18 @@ class PostgresJournal(Journal):
                     await c.execute(self._q(SQL_LATE_TXN), rc, now, txn_id)
                 await c.execute(self._q(SQL_LATE_INSERT), acquirer, link_stan, rc, txn_id, now)
                 return txn_id
+
+    async def _outcome_api(self, txn_id, response_code, approval_code, doc, latency_ms, now, attach) -> int:
+        packed = _pack(sanitize_replay(doc))
+        params, idem_params = attach
+        async with self._p().acquire() as c:
+            async with c.transaction():
+                status = await c.execute(self._q(SQL_OUTCOME), response_code, approval_code, packed, latency_ms,
+                                         now, txn_id)
+                if idem_params is not None:
+                    await c.execute(self._q(SQL_API_IDEM_PUT), *idem_params)
+                await c.execute(self._q(SQL_API_INSERT), *params)
+        return self._count(status)
 
     async def _api_put_idem(self, params: tuple, idem_params: tuple):
         async with self._p().acquire() as c:

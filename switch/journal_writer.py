@@ -95,6 +95,7 @@ class WriterCore:
             # the payment), a record without its key is not, so no savepoint
             "api_put": (self.op_api_put, False),
             "idem_get": (self.op_idem_get, False),
+            "outcome_api": (self.op_outcome_api, False),
         }
 
     # the journal's card-data helpers, shared with the other backends
@@ -156,6 +157,18 @@ class WriterCore:
         c.execute(J.SQL_API_IDEM_PUT, idem_params)
         c.execute(J.SQL_API_INSERT, params)
         return 1
+
+    def op_outcome_api(self, txn_id, response_code, approval_code, packed, latency_ms, now, params, idem_params):
+        """The outcome, then the API record it answers (one message: one group).
+        No savepoint: whichever fails, the flow answers 96 and reverses, and the
+        API rewrites its record to say so."""
+        c, J = self.conn, self.J
+        n = c.execute(J.SQL_OUTCOME, self._outcome_row(txn_id, response_code, approval_code, packed, latency_ms,
+                                                        now)).rowcount
+        if idem_params is not None:
+            c.execute(J.SQL_API_IDEM_PUT, idem_params)
+        c.execute(J.SQL_API_INSERT, params)
+        return n
 
     def op_idem_get(self, params):
         return self.conn.execute(self.J.SQL_API_IDEM_GET, params).fetchone()

@@ -197,3 +197,59 @@ def test_a_retried_payment_is_never_charged_twice_across_a_restart(tmp_path):
                 assert r.status == 201 and other["id"] != paid["id"] and len(purchases(sw)) == 1
 
     run(go())
+
+
+def test_payment_record_is_journaled_with_its_outcome_or_rewritten_with_the_answer(tmp_path):
+    """With the journal's store the API record rides in the flow's outcome
+    transaction. When that write fails -- committed but reported lost (the
+    writer died after COMMIT), or not committed at all -- the flow answers 96
+    and reverses; the record then says 96 too, whichever it was."""
+    from switch.journal import JournalError
+
+    api_cfg = """
+    [api]
+    enabled = true
+    port = 0
+    """
+    body = {"pan": TEST_PAN, "expiry": "2912", "amount": 4100, "currency": "USD", "type": "purchase"}
+
+    async def go():
+        (tmp_path / "state").mkdir(exist_ok=True)
+        key = subprocess.run([sys.executable, "-m", "switch.api.auth", "create", "--file",
+                              str(tmp_path / "state" / "api_keys.json"), "--name", "t", "--scopes",
+                              "payments"], capture_output=True, text=True, check=True).stdout.split()[-1]
+        auth = {"Authorization": f"Bearer {key}"}
+        async with running_switch(tmp_path, {"acq-a": {}}, routing=api_cfg) as sw:
+            ctx = ssl.create_default_context(cafile=str(certs.dev_pki_paths(tmp_path / "state").ca_cert))
+            base = f"https://localhost:{bound_port(sw.api_runner)}"
+            real = sw.journal.record_outcome
+            calls = []
+
+            async def committed_then_lost(*a, **k):
+                calls.append(len(a) > 5)  # the record came attached
+                await real(*a, **k)
+                raise JournalError("journal writer has stopped")
+
+            async def lost(*a, **k):
+                calls.append(len(a) > 5)
+                raise JournalError("journal writer has stopped")
+
+            async with ClientSession(connector=TCPConnector(ssl=ctx)) as s:
+                for i, broken in enumerate((committed_then_lost, lost)):
+                    sw.journal.record_outcome = broken
+                    r = await s.post(f"{base}/v1/payments", json=body, headers={**auth, "Idempotency-Key": f"x{i}"})
+                    paid = await r.json()
+                    assert r.status == 201 and paid["response_code"] == "96" and not paid["approved"], paid
+                    del sw.journal.record_outcome
+                    r = await s.get(f"{base}/v1/transactions/{paid['id']}", headers=auth)
+                    got = await r.json()
+                    assert r.status == 200 and got["response_code"] == "96" and got["status"] == "declined", got
+                    # and a retry is answered with that record, not charged again
+                    r = await s.post(f"{base}/v1/payments", json=body, headers={**auth, "Idempotency-Key": f"x{i}"})
+                    assert (await r.json())["id"] == paid["id"]
+            assert calls == [True, True]
+            assert await sw.reversals.wait_empty(10)
+            assert sw.reversals.counters["queued"] == 2
+            assert len([d for d in sw.sims["acq-a"].received if d["t"] == "0400"]) == 2
+
+    run(go())

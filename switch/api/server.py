@@ -226,6 +226,15 @@ class JournalTransactionStore:
             self.seen.add(str(record.get("owner")), idem[0])
         return fut
 
+    def outcome_attachment(self, record: dict, card: tuple[str, str] | None = None,
+                           idem: tuple[str, str] | None = None) -> tuple:
+        """``add`` as an attachment to the flow's outcome write (one transaction)."""
+        _check_no_card_data(record.keys())
+        att = self.journal.api_put_params(record, card, idem)
+        if idem is not None and self.seen is not None:
+            self.seen.add(str(record.get("owner")), idem[0])
+        return att
+
     async def idem_claim(self, owner: str, idem_key: str, fingerprint: str,
                          stale_before: float) -> tuple[bool, str | None] | None:
         if self.seen is not None and (owner, idem_key) not in self.seen:
@@ -822,7 +831,7 @@ def _iso_time(ts: float) -> str:
     return f"{_at(sec).iso}.{us // 1000:03d}Z"
 
 
-async def _run_flow(st: ApiState, req: dict, before_outcome=None) -> dict:
+async def _run_flow(st: ApiState, req: dict, before_outcome=None, ctx_out: list | None = None) -> dict:
     """The flow's answer; the API's trace numbers are its own, so a key collision
     (another process, a restart within the second) is retried with a new STAN --
     never answered with another payment's replay."""
@@ -832,6 +841,8 @@ async def _run_flow(st: ApiState, req: dict, before_outcome=None) -> dict:
     name = st.settings.listener_name
     ctx = RequestContext(name, None, now, now + st.settings.timeout, channel=name,
                          before_outcome=before_outcome)
+    if ctx_out is not None:
+        ctx_out.append(ctx)
     for _ in range(8):
         try:
             return await st.switch.flow.process(req, ctx)
@@ -928,25 +939,33 @@ async def payment_reply(st: ApiState, key: ApiKey, body: bytes, idem: tuple[str,
         return rec, ((p["pan"], p["expiry"]) if approved else None)
 
     early: list = []
+    ctx_out: list = []
+    attachment = getattr(st.store, "outcome_attachment", None)
 
-    def before_outcome(resp: dict) -> None:
-        # submitted with the flow's outcome write: one group commit, one wait
+    def before_outcome(resp: dict) -> tuple | None:
         rec, card = record(resp)
+        if attachment is not None:
+            # journaled in the flow's outcome transaction: a crash keeps both or neither
+            early.append((rec, None))
+            return attachment(rec, card, idem)
         early.append((rec, st.store.add_soon(rec, card, idem)))
+        return None
 
-    resp = await _run_flow(st, req, before_outcome)
+    resp = await _run_flow(st, req, before_outcome, ctx_out)
     if early:
         rec, saved = early[-1]
-        try:
-            await saved
-            saved_ok = True
-        except Exception as exc:
+        saved_ok = not ctx_out[-1].outcome_failed
+        if saved is not None:
+            try:
+                await saved
+            except Exception as exc:
+                saved_ok = False
+                log.error("API transaction %s: record not confirmed by the journal (%s)", rec["id"], exc)
+        if not saved_ok:
             # Its fate is unknown: the writer may have died after its COMMIT.
-            # The flow's outcome shared that commit, so the flow has answered 96
-            # and reversed the payment; the record must not say "approved".
-            log.error("API transaction %s: record not confirmed by the journal (%s); writing it again",
-                      rec["id"], exc)
-            saved_ok = False
+            # The flow has answered 96 and reversed the payment; the record
+            # must not say "approved".
+            log.error("API transaction %s: writing its record again with the answer the client gets", rec["id"])
         if not saved_ok or rec["response_code"] != resp.get("39", "96"):
             # the record says what the client is told
             final, card = record(resp)
