@@ -947,6 +947,28 @@ def test_api_idempotency_keys_are_journaled_with_their_payment(backend):
     run(go())
 
 
+def test_an_api_record_attached_to_an_outcome_is_written_with_it(backend):
+    """Both backends: record_outcome(..., attach=api_put_params(...)) journals the
+    outcome and the API record (and its Idempotency-Key) together."""
+    async def go():
+        j = backend.make(node_id="attach-1")
+        await j.start()
+        try:
+            tid = await j.record_received_forwarded(txn(stan="000777"), "acq-a", "000001", {"4": "000000001000"})
+            rec = {"id": "txn_att", "status": "approved", "created_ts": time.time(), "owner": "k1"}
+            await j.record_outcome(tid, "00", "A1", {"39": "00"}, 3.0, j.api_put_params(rec, None, ("key-z", "fp")))
+            assert (await j.get(tid))["response_code"] == "00"
+            assert (await j.api_get("txn_att"))["status"] == "approved"
+            assert await j.api_idem_claim("k1", "key-z", "fp", 0.0) == (True, "txn_att")
+            with pytest.raises(JournalError):  # an unknown transaction: no outcome written
+                await j.record_outcome(tid + 1000, "00", None, {}, 1.0,
+                                       j.api_put_params(dict(rec, id="txn_att2"), None, None))
+        finally:
+            await j.close()
+
+    run(go())
+
+
 def test_api_records_and_cards(backend):
     """Both backends: records round-trip, update merges, list filters and pages
     newest first, the card is ciphertext bound to its row and is deleted once
