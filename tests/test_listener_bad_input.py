@@ -225,7 +225,7 @@ def test_a_terminal_that_stops_reading_for_idle_timeout_is_closed(tmp_path):
 
     async def go():
         async with running_switch(tmp_path, {"acq-a": {}},
-                                  listener={"terminal_timeout": 5.0, "idle_timeout": 1.0}) as sw:
+                                  listener={"terminal_timeout": 5.0, "idle_timeout": 3.0}) as sw:
             lst = sw.listeners[0]
             enc = TerminalClient("127.0.0.1", lst.port, framing=lst.cfg.framing, dialect=lst.cfg.dialect)
             sock = _socket.socket()
@@ -242,14 +242,23 @@ def test_a_terminal_that_stops_reading_for_idle_timeout_is_closed(tmp_path):
             for opt in (_socket.SO_RCVBUF, _socket.SO_SNDBUF):
                 ssock.setsockopt(_socket.SOL_SOCKET, opt, 16384)
             stan = 0
-            while stan < 30_000 and not lst.counters["write_backpressure"]:
-                writer.write(b"".join(enc._encode(make_purchase(100, stan=(stan := stan + 1))) for _ in range(200)))
-                try:
-                    await asyncio.wait_for(writer.drain(), 5.0)
-                except asyncio.TimeoutError:
-                    break
-            assert lst.counters["write_backpressure"] >= 1
-            assert await _until(lambda: conn not in lst.connections, 5.0)
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 30
+            drained = None
+            while stan < 30_000 and not lst.counters["write_backpressure"] and loop.time() < deadline:
+                if drained is None:
+                    writer.write(b"".join(enc._encode(make_purchase(100, stan=(stan := stan + 1)))
+                                          for _ in range(200)))
+                    drained = asyncio.ensure_future(writer.drain())
+                done, _ = await asyncio.wait([drained], timeout=0.5)
+                if done:
+                    if drained.exception() is not None:
+                        break  # already closed by the switch
+                    drained = None
+            if drained is not None and not drained.done():
+                drained.cancel()
+            assert lst.counters["write_backpressure"] >= 1, (stan, dict(lst.counters))
+            assert await _until(lambda: conn not in lst.connections, 8.0)
             assert lst.counters["write_stalled_closed"] == 1
             async with terminal(sw, tmp_path, "TERM0002") as t:
                 assert (await t.request(make_purchase(100, stan=1, terminal_id="TERM0002")))["39"] == "00"
