@@ -1207,3 +1207,23 @@ def test_a_postgres_journal_that_stops_answering_fails_writes_then_recovers(tmp_
             await proxy.stop()
 
     run(go())
+
+
+def test_hmac_sha256_with_prepared_key_states_is_rfc_2104():
+    """switch.keys.HmacSha256 (PAN fingerprints, request digests, API key
+    hashes) gives hmac.digest's answer for every key and message length, and
+    RFC 4231's test case 2."""
+    import hmac as _hmac
+
+    from switch.keys import HmacSha256
+
+    for klen in (0, 1, 31, 32, 64, 65, 131):
+        for mlen in (0, 1, 55, 64, 200):
+            k, m = os.urandom(klen), os.urandom(mlen)
+            assert HmacSha256(k).digest(m) == _hmac.digest(k, m, "sha256")
+    assert HmacSha256(b"Jefe").digest(b"what do ya want for nothing?").hex() == (
+        "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843")
+    assert "Jefe" not in repr(HmacSha256(b"Jefe"))
+    ring = KeyRing.generate()
+    assert ring.pan_fingerprint("4111111111111111") == _hmac.digest(
+        ring._fp_key, b"4111111111111111", "sha256").hex()

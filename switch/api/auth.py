@@ -44,6 +44,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from switch.keys import HmacSha256
+
 __all__ = ["ApiKey", "ApiKeyStore", "ApiKeyError", "TokenBucket", "IdempotencyCache",
            "IdempotencyRecord", "SCOPES"]
 
@@ -103,6 +105,7 @@ class ApiKeyStore:
     def __init__(self, path: Path | str | None = None):
         self.path = Path(path) if path is not None else None
         self._salt = secrets.token_bytes(32)
+        self._mac: tuple[bytes, HmacSha256] | None = None  # for the current salt
         self._keys: dict[str, ApiKey] = {}
         self._buckets: dict[str, TokenBucket] = {}
         if self.path is not None and self.path.exists():
@@ -151,7 +154,10 @@ class ApiKeyStore:
     # -- keys --------------------------------------------------------------
 
     def _digest(self, clear: str) -> str:
-        return hmac.digest(self._salt, clear.encode("utf-8"), "sha256").hex()
+        mac = self._mac
+        if mac is None or mac[0] != self._salt:
+            mac = self._mac = (self._salt, HmacSha256(self._salt))
+        return mac[1].digest(clear.encode("utf-8")).hex()
 
     def create_key(self, name: str, scopes, rate_per_s: float = 100.0, burst: int = 200, *,
                    terminal_id: str = "APISHIM1", merchant_id: str = "APISHIM00000001") -> str:
