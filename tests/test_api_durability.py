@@ -9,8 +9,6 @@ import collections
 import json
 import re
 import ssl
-import subprocess
-import sys
 import time
 
 import pytest
@@ -20,6 +18,7 @@ from switch import certs
 from switch.messages import TEST_PAN
 from switch.sim.acquirer import AcquirerSimulator, Fault
 from tests.switch_harness import run
+from tests.test_api_wiring import _payments_key
 from tests.test_durability import SwitchProcess, wait_until, write_config
 
 pytestmark = pytest.mark.timeout(180)
@@ -46,10 +45,7 @@ def test_kill9_under_rest_payments_charges_each_key_once(tmp_path):
         sim = await AcquirerSimulator(name="acq-a", latency_ms=0.0).start()
         try:
             cfg = write_config(tmp_path, sim.port, journal=API)
-            (tmp_path / "state").mkdir(exist_ok=True)
-            key = subprocess.run([sys.executable, "-m", "switch.api.auth", "create", "--file",
-                                  str(tmp_path / "state" / "api_keys.json"), "--name", "shop", "--scopes",
-                                  "payments"], capture_output=True, text=True, check=True).stdout.split()[-1]
+            key = _payments_key(tmp_path)
             auth = {"Authorization": f"Bearer {key}"}
             log = tmp_path / "switch.log"
             sw = SwitchProcess(cfg, log)

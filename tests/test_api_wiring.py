@@ -14,6 +14,21 @@ from switch.messages import TEST_PAN
 from tests.switch_harness import run, running_switch
 
 
+
+def _payments_key(tmp_path) -> str:
+    """A payments-scoped API key, made with the CLI in the switch's state directory."""
+    (tmp_path / "state").mkdir(exist_ok=True)
+    return subprocess.run([sys.executable, "-m", "switch.api.auth", "create", "--file",
+                           str(tmp_path / "state" / "api_keys.json"), "--name", "t", "--scopes", "payments"],
+                          capture_output=True, text=True, check=True).stdout.split()[-1]
+
+
+def _session(sw, tmp_path) -> tuple[ClientSession, str]:
+    """An HTTPS client trusting the dev CA, and the API's base URL."""
+    ctx = ssl.create_default_context(cafile=str(certs.dev_pki_paths(tmp_path / "state").ca_cert))
+    return ClientSession(connector=TCPConnector(ssl=ctx)), f"https://localhost:{bound_port(sw.api_runner)}"
+
+
 def test_config_starts_api_and_signed_webhooks(tmp_path):
     secret = "s3cret-s3cret-s3cret"
     (tmp_path / "hook.secret").write_text(secret)
@@ -41,21 +56,17 @@ def test_config_starts_api_and_signed_webhooks(tmp_path):
         webhook_secret_file = "{tmp_path / 'hook.secret'}"
         """
         try:
-            (tmp_path / "state").mkdir(exist_ok=True)
-            key = subprocess.run([sys.executable, "-m", "switch.api.auth", "create", "--file",
-                                  str(tmp_path / "state" / "api_keys.json"), "--name", "t", "--scopes",
-                                  "payments"], capture_output=True, text=True, check=True).stdout.split()[-1]
+            key = _payments_key(tmp_path)
             async with running_switch(tmp_path, {"acq-a": {}}, routing=api) as sw:
-                port = bound_port(sw.api_runner)
-                ctx = ssl.create_default_context(cafile=str(certs.dev_pki_paths(tmp_path / "state").ca_cert))
-                async with ClientSession(connector=TCPConnector(ssl=ctx)) as s:
-                    r = await s.post(f"https://localhost:{port}/v1/payments",
+                session, base = _session(sw, tmp_path)
+                async with session as s:
+                    r = await s.post(f"{base}/v1/payments",
                                      json={"pan": TEST_PAN, "expiry": "2912", "amount": 1234,
                                            "currency": "USD", "type": "purchase"},
                                      headers={"Authorization": f"Bearer {key}", "Idempotency-Key": "o-1"})
                     body = await r.json()
                     assert r.status == 201 and body["approved"] and body["masked_pan"] == "476173******0010"
-                    m = await (await s.get(f"https://localhost:{port}/metrics")).text()
+                    m = await (await s.get(f"{base}/metrics")).text()
                     assert "isoswitch_transactions_total" in m and TEST_PAN not in m
                 for _ in range(100):
                     if events:
@@ -82,18 +93,11 @@ def test_api_transactions_and_cards_survive_a_restart_in_the_journal(tmp_path):
     port = 0
     """
 
-    async def session(sw):
-        ctx = ssl.create_default_context(cafile=str(certs.dev_pki_paths(tmp_path / "state").ca_cert))
-        return ClientSession(connector=TCPConnector(ssl=ctx)), f"https://localhost:{bound_port(sw.api_runner)}"
-
     async def go():
-        (tmp_path / "state").mkdir(exist_ok=True)
-        key = subprocess.run([sys.executable, "-m", "switch.api.auth", "create", "--file",
-                              str(tmp_path / "state" / "api_keys.json"), "--name", "t", "--scopes",
-                              "payments"], capture_output=True, text=True, check=True).stdout.split()[-1]
+        key = _payments_key(tmp_path)
         auth = {"Authorization": f"Bearer {key}"}
         async with running_switch(tmp_path, {"acq-a": {}}, routing=api_cfg) as sw:
-            s, base = await session(sw)
+            s, base = _session(sw, tmp_path)
             async with s:
                 r = await s.post(f"{base}/v1/payments", json={"pan": TEST_PAN, "expiry": "2912", "amount": 5000,
                                                               "currency": "USD", "type": "purchase"},
@@ -102,7 +106,7 @@ def test_api_transactions_and_cards_survive_a_restart_in_the_journal(tmp_path):
                 assert r.status == 201 and paid["approved"]
         # a new switch process on the same state directory
         async with running_switch(tmp_path, {"acq-a": {}}, routing=api_cfg) as sw:
-            s, base = await session(sw)
+            s, base = _session(sw, tmp_path)
             async with s:
                 r = await s.get(f"{base}/v1/transactions/{paid['id']}", headers=auth)
                 assert r.status == 200 and await r.json() == paid
@@ -156,21 +160,14 @@ def test_a_retried_payment_is_never_charged_twice_across_a_restart(tmp_path):
     """
     body = {"pan": TEST_PAN, "expiry": "2912", "amount": 7100, "currency": "USD", "type": "purchase"}
 
-    async def session(sw):
-        ctx = ssl.create_default_context(cafile=str(certs.dev_pki_paths(tmp_path / "state").ca_cert))
-        return ClientSession(connector=TCPConnector(ssl=ctx)), f"https://localhost:{bound_port(sw.api_runner)}"
-
     def purchases(sw):
         return [d for d in sw.sims["acq-a"].received if d.get("t") == "0200"]
 
     async def go():
-        (tmp_path / "state").mkdir(exist_ok=True)
-        key = subprocess.run([sys.executable, "-m", "switch.api.auth", "create", "--file",
-                              str(tmp_path / "state" / "api_keys.json"), "--name", "t", "--scopes",
-                              "payments"], capture_output=True, text=True, check=True).stdout.split()[-1]
+        key = _payments_key(tmp_path)
         auth = {"Authorization": f"Bearer {key}"}
         async with running_switch(tmp_path, {"acq-a": {}}, routing=api_cfg) as sw:
-            s, base = await session(sw)
+            s, base = _session(sw, tmp_path)
             async with s:
                 r = await s.post(f"{base}/v1/payments", json=body, headers={**auth, "Idempotency-Key": "k-1"})
                 paid = await r.json()
@@ -179,7 +176,7 @@ def test_a_retried_payment_is_never_charged_twice_across_a_restart(tmp_path):
                                  headers={**auth, "Idempotency-Key": "bad-1"})
                 assert r.status == 400  # no payment made: the key does not stand for one
         async with running_switch(tmp_path, {"acq-a": {}}, routing=api_cfg) as sw:
-            s, base = await session(sw)
+            s, base = _session(sw, tmp_path)
             async with s:
                 for _ in range(2):  # from the journal, then from the new process's cache
                     r = await s.post(f"{base}/v1/payments", json=body, headers={**auth, "Idempotency-Key": "k-1"})
@@ -214,14 +211,10 @@ def test_payment_record_is_journaled_with_its_outcome_or_rewritten_with_the_answ
     body = {"pan": TEST_PAN, "expiry": "2912", "amount": 4100, "currency": "USD", "type": "purchase"}
 
     async def go():
-        (tmp_path / "state").mkdir(exist_ok=True)
-        key = subprocess.run([sys.executable, "-m", "switch.api.auth", "create", "--file",
-                              str(tmp_path / "state" / "api_keys.json"), "--name", "t", "--scopes",
-                              "payments"], capture_output=True, text=True, check=True).stdout.split()[-1]
+        key = _payments_key(tmp_path)
         auth = {"Authorization": f"Bearer {key}"}
         async with running_switch(tmp_path, {"acq-a": {}}, routing=api_cfg) as sw:
-            ctx = ssl.create_default_context(cafile=str(certs.dev_pki_paths(tmp_path / "state").ca_cert))
-            base = f"https://localhost:{bound_port(sw.api_runner)}"
+            session, base = _session(sw, tmp_path)
             real = sw.journal.record_outcome
             calls = []
 
@@ -234,7 +227,7 @@ def test_payment_record_is_journaled_with_its_outcome_or_rewritten_with_the_answ
                 calls.append(len(a) > 5)
                 raise JournalError("journal writer has stopped")
 
-            async with ClientSession(connector=TCPConnector(ssl=ctx)) as s:
+            async with session as s:
                 for i, broken in enumerate((committed_then_lost, lost)):
                     sw.journal.record_outcome = broken
                     r = await s.post(f"{base}/v1/payments", json=body, headers={**auth, "Idempotency-Key": f"x{i}"})
