@@ -568,22 +568,23 @@ async def idempotent(st: ApiState, key: ApiKey, idem: str, method: str, path: st
     try:
         try:
             replay = None if journaled is None else await journaled()
-            if replay is not None:
-                reply = replay
-            else:
-                reply = await run()
-                if journaled is not None and reply.status != 201:
-                    # no payment was made: the key's claim (PostgreSQL) is let go
-                    await st.store.idem_release(key.id, idem)
+            reply = replay if replay is not None else await run()
         except Problem as p:
             reply = p.reply()
     except BaseException:
         st.idempotency.abandon(key.id, idem, rec)
         raise
-    if reply.status in (409, 422) and replay is None and journaled is not None:
-        # decided by another request's claim: not this key's answer for good
-        st.idempotency.abandon(key.id, idem, rec)
-        return reply
+    if journaled is not None and replay is None and reply.status != 201:
+        if reply.status in (409, 422):
+            # decided by another request's claim: not this key's answer for good
+            st.idempotency.abandon(key.id, idem, rec)
+            return reply
+        release = getattr(st.store, "idem_release", None)
+        if release is not None:  # no payment was made: the key's claim (PostgreSQL) is let go
+            try:
+                await release(key.id, idem)
+            except Exception as exc:  # it goes stale instead (a retry then waits until it has)
+                log.warning("Idempotency-Key claim not released: %s", exc)
     st.idempotency.finish(key.id, idem, rec, reply.status, reply.body, reply.content_type)
     return reply
 
