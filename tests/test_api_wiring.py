@@ -175,6 +175,10 @@ def test_a_retried_payment_is_never_charged_twice_across_a_restart(tmp_path):
                 r = await s.post(f"{base}/v1/payments", json=dict(body, expiry="0101"),
                                  headers={**auth, "Idempotency-Key": "bad-1"})
                 assert r.status == 400  # no payment made: the key does not stand for one
+                r = await s.post(f"{base}/v1/payments/{paid['id']}/refund", json={"amount": 100},
+                                 headers={**auth, "Idempotency-Key": "rf-1"})
+                refund = await r.json()
+                assert r.status == 201 and refund["approved"] and refund["parent_id"] == paid["id"]
         async with running_switch(tmp_path, {"acq-a": {}}, routing=api_cfg) as sw:
             s, base = _session(sw, tmp_path)
             async with s:
@@ -186,6 +190,14 @@ def test_a_retried_payment_is_never_charged_twice_across_a_restart(tmp_path):
                                  headers={**auth, "Idempotency-Key": "k-1"})
                 assert r.status == 422
                 assert not purchases(sw)
+                # a follow-up too: the refund retried after the restart is not refunded again
+                r = await s.post(f"{base}/v1/payments/{paid['id']}/refund", json={"amount": 100},
+                                 headers={**auth, "Idempotency-Key": "rf-1"})
+                assert r.status == 201 and await r.json() == refund
+                assert r.headers.get("Idempotent-Replayed") == "true"
+                assert not [d for d in sw.sims["acq-a"].received if d.get("3") == "200000"]
+                r = await s.get(f"{base}/v1/transactions/{paid['id']}", headers=auth)
+                assert (await r.json())["refunded_amount"] == 100
                 r = await s.post(f"{base}/v1/payments", json=dict(body, expiry="0101"),
                                  headers={**auth, "Idempotency-Key": "bad-1"})
                 assert r.status == 400

@@ -542,7 +542,12 @@ async def _journaled_payment(st: ApiState, key: ApiKey, idem: str, fp: str) -> R
     rec = await st.store.get(api_id)
     if rec is None:
         return None
-    return Reply(201, _dumps(public_view(rec)), headers={"Idempotent-Replayed": "true"})
+    # the answer as first given: later follow-ups change a payment's status and
+    # amounts, never what its own POST answered
+    view = public_view(rec)
+    view.update(status="approved" if rec.get("approved") else "declined", captured_amount=None,
+                refunded_amount=None)
+    return Reply(201, _dumps(view), headers={"Idempotent-Replayed": "true"})
 
 
 async def idempotent(st: ApiState, key: ApiKey, idem: str, method: str, path: str, body: bytes, run,
@@ -602,7 +607,8 @@ async def idempotency_middleware(request: web.Request, handler):
 
     key = request[API_KEY]
     fp = IdempotencyCache.fingerprint(request.method, request.path, body)
-    journaled = (lambda: _journaled_payment(st, key, idem, fp)) if request.path == "/v1/payments" else None
+    # payments and their follow-ups (reverse, refund, capture) are journaled with their keys
+    journaled = (lambda: _journaled_payment(st, key, idem, fp)) if request.path.startswith("/v1/payments") else None
     return (await idempotent(st, key, idem, request.method, request.path, body, run, fp,
                              journaled)).response()
 
@@ -939,6 +945,22 @@ async def payment_reply(st: ApiState, key: ApiKey, body: bytes, idem: tuple[str,
                           merchant=p["merchant_id"], iso=req, parent=None, now=now)
         return rec, ((p["pan"], p["expiry"]) if approved else None)
 
+    resp, rec = await _flow_with_record(st, req, record, idem)
+    req.clear()  # the only object holding the clear PAN in this handler (with p)
+    await _emit(st, rec, f"{p['type']}.{'approved' if rec['approved'] else 'declined'}")
+    return Reply(201, _dumps(public_view(rec)))
+
+
+async def _flow_with_record(st: ApiState, req: dict, record, idem: tuple[str, str] | None) -> tuple[dict, dict]:
+    """Run ``req`` through the flow and journal its API record, ``record(resp)
+    -> (record, card or None)``, with the Idempotency-Key ``idem``. Returns
+    (the flow's answer, the record as the client is told it).
+
+    With the journal's store the record rides in the outcome's own write, so
+    no crash keeps one without the other; another store gets it submitted
+    just before. When that write fails or its fate is unknown the flow has
+    answered 96 and reversed the acquirer's answer, and the record is
+    written again to say so."""
     early: list = []
     ctx_out: list = []
     attachment = getattr(st.store, "outcome_attachment", None)
@@ -946,40 +968,34 @@ async def payment_reply(st: ApiState, key: ApiKey, body: bytes, idem: tuple[str,
     def before_outcome(resp: dict) -> tuple | None:
         rec, card = record(resp)
         if attachment is not None:
-            # journaled in the flow's outcome transaction: a crash keeps both or neither
             early.append((rec, None))
             return attachment(rec, card, idem)
         early.append((rec, st.store.add_soon(rec, card, idem)))
         return None
 
     resp = await _run_flow(st, req, before_outcome, ctx_out)
-    if early:
-        rec, saved = early[-1]
-        saved_ok = not ctx_out[-1].outcome_failed
-        if saved is not None:
-            try:
-                await saved
-            except Exception as exc:
-                saved_ok = False
-                log.error("API transaction %s: record not confirmed by the journal (%s)", rec["id"], exc)
-        if not saved_ok:
-            # Its fate is unknown: the writer may have died after its COMMIT.
-            # The flow has answered 96 and reversed the payment; the record
-            # must not say "approved".
-            log.error("API transaction %s: writing its record again with the answer the client gets", rec["id"])
-        if not saved_ok or rec["response_code"] != resp.get("39", "96"):
-            # the record says what the client is told
-            final, card = record(resp)
-            changes = {k: final[k] for k in ("status", "approved", "response_code", "approval_code")}
-            rec = dict(rec, **changes)
-            if not await st.store.update(rec["id"], changes):
-                await st.store.add_soon(rec, card, idem)
-    else:  # answered before reaching the acquirer (format error, shed): no outcome hook
+    if not early:  # answered before reaching the acquirer (format error, shed): no outcome hook
         rec, card = record(resp)
         await st.store.add_soon(rec, card, idem)
-    req.clear()  # the only object holding the clear PAN in this handler (with p)
-    await _emit(st, rec, f"{p['type']}.{'approved' if rec['approved'] else 'declined'}")
-    return Reply(201, _dumps(public_view(rec)))
+        return resp, rec
+    rec, saved = early[-1]
+    saved_ok = not ctx_out[-1].outcome_failed
+    if saved is not None:
+        try:
+            await saved
+        except Exception as exc:
+            saved_ok = False
+            log.error("API transaction %s: record not confirmed by the journal (%s)", rec["id"], exc)
+    if not saved_ok:
+        # its fate is unknown: the writer may have died after its COMMIT
+        log.error("API transaction %s: writing its record again with the answer the client gets", rec["id"])
+    if not saved_ok or rec["response_code"] != resp.get("39", "96"):
+        final, card = record(resp)
+        changes = {k: final[k] for k in ("status", "approved", "response_code", "approval_code")}
+        rec = dict(rec, **changes)
+        if not await st.store.update(rec["id"], changes):
+            await st.store.add_soon(rec, card, idem)
+    return resp, rec
 
 
 async def _original(st: ApiState, key: ApiKey, txn_id: str) -> dict:
@@ -1017,24 +1033,29 @@ async def _card_request(st: ApiState, orig: dict, txn_id: str, mti: str, proc: s
 
 
 async def _follow_up(st: ApiState, key: ApiKey, kind: str, orig: dict, txn_id: str, req: dict,
-                     now: float, amount: int, approval, parent_update) -> web.Response:
+                     now: float, amount: int, approval, parent_update, request: web.Request) -> web.Response:
     """Send a reversal/refund/capture through the flow, record it as a child of
-    `orig`, update the parent when approved, emit the webhook event.
+    `orig` (journaled with the request's Idempotency-Key, so a retry after a
+    restart is answered with it), update the parent when approved, emit the
+    webhook event.
 
     `approval(resp)` gives the child's approval code when approved;
     `parent_update()` the parent's changes when approved.
     """
-    resp = await _run_flow(st, req)
-    rc = resp.get("39", "96")
-    approved = rc in APPROVED_CODES
-    rec = _new_record(kind, key, status="approved" if approved else "declined", rc=rc,
-                      approval=approval(resp) if approved else None, masked=orig["masked_pan"],
-                      amount=amount, currency=orig["currency"], terminal=orig["terminal_id"],
-                      merchant=orig["merchant_id"], iso=req, parent=txn_id, now=now)
-    await st.store.add(rec)
-    if approved:
+    def record(resp: dict) -> tuple[dict, None]:
+        rc = resp.get("39", "96")
+        approved = rc in APPROVED_CODES
+        return _new_record(kind, key, status="approved" if approved else "declined", rc=rc,
+                           approval=approval(resp) if approved else None, masked=orig["masked_pan"],
+                           amount=amount, currency=orig["currency"], terminal=orig["terminal_id"],
+                           merchant=orig["merchant_id"], iso=req, parent=txn_id, now=now), None
+
+    body = await _read_body(request, st.settings.max_body)
+    idem = (idempotency_key(request.headers.get), IdempotencyCache.fingerprint(request.method, request.path, body))
+    _resp, rec = await _flow_with_record(st, req, record, idem)
+    if rec["approved"]:
         await st.store.update(txn_id, parent_update())
-    await _emit(st, rec, f"{kind}.{'approved' if approved else 'declined'}")
+    await _emit(st, rec, f"{kind}.{'approved' if rec['approved'] else 'declined'}")
     return json_response(public_view(rec), status=201)
 
 
@@ -1061,7 +1082,7 @@ async def reverse_payment(request: web.Request) -> web.Response:
             req["2"] = card[0]
         del card
         return await _follow_up(st, key, "reversal", orig, txn_id, req, now, orig["amount"],
-                                lambda resp: None, lambda: {"status": "reversed"})
+                                lambda resp: None, lambda: {"status": "reversed"}, request)
 
 
 async def refund_payment(request: web.Request) -> web.Response:
@@ -1090,7 +1111,7 @@ async def refund_payment(request: web.Request) -> web.Response:
             return {"refunded_amount": total, "status": "refunded" if total >= base else "partially_refunded"}
 
         return await _follow_up(st, key, "refund", orig, txn_id, req, now, amount,
-                                lambda resp: resp.get("38"), refunded)
+                                lambda resp: resp.get("38"), refunded, request)
 
 
 async def capture_payment(request: web.Request) -> web.Response:
@@ -1114,7 +1135,7 @@ async def capture_payment(request: web.Request) -> web.Response:
             req["38"] = orig["approval_code"]
         return await _follow_up(st, key, "capture", orig, txn_id, req, now, amount,
                                 lambda resp: orig["approval_code"],
-                                lambda: {"status": "captured", "captured_amount": amount})
+                                lambda: {"status": "captured", "captured_amount": amount}, request)
 
 
 # ---------------------------------------------------------------------------
