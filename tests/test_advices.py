@@ -12,9 +12,9 @@ import asyncio
 import pytest
 
 from switch.sim.acquirer import AcquirerSimulator, Fault
-from switch.sim.terminal import TerminalClient, dev_client_context, make_purchase
+from switch.sim.terminal import make_purchase
 from tests.switch_harness import run, running_switch, terminal
-from tests.test_durability import SwitchProcess, wait_until, write_config
+from tests.test_durability import SwitchProcess, kill9_with_request_at_acquirer, wait_until
 
 pytestmark = pytest.mark.timeout(150)
 
@@ -136,20 +136,8 @@ def test_kill9_between_forwarding_an_advice_and_answering_repeats_it_once(tmp_pa
     async def go():
         sim = await AcquirerSimulator(name="acq-a", latency_ms=0.0).start()
         try:
-            cfg = write_config(tmp_path, sim.port)
-            log = tmp_path / "switch.log"
-            sw = SwitchProcess(cfg, log)
-            port = await sw.started()
-            sim.fault = Fault(drop_responses=True)  # forwarded, never answered
-            client = TerminalClient("127.0.0.1", port, ssl=dev_client_context(tmp_path / "state"))
-            await client.connect()
-            pending = asyncio.create_task(client.request(completion(314, 5000), timeout=30))
-            assert await wait_until(lambda: len(advices(sim)) == 1)
-            original = advices(sim)[0]
-            sw.kill9()
-            with pytest.raises((ConnectionError, asyncio.TimeoutError, OSError, EOFError)):
-                await asyncio.wait_for(pending, 5)
-            await client.close()
+            cfg, log, original = await kill9_with_request_at_acquirer(tmp_path, sim, completion(314, 5000),
+                                                                      lambda: advices(sim))
             sim.fault = Fault()
             sw2 = SwitchProcess(cfg, log)
             await sw2.started()

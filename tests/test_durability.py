@@ -128,31 +128,40 @@ async def wait_until(pred, timeout=15.0, step=0.05):
     return pred()
 
 
+async def kill9_with_request_at_acquirer(tmp_path: Path, sim, req: dict, held) -> tuple[Path, Path, dict]:
+    """Start a switch process, send ``req`` from a terminal, kill -9 the switch
+    once ``held()`` (the simulator's list of such requests) has it unanswered;
+    the journal writer must exit with it and the terminal gets no answer.
+    Returns (config, log, the request as the acquirer received it)."""
+    cfg = write_config(tmp_path, sim.port)
+    log = tmp_path / "switch.log"
+    sw = SwitchProcess(cfg, log)
+    port = await sw.started()
+    sim.fault = Fault(drop_responses=True)  # forwarded, never answered
+    client = TerminalClient("127.0.0.1", port, ssl=dev_client_context(tmp_path / "state"))
+    await client.connect()
+    pending = asyncio.create_task(client.request(req, timeout=30))
+    assert await wait_until(lambda: len(held()) == 1)
+    original = held()[0]
+    writers = _children(sw.proc.pid)
+    assert len(writers) == 1  # the SQLite journal's writer process
+    sw.kill9()  # between forwarding and answering
+    # the writer sees its parent's end of the socket close and exits: no orphan
+    assert await wait_until(lambda: not any(_alive(w) for w in writers), 10)
+    with pytest.raises((ConnectionError, asyncio.TimeoutError, OSError, EOFError)):
+        await asyncio.wait_for(pending, 5)
+    await client.close()
+    return cfg, log, original
+
+
 # -- the tests ------------------------------------------------------------------
 
 def test_kill9_between_forwarding_and_answering_reverses_exactly_once(tmp_path):
     async def go():
         sim = await AcquirerSimulator(name="acq-a", latency_ms=0.0).start()
         try:
-            cfg = write_config(tmp_path, sim.port)
-            log = tmp_path / "switch.log"
-            sw = SwitchProcess(cfg, log)
-            port = await sw.started()
-            sim.fault = Fault(drop_responses=True)  # forwarded, never answered
-            client = TerminalClient("127.0.0.1", port, ssl=dev_client_context(tmp_path / "state"))
-            await client.connect()
             req = make_purchase(5000, stan=314)
-            pending = asyncio.create_task(client.request(req, timeout=30))
-            assert await wait_until(lambda: len(financial(sim)) == 1)
-            original = financial(sim)[0]
-            writers = _children(sw.proc.pid)
-            assert len(writers) == 1  # the SQLite journal's writer process
-            sw.kill9()  # between forwarding and answering
-            # the writer sees its parent's end of the socket close and exits: no orphan
-            assert await wait_until(lambda: not any(_alive(w) for w in writers), 10)
-            with pytest.raises((ConnectionError, asyncio.TimeoutError, OSError, EOFError)):
-                await asyncio.wait_for(pending, 5)
-            await client.close()
+            cfg, log, original = await kill9_with_request_at_acquirer(tmp_path, sim, req, lambda: financial(sim))
             assert not reversals(sim)
             sim.fault = Fault()
             sw2 = SwitchProcess(cfg, log)
