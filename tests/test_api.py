@@ -659,6 +659,17 @@ def test_api_trace_numbers_never_replay_another_request(tmp_path, monkeypatch):
     run(main())
 
 
+async def _paid_96_and_recorded_so(api) -> None:
+    """A payment answered 96 (its outcome not journaled) whose record says 96 too."""
+    async with api.session() as s:
+        status, raw, _ = await post(s, "/v1/payments", payment())
+        body = json.loads(raw)
+        assert status == 201 and body["response_code"] == "96" and not body["approved"], body
+        async with s.get(f"/v1/transactions/{body['id']}") as r:
+            got = await r.json()
+        assert got["response_code"] == "96" and got["status"] == "declined", got
+
+
 def test_payment_record_follows_the_answer_when_the_outcome_cannot_be_journaled(tmp_path):
     """The API record is submitted together with the flow's outcome write. If that
     outcome cannot be journaled the flow answers 96, and the record (and the
@@ -670,13 +681,7 @@ def test_payment_record_follows_the_answer_when_the_outcome_cannot_be_journaled(
             async def broken(*a, **k):
                 raise JournalError("disk full")
             api.sw.journal.record_outcome = broken
-            async with api.session() as s:
-                status, raw, _ = await post(s, "/v1/payments", payment())
-                body = json.loads(raw)
-                assert status == 201 and body["response_code"] == "96" and not body["approved"], body
-                async with s.get(f"/v1/transactions/{body['id']}") as r:
-                    got = await r.json()
-                assert got["response_code"] == "96" and got["status"] == "declined"
+            await _paid_96_and_recorded_so(api)
             del api.sw.journal.record_outcome
             async with api.session() as s:
                 status, raw, _ = await post(s, "/v1/payments", payment())
@@ -711,13 +716,7 @@ def test_payment_record_committed_but_reported_lost_says_what_the_client_was_tol
 
             api.sw.journal.record_outcome = committed_then_lost
             api.store.add_soon = add_soon_lost
-            async with api.session() as s:
-                status, raw, _ = await post(s, "/v1/payments", payment())
-                body = json.loads(raw)
-                assert status == 201 and body["response_code"] == "96" and not body["approved"], body
-                async with s.get(f"/v1/transactions/{body['id']}") as r:
-                    got = await r.json()
-                assert got["response_code"] == "96" and got["status"] == "declined", got
+            await _paid_96_and_recorded_so(api)
             assert api.sw.reversals.counters["queued"] == 1
             assert await api.sw.reversals.wait_empty(10)
             assert [d["t"] for d in api.sw.sims["acq-a"].received if d["t"].startswith("04")] == ["0400"]
