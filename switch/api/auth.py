@@ -230,7 +230,7 @@ class SeenKeys:
     Keys are never removed (a filter cannot forget); it is rebuilt from the
     journal at every start."""
 
-    __slots__ = ("_bits", "_mask", "_k", "count")
+    __slots__ = ("_bits", "_mask", "_k", "count", "_checked")
 
     def __init__(self, capacity: int = 3_000_000, false_positive: float = 0.01):
         m = max(1 << 16, int(-capacity * math.log(false_positive) / (math.log(2) ** 2)))
@@ -239,6 +239,10 @@ class SeenKeys:
         self._mask = bits - 1
         self._k = max(1, round(bits / max(1, capacity) * math.log(2)))
         self.count = 0
+        # positions of keys found new, kept for their ``add`` (a payment checks
+        # its key, then adds it): hashed once per payment; bounded, since a
+        # request that fails makes no payment and adds nothing
+        self._checked: dict[tuple[str, str], list[int]] = {}
 
     def _positions(self, owner: str, key: str):
         h = hashlib.blake2b(f"{owner}\0{key}".encode("utf-8", "surrogatepass"), digest_size=16).digest()
@@ -248,15 +252,21 @@ class SeenKeys:
         return [(a + i * b) & mask for i in range(self._k)]
 
     def add(self, owner: str, key: str) -> None:
+        positions = self._checked.pop((owner, key), None) or self._positions(owner, key)
         bits = self._bits
-        for p in self._positions(owner, key):
+        for p in positions:
             bits[p >> 3] |= 1 << (p & 7)
         self.count += 1
 
     def __contains__(self, pair: tuple[str, str]) -> bool:
+        positions = self._positions(pair[0], pair[1])
         bits = self._bits
-        for p in self._positions(pair[0], pair[1]):
+        for p in positions:
             if not bits[p >> 3] >> (p & 7) & 1:
+                checked = self._checked
+                if len(checked) >= 4096:
+                    checked.clear()
+                checked[pair] = positions
                 return False
         return True
 

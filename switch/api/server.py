@@ -521,12 +521,12 @@ def _idempotency_conflict() -> Problem:
                    errors=[{"field": "Idempotency-Key", "problem": "already used with another request"}])
 
 
-async def _journaled_payment(st: ApiState, key: ApiKey, idem: str, fp: str) -> Reply | None:
-    """The payment an earlier life of this switch (or another process on the
-    same PostgreSQL journal) made for this Idempotency-Key, as a replay; None
-    when the key is new. A retry after a crash or a restart is never charged
-    twice: the key is journaled with the payment's record, in the same
-    transaction, before its outcome."""
+async def _journaled_reply(st: ApiState, key: ApiKey, idem: str, fp: str) -> Reply | None:
+    """The answer an earlier life of this switch (or another process on the
+    same PostgreSQL journal) gave a payment or follow-up POST with this
+    Idempotency-Key, as a replay; None when the key is new. A retry after a
+    crash or a restart is never charged or refunded twice: the key is
+    journaled with the transaction's record, in its outcome's write."""
     claim = getattr(st.store, "idem_claim", None)
     if claim is None:
         return None
@@ -608,7 +608,7 @@ async def idempotency_middleware(request: web.Request, handler):
     key = request[API_KEY]
     fp = IdempotencyCache.fingerprint(request.method, request.path, body)
     # payments and their follow-ups (reverse, refund, capture) are journaled with their keys
-    journaled = (lambda: _journaled_payment(st, key, idem, fp)) if request.path.startswith("/v1/payments") else None
+    journaled = (lambda: _journaled_reply(st, key, idem, fp)) if request.path.startswith("/v1/payments") else None
     return (await idempotent(st, key, idem, request.method, request.path, body, run, fp,
                              journaled)).response()
 
@@ -624,7 +624,7 @@ async def serve_payment(st: ApiState, get, body: bytes) -> Reply:
             fp = IdempotencyCache.fingerprint("POST", "/v1/payments", body)
             reply = await idempotent(st, key, idem, "POST", "/v1/payments", body,
                                      lambda: payment_reply(st, key, body, (idem, fp)), fp,
-                                     lambda: _journaled_payment(st, key, idem, fp))
+                                     lambda: _journaled_reply(st, key, idem, fp))
         except Problem as p:
             reply = p.reply()
     except asyncio.CancelledError:
