@@ -6,9 +6,11 @@ import json
 import logging
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from switch.logs import configure_logging, mask_text
-from switch.messages import TEST_PAN, luhn_check_digit, mask_pan
+from switch.messages import TEST_PAN, luhn_check_digit, luhn_ok, mask_pan
 
 AMEX = "37828224631000" + luhn_check_digit("37828224631000")  # 15 digits
 MC = "541333000000000" + luhn_check_digit("541333000000000")
@@ -36,6 +38,32 @@ def lines(buf: io.StringIO) -> list[dict]:
 def assert_clean(text: str) -> None:
     for secret in (TEST_PAN, AMEX, MC, GROUPED, PIN_BLOCK, "101123456789"):
         assert secret not in text, secret
+
+
+def _luhn_reference(pan: str) -> bool:
+    """The textbook algorithm, digit by digit."""
+    total = 0
+    for i, d in enumerate(int(c) for c in reversed(pan)):
+        if i % 2:
+            d *= 2
+            if d > 9:
+                d -= 9
+        total += d
+    return total % 10 == 0
+
+
+@given(st.text(alphabet="0123456789", min_size=0, max_size=22))
+def test_luhn_ok_matches_the_textbook_algorithm(digits):
+    # the masking layer and the REST validation both rely on it
+    assert luhn_ok(digits) == (12 <= len(digits) <= 19 and _luhn_reference(digits))
+
+
+def test_luhn_ok_every_check_digit_and_non_digits():
+    body = TEST_PAN[:-1]
+    assert [luhn_ok(body + str(d)) for d in range(10)].count(True) == 1
+    assert luhn_ok(body + luhn_check_digit(body))
+    for bad in ("", "4761 7390 0101 0019", "\u0664" * 16, TEST_PAN[:-1] + "x"):
+        assert not luhn_ok(bad)
 
 
 def test_mask_text_rules():
