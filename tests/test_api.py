@@ -763,7 +763,7 @@ def test_idempotency_cache_is_bounded_and_forgets_expired_records(monkeypatch):
 
 def test_seen_keys_filter_has_no_false_negatives_and_few_false_positives():
     """The filter that spares a new Idempotency-Key its journal lookup (SQLite):
-    every key added is reported seen; of keys never added, about 1% at
+    every key added is reported seen; of keys never added, about 2-3% at
     capacity are (a journal lookup then answers for them)."""
     from switch.api.auth import SeenKeys
 

@@ -29,6 +29,7 @@ Command line (the clear key is printed once)::
 from __future__ import annotations
 
 import argparse
+import array
 import asyncio
 import collections
 import hashlib
@@ -225,50 +226,52 @@ class ApiKeyStore:
 class SeenKeys:
     """A Bloom filter of the (API key id, Idempotency-Key) pairs journaled with a
     payment. "Not seen" is certain, so a new key -- nearly every request --
-    needs no journal lookup; "seen" may be a false positive (about 1% at
+    needs no journal lookup; "seen" may be a false positive (about 3% at
     ``capacity`` keys, more beyond), which the journal lookup then settles.
     Keys are never removed (a filter cannot forget); it is rebuilt from the
-    journal at every start."""
+    journal at every start.
 
-    __slots__ = ("_bits", "_mask", "_k", "count", "_checked")
+    Blocked: a key's bits all lie in one 64-bit word, chosen by its hash, and
+    are the AND of three more 64-bit slices of it (each bit set with
+    probability 1/8: about 8 bits). A check or an add is then one word read
+    or written: 2.4 us for a new key's check and add, measured, against 4.8 us
+    for 8 positions spread over the whole filter, whose false positives at
+    capacity were 1% instead of 3%.
+    """
+
+    __slots__ = ("_words", "_mask", "count", "_checked")
 
     def __init__(self, capacity: int = 3_000_000, false_positive: float = 0.01):
         m = max(1 << 16, int(-capacity * math.log(false_positive) / (math.log(2) ** 2)))
-        bits = 1 << (m - 1).bit_length()  # a power of two: positions by mask
-        self._bits = bytearray(bits >> 3)
-        self._mask = bits - 1
-        self._k = max(1, round(bits / max(1, capacity) * math.log(2)))
+        words = 1 << ((m - 1).bit_length() - 6)  # a power of two: the word by mask
+        self._words = array.array("Q", bytes(words * 8))
+        self._mask = words - 1
         self.count = 0
-        # positions of keys found new, kept for their ``add`` (a payment checks
+        # the slots of keys found new, kept for their ``add`` (a payment checks
         # its key, then adds it): hashed once per payment; bounded, since a
         # request that fails makes no payment and adds nothing
-        self._checked: dict[tuple[str, str], list[int]] = {}
+        self._checked: dict[tuple[str, str], tuple[int, int]] = {}
 
-    def _positions(self, owner: str, key: str):
-        h = hashlib.blake2b(f"{owner}\0{key}".encode("utf-8", "surrogatepass"), digest_size=16).digest()
-        a = int.from_bytes(h[:8], "little")
-        b = int.from_bytes(h[8:], "little") | 1
-        mask = self._mask
-        return [(a + i * b) & mask for i in range(self._k)]
+    def _slot(self, owner: str, key: str) -> tuple[int, int]:
+        h = hashlib.blake2b(f"{owner}\0{key}".encode("utf-8", "surrogatepass"), digest_size=32).digest()
+        bits = int.from_bytes(h[8:16], "little") & int.from_bytes(h[16:24], "little") \
+            & int.from_bytes(h[24:], "little")
+        return int.from_bytes(h[:8], "little") & self._mask, bits or 1
 
     def add(self, owner: str, key: str) -> None:
-        positions = self._checked.pop((owner, key), None) or self._positions(owner, key)
-        bits = self._bits
-        for p in positions:
-            bits[p >> 3] |= 1 << (p & 7)
+        i, bits = self._checked.pop((owner, key), None) or self._slot(owner, key)
+        self._words[i] |= bits
         self.count += 1
 
     def __contains__(self, pair: tuple[str, str]) -> bool:
-        positions = self._positions(pair[0], pair[1])
-        bits = self._bits
-        for p in positions:
-            if not bits[p >> 3] >> (p & 7) & 1:
-                checked = self._checked
-                if len(checked) >= 4096:
-                    checked.clear()
-                checked[pair] = positions
-                return False
-        return True
+        slot = self._slot(pair[0], pair[1])
+        if self._words[slot[0]] & slot[1] == slot[1]:
+            return True
+        checked = self._checked
+        if len(checked) >= 4096:
+            checked.clear()
+        checked[pair] = slot
+        return False
 
 
 @dataclass
