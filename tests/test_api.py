@@ -264,6 +264,10 @@ def test_bad_json_and_bad_card_data(tmp_path):
             cases = [
                 (b'{"pan": "' + TEST_PAN.encode() + b'", ', "body", "not valid JSON"),
                 (b"[1, 2]", "body", "JSON object"),
+                (b'{"pan": "' + TEST_PAN.encode() + b'\xff"}', "body", "not UTF-8"),
+                # nesting deeper than any parser's stack: still a 400 that names the body
+                (b'{"pan": ' + b"[" * 3000 + b"]" * 3000 + b"}", "body", "not valid JSON"),
+                (b'{"amount": NaN}', "body", "not valid JSON"),
             ]
             for raw, field, words in cases:
                 status, out, h = await post(s, "/v1/payments", raw=raw)
