@@ -693,8 +693,10 @@ class Journal(abc.ABC):
                              response_doc_for_replay: dict | None, latency_ms: float | None,
                              attach: tuple | None = None) -> None:
         """Journal the answer the terminal gets (kept sanitized for replay); call BEFORE answering.
-        ``attach``: an API record (``api_put_params``) journaled in the same
-        transaction, so no crash can leave one without the other."""
+        ``attach``: an API record (``api_put_params``), optionally followed by
+        the changes a follow-up makes to its payment's record (``api_parent_params``),
+        journaled in the same transaction, so no crash can leave one without
+        the others."""
         lat = None if latency_ms is None else float(latency_ms)
         if attach is None:
             n = await self._outcome(txn_id, response_code, approval_code, response_doc_for_replay or {}, lat,
@@ -924,6 +926,11 @@ class Journal(abc.ABC):
     async def api_update(self, api_id: str, changes: dict) -> bool:
         """Merge ``changes`` into a record; the card is deleted once it is reversed or fully refunded."""
         return await self._api_update(str(api_id), _pack(changes)) == 1
+
+    @staticmethod
+    def api_parent_params(api_id: str, changes: dict) -> tuple:
+        """``api_update`` of a follow-up's payment as the third item of an outcome's attachment."""
+        return str(api_id), _pack(changes)
 
     async def api_get(self, api_id: str) -> dict | None:
         r = await self._fetchone(SQL_API_DOC, (str(api_id),))
@@ -1217,7 +1224,7 @@ class SqliteJournal(Journal):
     def _outcome_api(self, txn_id, response_code, approval_code, doc, latency_ms, now, attach):
         # one message, so one group and one COMMIT: a crash keeps both or neither
         return self._submit("outcome_api", txn_id, response_code, approval_code,
-                            _pack_on_loop(sanitize_replay(doc)), latency_ms, now, attach[0], attach[1])
+                            _pack_on_loop(sanitize_replay(doc)), latency_ms, now, *attach)
 
     def _late_response(self, acquirer, link_stan, rc, now):
         return self._submit("late", acquirer, link_stan, rc, now)
@@ -1372,11 +1379,15 @@ class PostgresJournal(Journal):
 
     async def _api_update(self, api_id, changes_packed):
         async with self._p().acquire() as c, c.transaction():
-            doc = await c.fetchval(self._q(SQL_API_DOC + " FOR UPDATE"), api_id)
-            if doc is None:
-                return 0
-            new_doc, status, drop_card = api_merge(doc, _unpack(changes_packed))
-            return self._count(await c.execute(self._q(SQL_API_SET), new_doc, status, drop_card, api_id))
+            return await self._api_update_on(c, api_id, changes_packed)
+
+    async def _api_update_on(self, c, api_id, changes_packed) -> int:
+        """``api_update`` inside the caller's transaction on connection ``c``."""
+        doc = await c.fetchval(self._q(SQL_API_DOC + " FOR UPDATE"), api_id)
+        if doc is None:
+            return 0
+        new_doc, status, drop_card = api_merge(doc, _unpack(changes_packed))
+        return self._count(await c.execute(self._q(SQL_API_SET), new_doc, status, drop_card, api_id))
 
     async def _late_response(self, acquirer, link_stan, rc, now):
         async with self._p().acquire() as c:
@@ -1389,7 +1400,7 @@ class PostgresJournal(Journal):
 
     async def _outcome_api(self, txn_id, response_code, approval_code, doc, latency_ms, now, attach) -> int:
         packed = _pack(sanitize_replay(doc))
-        params, idem_params = attach
+        params, idem_params, *parent = attach
         async with self._p().acquire() as c:
             async with c.transaction():
                 status = await c.execute(self._q(SQL_OUTCOME), response_code, approval_code, packed, latency_ms,
@@ -1397,6 +1408,8 @@ class PostgresJournal(Journal):
                 if idem_params is not None:
                     await c.execute(self._q(SQL_API_IDEM_PUT), *idem_params)
                 await c.execute(self._q(SQL_API_INSERT), *params)
+                if parent and parent[0] is not None:
+                    await self._api_update_on(c, *parent[0])
         return self._count(status)
 
     async def _api_put_idem(self, params: tuple, idem_params: tuple):

@@ -158,16 +158,20 @@ class WriterCore:
         c.execute(J.SQL_API_INSERT, params)
         return 1
 
-    def op_outcome_api(self, txn_id, response_code, approval_code, packed, latency_ms, now, params, idem_params):
-        """The outcome, then the API record it answers (one message: one group).
-        No savepoint: whichever fails, the flow answers 96 and reverses, and the
-        API rewrites its record to say so."""
+    def op_outcome_api(self, txn_id, response_code, approval_code, packed, latency_ms, now, params, idem_params,
+                       parent=None):
+        """The outcome, then the API record it answers, then (a follow-up's)
+        the changes to its payment's record, ``(api id, packed changes)`` (one
+        message: one group). No savepoint: whichever fails, the flow answers
+        96 and reverses, and the API rewrites both records to say so."""
         c, J = self.conn, self.J
         n = c.execute(J.SQL_OUTCOME, self._outcome_row(txn_id, response_code, approval_code, packed, latency_ms,
                                                         now)).rowcount
         if idem_params is not None:
             c.execute(J.SQL_API_IDEM_PUT, idem_params)
         c.execute(J.SQL_API_INSERT, params)
+        if parent is not None:
+            self.op_api_update(*parent)
         return n
 
     def op_idem_get(self, params):

@@ -8,7 +8,7 @@ import sys
 from aiohttp import ClientSession, TCPConnector, web
 
 from switch import certs
-from switch.api.server import bound_port
+from switch.api.server import API_STATE, bound_port
 from switch.api.webhooks import verify_signature
 from switch.messages import TEST_PAN
 from tests.switch_harness import run, running_switch
@@ -256,5 +256,80 @@ def test_payment_record_is_journaled_with_its_outcome_or_rewritten_with_the_answ
             assert await sw.reversals.wait_empty(10)
             assert sw.reversals.counters["queued"] == 2
             assert len([d for d in sw.sims["acq-a"].received if d["t"] == "0400"]) == 2
+
+    run(go())
+
+
+def test_a_refund_counts_in_its_payment_in_the_same_write(tmp_path):
+    """A follow-up's change to its payment (the refunded amount, the status)
+    is journaled in the refund's own outcome write. Before, it was a separate
+    write after the answer: a crash between the two left a journaled refund
+    that its payment did not count, so the payment could be refunded again.
+    When that one write is reported lost (committed or not), the client gets
+    96, the refund is reversed at the acquirer, and the payment says what it
+    said before."""
+    from switch.journal import JournalError
+
+    api_cfg = """
+    [api]
+    enabled = true
+    port = 0
+    """
+    body = {"pan": TEST_PAN, "expiry": "2912", "amount": 5000, "currency": "USD", "type": "purchase"}
+
+    async def go():
+        key = _payments_key(tmp_path)
+        auth = {"Authorization": f"Bearer {key}"}
+        async with running_switch(tmp_path, {"acq-a": {}}, routing=api_cfg) as sw:
+            session, base = _session(sw, tmp_path)
+            store = sw.api_runner.app[API_STATE].store
+
+            async def refund(s, pid, amount, idem):
+                r = await s.post(f"{base}/v1/payments/{pid}/refund", json={"amount": amount},
+                                 headers={**auth, "Idempotency-Key": idem})
+                return r.status, await r.json()
+
+            async def payment(s, pid):
+                r = await s.get(f"{base}/v1/transactions/{pid}", headers=auth)
+                return await r.json()
+
+            async with session as s:
+                r = await s.post(f"{base}/v1/payments", json=body, headers={**auth, "Idempotency-Key": "p1"})
+                paid = await r.json()
+                assert paid["approved"], paid
+
+                # every separate record update fails from here on (as if the
+                # switch died right after answering): the refund still counts
+                async def no_update(*a, **k):
+                    raise JournalError("journal writer has stopped")
+                store.update = no_update
+                status, ref = await refund(s, paid["id"], 5000, "r1")
+                assert status == 201 and ref["approved"], ref
+                got = await payment(s, paid["id"])
+                assert got["status"] == "refunded" and got["refunded_amount"] == 5000, got
+                del store.update
+                status, again = await refund(s, paid["id"], 5000, "r2")
+                assert status == 409, again  # nothing left to refund
+
+                # a refund whose outcome write is lost: 96, reversed, payment unchanged
+                r = await s.post(f"{base}/v1/payments", json=body, headers={**auth, "Idempotency-Key": "p2"})
+                paid2 = await r.json()
+                real = sw.journal.record_outcome
+
+                async def committed_then_lost(*a, **k):
+                    await real(*a, **k)
+                    raise JournalError("journal writer has stopped")
+                sw.journal.record_outcome = committed_then_lost
+                status, ref2 = await refund(s, paid2["id"], 2000, "r3")
+                del sw.journal.record_outcome
+                assert status == 201 and ref2["response_code"] == "96" and not ref2["approved"], ref2
+                got = await payment(s, paid2["id"])
+                assert got["status"] == "approved" and not got["refunded_amount"], got
+                assert (await payment(s, ref2["id"]))["response_code"] == "96"
+                status, ref3 = await refund(s, paid2["id"], 5000, "r4")
+                assert status == 201 and ref3["approved"], ref3
+            assert await sw.reversals.wait_empty(10)
+            reversed_stans = [d.get("90", "")[4:10] for d in sw.sims["acq-a"].received if d["t"] == "0400"]
+            assert len(reversed_stans) == 1
 
     run(go())

@@ -949,7 +949,8 @@ def test_api_idempotency_keys_are_journaled_with_their_payment(backend):
 
 def test_an_api_record_attached_to_an_outcome_is_written_with_it(backend):
     """Both backends: record_outcome(..., attach=api_put_params(...)) journals the
-    outcome and the API record (and its Idempotency-Key) together."""
+    outcome and the API record (and its Idempotency-Key, and a follow-up's change
+    to its payment's record) together."""
     async def go():
         j = backend.make(node_id="attach-1")
         await j.start()
@@ -963,6 +964,18 @@ def test_an_api_record_attached_to_an_outcome_is_written_with_it(backend):
             with pytest.raises(JournalError):  # an unknown transaction: no outcome written
                 await j.record_outcome(tid + 1000, "00", None, {}, 1.0,
                                        j.api_put_params(dict(rec, id="txn_att2"), None, None))
+            # a follow-up's record, and its change to the payment, in the same write
+            tid2 = await j.record_received_forwarded(txn(stan="000778"), "acq-a", "000002", {"4": "000000000400"})
+            child = {"id": "txn_att3", "status": "approved", "created_ts": time.time(), "owner": "k1",
+                     "parent_id": "txn_att"}
+            await j.record_outcome(tid2, "00", "A2", {"39": "00"}, 2.0,
+                                   j.api_put_params(child, None, ("key-y", "fp2"))
+                                   + (j.api_parent_params("txn_att", {"status": "partially_refunded",
+                                                                      "refunded_amount": 400}),))
+            assert (await j.api_get("txn_att3"))["parent_id"] == "txn_att"
+            parent = await j.api_get("txn_att")
+            assert parent["status"] == "partially_refunded" and parent["refunded_amount"] == 400, parent
+            assert [r["id"] for r in await j.api_list(10, 0, {"status": "partially_refunded"})] == ["txn_att"]
         finally:
             await j.close()
 

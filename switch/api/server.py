@@ -227,12 +227,18 @@ class JournalTransactionStore:
         return fut
 
     def outcome_attachment(self, record: dict, card: tuple[str, str] | None = None,
-                           idem: tuple[str, str] | None = None) -> tuple:
-        """``add`` as an attachment to the flow's outcome write (one transaction)."""
+                           idem: tuple[str, str] | None = None,
+                           parent: tuple[str, dict] | None = None) -> tuple:
+        """``add`` as an attachment to the flow's outcome write (one transaction);
+        ``parent``: (id, changes), the ``update`` a follow-up makes to its
+        payment's record, in that same transaction."""
         _check_no_card_data(record.keys())
         att = self.journal.api_put_params(record, card, idem)
         if idem is not None and self.seen is not None:
             self.seen.add(str(record.get("owner")), idem[0])
+        if parent is not None:
+            _check_no_card_data(parent[1].keys())
+            att += (self.journal.api_parent_params(*parent),)
         return att
 
     async def idem_claim(self, owner: str, idem_key: str, fingerprint: str,
@@ -951,50 +957,70 @@ async def payment_reply(st: ApiState, key: ApiKey, body: bytes, idem: tuple[str,
     return Reply(201, _dumps(public_view(rec)))
 
 
-async def _flow_with_record(st: ApiState, req: dict, record, idem: tuple[str, str] | None) -> tuple[dict, dict]:
+async def _flow_with_record(st: ApiState, req: dict, record, idem: tuple[str, str] | None,
+                            parent: tuple[dict, Any] | None = None) -> tuple[dict, dict]:
     """Run ``req`` through the flow and journal its API record, ``record(resp)
     -> (record, card or None)``, with the Idempotency-Key ``idem``. Returns
     (the flow's answer, the record as the client is told it).
 
-    With the journal's store the record rides in the outcome's own write, so
-    no crash keeps one without the other; another store gets it submitted
-    just before. When that write fails or its fate is unknown the flow has
-    answered 96 and reversed the acquirer's answer, and the record is
-    written again to say so."""
+    ``parent``: for a follow-up, (its payment's record as read under the
+    payment's lock, ``changes()`` -> what an approval changes in it).
+
+    With the journal's store the record, and an approved follow-up's changes
+    to its payment, ride in the outcome's own write, so no crash keeps one
+    without the others (a refund journaled but not yet counted in its
+    payment would let the payment be refunded twice); another store gets
+    them submitted just before and just after. When that write fails or its
+    fate is unknown the flow has answered 96 and reversed the acquirer's
+    answer, and the records are written again to say so."""
     early: list = []
     ctx_out: list = []
     attachment = getattr(st.store, "outcome_attachment", None)
 
+    def parent_changes(rec: dict) -> dict | None:
+        return parent[1]() if parent is not None and rec["approved"] else None
+
     def before_outcome(resp: dict) -> tuple | None:
         rec, card = record(resp)
         if attachment is not None:
-            early.append((rec, None))
-            return attachment(rec, card, idem)
-        early.append((rec, st.store.add_soon(rec, card, idem)))
+            changes = parent_changes(rec)
+            early.append((rec, None, changes))
+            return attachment(rec, card, idem, None if changes is None else (rec["parent_id"], changes))
+        early.append((rec, st.store.add_soon(rec, card, idem), None))
         return None
 
     resp = await _run_flow(st, req, before_outcome, ctx_out)
     if not early:  # answered before reaching the acquirer (format error, shed): no outcome hook
         rec, card = record(resp)
         await st.store.add_soon(rec, card, idem)
-        return resp, rec
-    rec, saved = early[-1]
-    saved_ok = not ctx_out[-1].outcome_failed
-    if saved is not None:
-        try:
-            await saved
-        except Exception as exc:
-            saved_ok = False
-            log.error("API transaction %s: record not confirmed by the journal (%s)", rec["id"], exc)
-    if not saved_ok:
-        # its fate is unknown: the writer may have died after its COMMIT
-        log.error("API transaction %s: writing its record again with the answer the client gets", rec["id"])
-    if not saved_ok or rec["response_code"] != resp.get("39", "96"):
-        final, card = record(resp)
-        changes = {k: final[k] for k in ("status", "approved", "response_code", "approval_code")}
-        rec = dict(rec, **changes)
-        if not await st.store.update(rec["id"], changes):
-            await st.store.add_soon(rec, card, idem)
+        saved_changes = None
+    else:
+        rec, saved, saved_changes = early[-1]
+        saved_ok = not ctx_out[-1].outcome_failed
+        if saved is not None:
+            try:
+                await saved
+            except Exception as exc:
+                saved_ok = False
+                log.error("API transaction %s: record not confirmed by the journal (%s)", rec["id"], exc)
+        if not saved_ok:
+            # its fate is unknown: the writer may have died after its COMMIT
+            log.error("API transaction %s: writing its record again with the answer the client gets", rec["id"])
+        if not saved_ok or rec["response_code"] != resp.get("39", "96"):
+            final, card = record(resp)
+            changes = {k: final[k] for k in ("status", "approved", "response_code", "approval_code")}
+            rec = dict(rec, **changes)
+            if not await st.store.update(rec["id"], changes):
+                await st.store.add_soon(rec, card, idem)
+    if parent is not None:
+        orig = parent[0]
+        if saved_changes is not None and not rec["approved"]:
+            # journaled with an approval the client was not given: the payment
+            # gets back what it held (under its lock, so whether or not that
+            # write landed, these are the values to restore)
+            await st.store.update(rec["parent_id"], {k: orig.get(k) for k in saved_changes})
+        elif saved_changes is None and rec["approved"]:  # a store without attachments
+            await st.store.update(rec["parent_id"], parent[1]())
     return resp, rec
 
 
@@ -1052,9 +1078,7 @@ async def _follow_up(st: ApiState, key: ApiKey, kind: str, orig: dict, txn_id: s
 
     body = await _read_body(request, st.settings.max_body)
     idem = (idempotency_key(request.headers.get), IdempotencyCache.fingerprint(request.method, request.path, body))
-    _resp, rec = await _flow_with_record(st, req, record, idem)
-    if rec["approved"]:
-        await st.store.update(txn_id, parent_update())
+    _resp, rec = await _flow_with_record(st, req, record, idem, (orig, parent_update))
     await _emit(st, rec, f"{kind}.{'approved' if rec['approved'] else 'declined'}")
     return json_response(public_view(rec), status=201)
 
