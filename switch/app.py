@@ -94,7 +94,9 @@ class Switch:
         # before this start (a crash) is reversed, exactly once.
         self.recovered = await self.journal.recover_and_enqueue()
         if self.recovered:
-            log.warning("crash recovery: %d reversal(s) queued for unknown outcomes", self.recovered)
+            # an advice's unknown outcome is repeated (x221), anything else reversed
+            log.warning("crash recovery: %d store-and-forward %s queued for unknown outcomes (reversals, "
+                        "and repeats of advices)", self.recovered, "entry" if self.recovered == 1 else "entries")
         for link in self.links.values():
             await link.start()
         await self.reversals.start()

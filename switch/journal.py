@@ -1020,9 +1020,10 @@ class Journal(abc.ABC):
         One transaction: the entries are inserted and the transactions marked
         together, so a second call queues nothing. Rows journaled as received
         but never forwarded by a dead instance are marked ``abandoned`` (a
-        retransmission then gets "done" without a replay, i.e. 94). Returns
-        how many reversals were queued (parked ones included: an entry whose
-        fields cannot be decrypted is parked, visible, never dropped).
+        retransmission then gets "done" without a replay, i.e. 94). An advice
+        (x120/x220) is queued to be repeated instead of reversed. Returns how
+        many entries were queued (parked ones included: an entry whose fields
+        cannot be decrypted is parked, visible, never dropped).
         """
         return await self._recover()
 

@@ -148,6 +148,7 @@ def test_kill9_between_forwarding_an_advice_and_answering_repeats_it_once(tmp_pa
             assert [d["t"] for d in got] == ["0220", "0221"], got
             assert got[1]["4"] == original["4"] and got[1]["37"] == original["37"]
             assert not reversals(sim)
+            assert "crash recovery: 1 store-and-forward entry queued" in log.read_text()
         finally:
             await sim.stop()
 

@@ -102,7 +102,7 @@ def test_kill9_under_rest_payments_charges_each_key_once(tmp_path):
             assert sorted(int(d["4"]) for d in standing) == [1000 + i for i in range(30)], standing
             assert len(set(reversed_rrns)) == 20  # the 20 whose outcome was lost, each reversed
             assert all(r["status"] == "approved" for r in records.values())
-            assert "crash recovery: 20 reversal(s)" in log.read_text()
+            assert "crash recovery: 20 store-and-forward entries queued" in log.read_text()
             assert TEST_PAN not in json.dumps(records)
         finally:
             await sim.stop()

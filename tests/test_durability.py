@@ -172,7 +172,7 @@ def test_kill9_between_forwarding_and_answering_reverses_exactly_once(tmp_path):
             assert len(revs) == 1, revs
             assert revs[0]["90"][:10] == "0200" + original["11"]
             assert revs[0]["4"] == original["4"] and revs[0]["37"] == original["37"]
-            assert "crash recovery: 1 reversal" in log.read_text()
+            assert "crash recovery: 1 store-and-forward entry queued" in log.read_text()
             # a retransmission after the restart is not forwarded again (outcome unknown: 94)
             async with TerminalClient("127.0.0.1", sw2.port, ssl=dev_client_context(tmp_path / "state")) as c:
                 r = await c.request(dict(req), timeout=10)
