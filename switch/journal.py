@@ -358,6 +358,14 @@ CREATE TABLE IF NOT EXISTS api_idem (
     created_ts REAL NOT NULL,
     PRIMARY KEY (owner, idem_key)
 );
+-- A payment's follow-ups (reverse, refund, capture) one at a time across the
+-- switch processes sharing a PostgreSQL journal: a lease per payment, taken
+-- over once its holder is stale (SQLite has one process: its own lock does)
+CREATE TABLE IF NOT EXISTS api_lock (
+    id TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,
+    until REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS late_response (
     id INTEGER PRIMARY KEY,
     acquirer TEXT NOT NULL,
@@ -918,6 +926,17 @@ class Journal(abc.ABC):
         """Forget a claim whose request ended without a payment (a 4xx/5xx answer)."""
         return None
 
+    async def api_lock_take(self, api_id: str, owner: str, until: float) -> bool:
+        """Lease API transaction ``api_id`` to ``owner`` until ``until`` (epoch
+        seconds) for a follow-up: False while another owner holds an unexpired
+        lease. One process owns a SQLite journal, and its in-process lock
+        orders its follow-ups: always True there."""
+        return True
+
+    async def api_lock_release(self, api_id: str, owner: str) -> None:
+        """End ``owner``'s lease on ``api_id`` (nothing if it is not the holder)."""
+        return None
+
     async def api_idem_scan(self, fn) -> int:
         """``fn(owner, idem_key)`` for every journaled Idempotency-Key (in a worker
         thread, streamed); returns how many."""
@@ -1445,6 +1464,16 @@ class PostgresJournal(Journal):
     async def api_idem_release(self, owner: str, idem_key: str) -> None:
         await self._p().execute("DELETE FROM api_idem WHERE owner = $1 AND idem_key = $2 AND api_id IS NULL",
                                 str(owner), str(idem_key))
+
+    async def api_lock_take(self, api_id: str, owner: str, until: float) -> bool:
+        # one statement: a new lease, or the takeover of an expired one
+        return bool(await self._p().fetchval(
+            "INSERT INTO api_lock (id, owner, until) VALUES ($1, $2, $3) ON CONFLICT (id) DO UPDATE "
+            "SET owner = excluded.owner, until = excluded.until WHERE api_lock.until < $4 RETURNING 1",
+            str(api_id), str(owner), float(until), time.time()))
+
+    async def api_lock_release(self, api_id: str, owner: str) -> None:
+        await self._p().execute("DELETE FROM api_lock WHERE id = $1 AND owner = $2", str(api_id), str(owner))
 
     async def _sf_insert(self, acquirer, kind, txn_id, blob, now, next_at) -> int:
         async with self._p().acquire() as c:

@@ -11,6 +11,7 @@ from switch import certs
 from switch.api.server import API_STATE, bound_port
 from switch.api.webhooks import verify_signature
 from switch.messages import TEST_PAN
+from tests.pg import pg_dsn, pg_server  # noqa: F401  (pytest fixtures)
 from tests.switch_harness import run, running_switch
 
 
@@ -331,5 +332,57 @@ def test_a_refund_counts_in_its_payment_in_the_same_write(tmp_path):
             assert await sw.reversals.wait_empty(10)
             reversed_stans = [d.get("90", "")[4:10] for d in sw.sims["acq-a"].received if d["t"] == "0400"]
             assert len(reversed_stans) == 1
+
+    run(go())
+
+
+def test_two_switches_on_one_postgres_journal_never_refund_a_payment_twice(tmp_path, pg_dsn):
+    """Two switch processes share a PostgreSQL journal: a refund of a payment's
+    full amount posted to each at once (two Idempotency-Keys, as from a
+    double click) refunds it once. Before, each process read the payment as
+    unrefunded under its own in-process lock and both refunds went to the
+    acquirer. Now a lease in the journal orders a payment's follow-ups across
+    processes: the second waits for nothing, it gets 409 (lease held, retry)
+    or, once the first is done, 409 for an amount no longer refundable."""
+    api_cfg = f"""
+    [api]
+    enabled = true
+    port = 0
+    [journal]
+    backend = "postgres"
+    dsn = "{pg_dsn}"
+    """
+    body = {"pan": TEST_PAN, "expiry": "2912", "amount": 5000, "currency": "USD", "type": "purchase"}
+
+    async def go():
+        key = _payments_key(tmp_path)
+        auth = {"Authorization": f"Bearer {key}"}
+        # one state directory: the same API keys and journal key file for both
+        async with running_switch(tmp_path, {"acq-a": {"latency_ms": 300.0}}, routing=api_cfg) as a, \
+                running_switch(tmp_path, {"acq-a": {"latency_ms": 300.0}}, routing=api_cfg) as b:
+            (sa, base_a), (sb, base_b) = _session(a, tmp_path), _session(b, tmp_path)
+            async with sa, sb:
+                r = await sa.post(f"{base_a}/v1/payments", json=body, headers={**auth, "Idempotency-Key": "p"})
+                paid = await r.json()
+                assert r.status == 201 and paid["approved"], paid
+
+                async def refund(s, base, idem):
+                    r = await s.post(f"{base}/v1/payments/{paid['id']}/refund", json={"amount": 5000},
+                                     headers={**auth, "Idempotency-Key": idem})
+                    return r.status, await r.json(), r.headers.get("Retry-After")
+
+                results = await asyncio.gather(refund(sa, base_a, "r-a"), refund(sb, base_b, "r-b"))
+                approved = [res for res in results if res[0] == 201 and res[1]["approved"]]
+                assert len(approved) == 1, results
+                other = next(res for res in results if res not in approved)
+                assert other[0] == 409, results
+                r = await sb.get(f"{base_b}/v1/transactions/{paid['id']}", headers=auth)
+                got = await r.json()
+                assert got["status"] == "refunded" and got["refunded_amount"] == 5000, got
+                # the lease is gone with the refund: a later follow-up is judged on the amounts
+                status, out, _ = await refund(sb, base_b, "r-c")
+                assert status == 409 and "refund" in out["detail"], out
+            refunds = [d for sw in (a, b) for d in sw.sims["acq-a"].received if d.get("3", "").startswith("20")]
+            assert len(refunds) == 1, refunds
 
     run(go())

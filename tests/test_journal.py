@@ -1240,3 +1240,30 @@ def test_hmac_sha256_with_prepared_key_states_is_rfc_2104():
     ring = KeyRing.generate()
     assert ring.pan_fingerprint("4111111111111111") == _hmac.digest(
         ring._fp_key, b"4111111111111111", "sha256").hex()
+
+
+def test_follow_up_leases(backend):
+    """A payment's follow-up lease (api_lock_take/release): on PostgreSQL one
+    holder at a time, released only by its holder, taken over once expired;
+    on SQLite (one process, ordered by its own lock) always granted."""
+    async def go():
+        j = backend.make(node_id="lease-1")
+        await j.start()
+        try:
+            now = time.time()
+            assert await j.api_lock_take("txn_l", "a", now + 30)
+            if backend.name == "sqlite":
+                assert await j.api_lock_take("txn_l", "b", now + 30)
+                return
+            assert not await j.api_lock_take("txn_l", "b", now + 30)
+            await j.api_lock_release("txn_l", "b")  # not the holder: nothing changes
+            assert not await j.api_lock_take("txn_l", "b", now + 30)
+            assert await j.api_lock_take("txn_m", "b", now + 30)  # another payment
+            await j.api_lock_release("txn_l", "a")
+            assert await j.api_lock_take("txn_l", "b", now - 1)  # expired at once
+            assert await j.api_lock_take("txn_l", "c", now + 30)  # taken over
+            assert not await j.api_lock_take("txn_l", "a", now + 30)
+        finally:
+            await j.close()
+
+    run(go())

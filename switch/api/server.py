@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import csv
 import datetime as _dt
 import inspect
@@ -250,6 +251,12 @@ class JournalTransactionStore:
     async def idem_release(self, owner: str, idem_key: str) -> None:
         await self.journal.api_idem_release(owner, idem_key)
 
+    async def lock_take(self, txn_id: str, owner: str, until: float) -> bool:
+        return await self.journal.api_lock_take(txn_id, owner, until)
+
+    async def lock_release(self, txn_id: str, owner: str) -> None:
+        await self.journal.api_lock_release(txn_id, owner)
+
     async def update(self, txn_id: str, changes: dict) -> bool:
         _check_no_card_data(changes.keys())
         return await self.journal.api_update(txn_id, changes)
@@ -413,6 +420,32 @@ class ApiState:
                     del self._locks[k]
             lock = self._locks[txn_id] = asyncio.Lock()
         return lock
+
+    @contextlib.asynccontextmanager
+    async def follow_up_lock(self, txn_id: str):
+        """A payment's follow-ups one at a time: in this process (``lock_for``)
+        and, where the store is shared by several switch processes (a
+        PostgreSQL journal), across them: a lease in the journal, which a
+        process that died holding it gives up once it expires. Without it two
+        processes could both read a payment as unrefunded and both refund it
+        in full. A lease held elsewhere: 409 with Retry-After."""
+        async with self.lock_for(txn_id):
+            take = getattr(self.store, "lock_take", None)
+            if take is None:
+                yield
+                return
+            owner = os.urandom(12).hex()  # this follow-up's, so only it releases the lease
+            # the follow-up's whole life: the flow's time, its journal writes, a margin
+            if not await take(txn_id, owner, time.time() + 2 * self.settings.timeout + 5.0):
+                raise Problem(409, "Conflict", "another request is changing this transaction; retry it shortly",
+                              slug="conflict", headers={"Retry-After": "1"})
+            try:
+                yield
+            finally:
+                try:
+                    await self.store.lock_release(txn_id, owner)
+                except Exception as exc:  # it expires instead
+                    log.warning("API transaction %s: follow-up lease not released: %s", txn_id, exc)
 
 
 def _state(request: web.Request) -> ApiState:
@@ -1088,7 +1121,7 @@ async def reverse_payment(request: web.Request) -> web.Response:
     key: ApiKey = request[API_KEY]
     validate_followup(await _json_object(request, optional=True), allow_amount=False)
     txn_id = request.match_info["id"]
-    async with st.lock_for(txn_id):
+    async with st.follow_up_lock(txn_id):
         orig = await _original(st, key, txn_id)
         if orig["type"] not in ("authorization", "purchase"):
             raise _conflict(f"a {orig['type']} cannot be reversed; reverse the payment it belongs to")
@@ -1114,7 +1147,7 @@ async def refund_payment(request: web.Request) -> web.Response:
     key: ApiKey = request[API_KEY]
     amount = validate_followup(await _json_object(request, optional=True), allow_amount=True)
     txn_id = request.match_info["id"]
-    async with st.lock_for(txn_id):
+    async with st.follow_up_lock(txn_id):
         orig = await _original(st, key, txn_id)
         refundable = (orig["type"] == "purchase" and orig["status"] in ("approved", "partially_refunded")) or \
                      (orig["type"] == "authorization" and orig["status"] in ("captured", "partially_refunded"))
@@ -1143,7 +1176,7 @@ async def capture_payment(request: web.Request) -> web.Response:
     key: ApiKey = request[API_KEY]
     amount = validate_followup(await _json_object(request, optional=True), allow_amount=True)
     txn_id = request.match_info["id"]
-    async with st.lock_for(txn_id):
+    async with st.follow_up_lock(txn_id):
         orig = await _original(st, key, txn_id)
         if orig["type"] != "authorization" or orig["status"] != "approved":
             raise _conflict(f"a {orig['type']} that is {orig['status']} cannot be captured "
