@@ -382,6 +382,11 @@ def test_two_switches_on_one_postgres_journal_never_refund_a_payment_twice(tmp_p
                 # the lease is gone with the refund: a later follow-up is judged on the amounts
                 status, out, _ = await refund(sb, base_b, "r-c")
                 assert status == 409 and "refund" in out["detail"], out
+                # the one turned away retries with its key: run again (its key's claim
+                # was released), not "in progress" and not a replay of that 409
+                loser = ("r-a", sa, base_a) if results[1] is approved[0] else ("r-b", sb, base_b)
+                status, out, _ = await refund(loser[1], loser[2], loser[0])
+                assert status == 409 and out["type"].endswith(":conflict") and "refund" in out["detail"], out
             refunds = [d for sw in (a, b) for d in sw.sims["acq-a"].received if d.get("3", "").startswith("20")]
             assert len(refunds) == 1, refunds
 

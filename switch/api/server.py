@@ -612,6 +612,12 @@ async def idempotent(st: ApiState, key: ApiKey, idem: str, method: str, path: st
     try:
         try:
             replay = None if journaled is None else await journaled()
+        except Problem as p:
+            # decided by another request's claim (in progress elsewhere, or the
+            # key used with another body): not this key's answer for good
+            st.idempotency.abandon(key.id, idem, rec)
+            return p.reply()
+        try:
             reply = replay if replay is not None else await run()
         except Problem as p:
             reply = p.reply()
@@ -619,16 +625,17 @@ async def idempotent(st: ApiState, key: ApiKey, idem: str, method: str, path: st
         st.idempotency.abandon(key.id, idem, rec)
         raise
     if journaled is not None and replay is None and reply.status != 201:
-        if reply.status in (409, 422):
-            # decided by another request's claim: not this key's answer for good
-            st.idempotency.abandon(key.id, idem, rec)
-            return reply
         release = getattr(st.store, "idem_release", None)
         if release is not None:  # no payment was made: the key's claim (PostgreSQL) is let go
             try:
                 await release(key.id, idem)
             except Exception as exc:  # it goes stale instead (a retry then waits until it has)
                 log.warning("Idempotency-Key claim not released: %s", exc)
+        if reply.status == 409:
+            # the transaction was busy or in a state that may change: a retry
+            # with this key runs again instead of replaying this answer
+            st.idempotency.abandon(key.id, idem, rec)
+            return reply
     st.idempotency.finish(key.id, idem, rec, reply.status, reply.body, reply.content_type)
     return reply
 
