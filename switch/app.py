@@ -114,6 +114,7 @@ class Switch:
             self.listeners.append(listener)
         if cfg.api.enabled:
             from switch.api import ApiKeyStore, JournalTransactionStore, MemoryTransactionStore, start_api
+            from switch.api.server import ApiSettings
 
             keys = ApiKeyStore(cfg.switch.state_dir / "api_keys.json")
             if cfg.api.webhook_url:
@@ -126,8 +127,9 @@ class Switch:
             # journal; only the measuring-only "none" journal keeps them in memory
             store = (JournalTransactionStore(self.journal) if getattr(self.journal, "durable", True)
                      else MemoryTransactionStore())
-            self.api_runner = await start_api(self, cfg.api, keys=keys, store=store,
-                                              webhooks=self.webhooks, metrics=self.metrics)
+            self.api_runner = await start_api(
+                self, cfg.api, keys=keys, store=store, webhooks=self.webhooks, metrics=self.metrics,
+                settings=ApiSettings(idempotency_window=cfg.api.idempotency_hours * 3600.0))
         # Start-up objects (specs, tables, certificates, modules) live forever:
         # keep them out of every later collection.
         gc.freeze()

@@ -255,6 +255,7 @@ class ApiConfig:
     dev_pki: bool = False
     webhook_url: str = ""  # "" = no webhooks; else transaction outcomes are POSTed here
     webhook_secret_file: Path | None = None  # HMAC-SHA256 signing secret (>= 16 chars)
+    idempotency_hours: float = 24.0  # how long an Idempotency-Key is remembered
 
 
 @dataclass(frozen=True)
@@ -1001,7 +1002,8 @@ class _Builder:
             t.fail("webhook_secret_file", "is required when webhook_url is set")
         out = dict(enabled=t.bool("enabled", False), host=t.str("host", "127.0.0.1"),
                    port=t.port("port", 8443), tls=tls, cert=cert, key=key, client_ca=client_ca,
-                   dev_pki=dev_pki, webhook_url=webhook_url, webhook_secret_file=secret_file)
+                   dev_pki=dev_pki, webhook_url=webhook_url, webhook_secret_file=secret_file,
+                   idempotency_hours=t.number("idempotency_hours", 24.0, gt=0))
         t.finish()
         return None if t.bad else ApiConfig(**out)
 

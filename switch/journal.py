@@ -477,6 +477,11 @@ SQL_API_DOC = "SELECT doc FROM api_txn WHERE id = ?"
 SQL_API_IDEM_PUT = ("INSERT INTO api_idem (owner, idem_key, fingerprint, api_id, created_ts) VALUES (?, ?, ?, ?, ?) "
                     "ON CONFLICT (owner, idem_key) DO UPDATE SET fingerprint = excluded.fingerprint, "
                     "api_id = excluded.api_id, created_ts = excluded.created_ts")
+# SQLite (the writer): a key journaled again after its idempotency window is
+# deleted and inserted anew, so its rowid -- the order keys are pruned in
+# (SQL_PRUNE) -- follows its new time instead of holding up the pruning
+SQL_API_IDEM_PUT_SQLITE = ("INSERT OR REPLACE INTO api_idem (owner, idem_key, fingerprint, api_id, created_ts) "
+                           "VALUES (?, ?, ?, ?, ?)")
 SQL_API_IDEM_GET = "SELECT fingerprint, api_id, created_ts FROM api_idem WHERE owner = ? AND idem_key = ?"
 SQL_API_SET = ("UPDATE api_txn SET doc = ?, status = ?, "
                "card = CASE WHEN ? THEN NULL ELSE card END WHERE id = ?")
@@ -623,9 +628,11 @@ class Journal(abc.ABC):
 
     # -- retention
 
-    async def prune(self, older_than: float, batch: int = 5000) -> dict[str, int]:
+    async def prune(self, older_than: float, batch: int = 5000,
+                    tables: tuple[str, ...] | None = None) -> dict[str, int]:
         """Delete finished history older than ``older_than`` (epoch seconds), ``batch``
-        rows per statement (each its own short write, so traffic flows between).
+        rows per statement (each its own short write, so traffic flows between);
+        ``tables``: only these (default: all).
 
         Kept whatever their age: a forwarded transaction whose outcome is unknown
         and whose reversal is not queued yet, a transaction with a store-and-forward
@@ -633,6 +640,8 @@ class Journal(abc.ABC):
         deleted per table. SQLite overwrites what it deletes (secure_delete)."""
         counts = {}
         for table, sql in self._prune_sql.items():
+            if tables is not None and table not in tables:
+                continue
             total = 0
             while True:
                 n = await self._exec(sql, (float(older_than), int(batch)))
@@ -905,7 +914,7 @@ class Journal(abc.ABC):
         raise NotImplementedError
 
     async def api_idem_claim(self, owner: str, idem_key: str, fingerprint: str,
-                             stale_before: float) -> tuple[bool, str | None] | None:
+                             stale_before: float, not_before: float = 0.0) -> tuple[bool, str | None] | None:
         """None when ``idem_key`` is new (this caller may run the payment), else
         (same request?, API transaction id or None while another switch process
         runs it). ``fingerprint``: the request's digest; the journal keeps only
@@ -913,9 +922,10 @@ class Journal(abc.ABC):
         and its in-memory cache orders its own requests, so SQLite only looks;
         PostgreSQL claims the key atomically for the several processes sharing
         it, taking over a claim left by a process that died before
-        ``stale_before``."""
+        ``stale_before``. A key journaled before ``not_before`` (the end of
+        its idempotency window) is forgotten: new again."""
         r = await self._idem_get((str(owner), str(idem_key)))
-        if r is None:
+        if r is None or r[2] < not_before:
             return None
         return hmac.compare_digest(r[0], self.keyring.request_digest(str(fingerprint))), r[1]
 
@@ -937,9 +947,9 @@ class Journal(abc.ABC):
         """End ``owner``'s lease on ``api_id`` (nothing if it is not the holder)."""
         return None
 
-    async def api_idem_scan(self, fn) -> int:
-        """``fn(owner, idem_key)`` for every journaled Idempotency-Key (in a worker
-        thread, streamed); returns how many."""
+    async def api_idem_scan(self, fn, since: float = 0.0) -> int:
+        """``fn(owner, idem_key)`` for every Idempotency-Key journaled at or after
+        ``since`` (in a worker thread, streamed); returns how many."""
         raise NotImplementedError
 
     async def api_update(self, api_id: str, changes: dict) -> bool:
@@ -1280,7 +1290,7 @@ class SqliteJournal(Journal):
                 return conn.execute(sql, params).fetchall()
         return await asyncio.to_thread(run)
 
-    async def api_idem_scan(self, fn) -> int:
+    async def api_idem_scan(self, fn, since: float = 0.0) -> int:
         conn = self._sconn
         if conn is None:
             raise JournalError("journal is closed")
@@ -1288,7 +1298,8 @@ class SqliteJournal(Journal):
         def run():
             n = 0
             with self._slock:
-                for owner, key in conn.execute("SELECT owner, idem_key FROM api_idem"):
+                for owner, key in conn.execute("SELECT owner, idem_key FROM api_idem WHERE created_ts >= ?",
+                                               (float(since),)):
                     fn(owner, key)
                     n += 1
             return n
@@ -1440,7 +1451,7 @@ class PostgresJournal(Journal):
         return 1
 
     async def api_idem_claim(self, owner: str, idem_key: str, fingerprint: str,
-                             stale_before: float) -> tuple[bool, str | None] | None:
+                             stale_before: float, not_before: float = 0.0) -> tuple[bool, str | None] | None:
         owner, idem_key = str(owner), str(idem_key)
         fingerprint = self.keyring.request_digest(str(fingerprint))
         async with self._p().acquire() as c:
@@ -1450,12 +1461,13 @@ class PostgresJournal(Journal):
                 owner, idem_key, str(fingerprint), time.time())
             if claimed:
                 return None
-            # a claim whose process died before writing the payment: its request
-            # was never forwarded or is reversed by recovery; this one runs it
+            # a claim whose process died before writing the payment (its request
+            # was never forwarded or is reversed by recovery), or a key past its
+            # idempotency window: this request runs, under a new claim
             took = await c.fetchval(
-                "UPDATE api_idem SET fingerprint = $3, created_ts = $4 WHERE owner = $1 AND idem_key = $2 "
-                "AND api_id IS NULL AND created_ts < $5 RETURNING 1",
-                owner, idem_key, str(fingerprint), time.time(), float(stale_before))
+                "UPDATE api_idem SET fingerprint = $3, created_ts = $4, api_id = NULL WHERE owner = $1 "
+                "AND idem_key = $2 AND ((api_id IS NULL AND created_ts < $5) OR created_ts < $6) RETURNING 1",
+                owner, idem_key, str(fingerprint), time.time(), float(stale_before), float(not_before))
             if took:
                 return None
             r = await c.fetchrow(self._q(SQL_API_IDEM_GET), owner, idem_key)

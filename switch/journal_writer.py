@@ -154,7 +154,7 @@ class WriterCore:
 
     def op_api_put(self, params, idem_params):
         c, J = self.conn, self.J
-        c.execute(J.SQL_API_IDEM_PUT, idem_params)
+        c.execute(J.SQL_API_IDEM_PUT_SQLITE, idem_params)
         c.execute(J.SQL_API_INSERT, params)
         return 1
 
@@ -168,7 +168,7 @@ class WriterCore:
         n = c.execute(J.SQL_OUTCOME, self._outcome_row(txn_id, response_code, approval_code, packed, latency_ms,
                                                         now)).rowcount
         if idem_params is not None:
-            c.execute(J.SQL_API_IDEM_PUT, idem_params)
+            c.execute(J.SQL_API_IDEM_PUT_SQLITE, idem_params)
         c.execute(J.SQL_API_INSERT, params)
         if parent is not None:
             self.op_api_update(*parent)

@@ -4,6 +4,7 @@ import json
 import ssl
 import subprocess
 import sys
+import time
 
 from aiohttp import ClientSession, TCPConnector, web
 
@@ -389,5 +390,55 @@ def test_two_switches_on_one_postgres_journal_never_refund_a_payment_twice(tmp_p
                 assert status == 409 and out["type"].endswith(":conflict") and "refund" in out["detail"], out
             refunds = [d for sw in (a, b) for d in sw.sims["acq-a"].received if d.get("3", "").startswith("20")]
             assert len(refunds) == 1, refunds
+
+    run(go())
+
+
+def test_an_idempotency_key_is_remembered_for_its_window(tmp_path):
+    """``[api] idempotency_hours``: within the window a retry is answered with
+    the payment it made, also after a restart; past it the key is new again
+    (a retry is a new payment), and the pruning deletes keys past their
+    window from the journal."""
+    window = 5.4
+    api_cfg = f"""
+    [api]
+    enabled = true
+    port = 0
+    idempotency_hours = {window / 3600}
+    """
+    body = {"pan": TEST_PAN, "expiry": "2912", "amount": 1234, "currency": "USD", "type": "purchase"}
+
+    async def go():
+        key = _payments_key(tmp_path)
+        auth = {"Authorization": f"Bearer {key}"}
+
+        async def pay(s, base, idem):
+            r = await s.post(f"{base}/v1/payments", json=body, headers={**auth, "Idempotency-Key": idem})
+            return await r.json(), r.headers.get("Idempotent-Replayed")
+
+        t0 = time.monotonic()
+        async with running_switch(tmp_path, {"acq-a": {}}, routing=api_cfg) as sw:
+            session, base = _session(sw, tmp_path)
+            async with session as s:
+                first, _ = await pay(s, base, "w-1")
+                await pay(s, base, "w-2")
+                again, replayed = await pay(s, base, "w-1")
+                assert replayed == "true" and again["id"] == first["id"]
+        async with running_switch(tmp_path, {"acq-a": {}}, routing=api_cfg) as sw:
+            session, base = _session(sw, tmp_path)
+            async with session as s:
+                again, replayed = await pay(s, base, "w-1")
+                assert time.monotonic() - t0 < window, "the restarts took the whole window"
+                assert replayed == "true" and again["id"] == first["id"]
+                await asyncio.sleep(window + 0.3 - (time.monotonic() - t0))
+                second, replayed = await pay(s, base, "w-1")
+                assert second["approved"] and second["id"] != first["id"] and replayed is None, second
+            # pruned every tenth of the window (at least every second): w-2 goes, w-1's new use stays
+            for _ in range(40):
+                rows = await sw.journal._fetchall("SELECT idem_key, api_id FROM api_idem", (), slow=False)
+                if len(rows) == 1:
+                    break
+                await asyncio.sleep(0.1)
+            assert [tuple(r) for r in rows] == [("w-1", second["id"])], rows
 
     run(go())

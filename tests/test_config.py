@@ -108,7 +108,7 @@ def test_defaults(tmp_path):
     assert a.breaker == config.BreakerConfig(5, 10.0, 1)
     assert cfg.simulators.embedded and [s.name for s in cfg.simulators.acquirers] == ["sim-a", "sim-b"]
     assert cfg.routing == config.RoutingConfig(None, ("sim-a", "sim-b"), ())
-    assert not cfg.api.enabled and cfg.api.port == 8443
+    assert not cfg.api.enabled and cfg.api.port == 8443 and cfg.api.idempotency_hours == 24.0
     assert cfg.metrics.enabled
     assert cfg.store_and_forward == config.StoreForwardConfig(50, 86_400.0, 0.5, 60.0, ("91", "96", "907", "909"))
 
@@ -300,6 +300,9 @@ BAD = [
     ("saf-attempts",
      '[store_and_forward]\nmax_attempts = 0\n',
      "store_and_forward.max_attempts: must be an integer >= 1, got 0"),
+    ("api-idempotency-window",
+     '[api]\nidempotency_hours = 0\n',
+     "api.idempotency_hours: must be a number > 0, got 0"),
 ]
 
 

@@ -1267,3 +1267,41 @@ def test_follow_up_leases(backend):
             await j.close()
 
     run(go())
+
+
+def test_idempotency_keys_past_their_window_are_new_again_and_pruned(backend):
+    """Both backends: a key journaled before the window's start (``not_before``)
+    is forgotten -- a request with it runs anew, and its new record replaces
+    the old key; the start-up scan skips such keys; pruning only the keys
+    (``tables``) deletes them and nothing else, also when a reused key sits
+    before them in insertion order."""
+    async def go():
+        j = backend.make(node_id="window-1")
+        await j.start()
+        try:
+            now = time.time()
+            old = now - 3 * 86_400
+            for i in range(4):
+                await j.api_put_soon({"id": f"txn_w{i}", "status": "approved", "created_ts": old + i,
+                                      "owner": "k1"}, None, (f"w-{i}", "fp"))
+            window_start = now - 86_400
+            assert await j.api_idem_claim("k1", "w-0", "fp", 0.0) == (True, "txn_w0")  # no window: kept
+            assert await j.api_idem_claim("k1", "w-0", "fp", 0.0, window_start) is None  # new again
+            # the retry runs and is journaled with its key: the key stands for it now
+            await j.api_put_soon({"id": "txn_w0b", "status": "approved", "created_ts": now, "owner": "k1"},
+                                 None, ("w-0", "fp"))
+            assert await j.api_idem_claim("k1", "w-0", "other", 0.0, window_start) == (False, "txn_w0b")
+            if backend.name == "sqlite":
+                seen: list = []
+                assert await j.api_idem_scan(lambda o, k: seen.append(k), window_start) == 1
+                assert seen == ["w-0"]
+            counts = await j.prune(window_start, batch=2, tables=("api_idem",))
+            assert counts == {"api_idem": 3}
+            for i in (1, 2, 3):
+                assert await j.api_idem_claim("k1", f"w-{i}", "fp", 0.0) is None
+                assert (await j.api_get(f"txn_w{i}"))["status"] == "approved"  # records are retention's
+            assert await j.api_idem_claim("k1", "w-0", "fp", 0.0, window_start) == (True, "txn_w0b")
+        finally:
+            await j.close()
+
+    run(go())

@@ -205,14 +205,19 @@ class JournalTransactionStore:
         # processes share it).
         self.seen: SeenKeys | None = None
 
-    async def load_seen(self) -> int:
-        """Fill the filter of journaled Idempotency-Keys (SQLite journals only)."""
+    async def load_seen(self, since: float = 0.0) -> int:
+        """Fill the filter of Idempotency-Keys journaled at or after ``since``
+        (SQLite journals only)."""
         if getattr(self.journal, "backend", None) != "sqlite":
             return 0
         seen = SeenKeys()
-        n = await self.journal.api_idem_scan(seen.add)
+        n = await self.journal.api_idem_scan(seen.add, since)
         self.seen = seen
         return n
+
+    async def prune_keys(self, older_than: float) -> int:
+        """Delete Idempotency-Keys journaled before ``older_than`` (past their window)."""
+        return (await self.journal.prune(older_than, tables=("api_idem",))).get("api_idem", 0)
 
     async def add(self, record: dict, card: tuple[str, str] | None = None) -> None:
         await self.add_soon(record, card)
@@ -243,10 +248,10 @@ class JournalTransactionStore:
         return att
 
     async def idem_claim(self, owner: str, idem_key: str, fingerprint: str,
-                         stale_before: float) -> tuple[bool, str | None] | None:
+                         stale_before: float, not_before: float = 0.0) -> tuple[bool, str | None] | None:
         if self.seen is not None and (owner, idem_key) not in self.seen:
             return None  # certainly never journaled
-        return await self.journal.api_idem_claim(owner, idem_key, fingerprint, stale_before)
+        return await self.journal.api_idem_claim(owner, idem_key, fingerprint, stale_before, not_before)
 
     async def idem_release(self, owner: str, idem_key: str) -> None:
         await self.journal.api_idem_release(owner, idem_key)
@@ -385,6 +390,9 @@ class ApiSettings:
     public_metrics: bool = True  # /metrics without an API key (Prometheus scrapers)
     max_body: int = 1 << 20  # BIN tables can be large; payments are tiny
     listener_name: str = "api"
+    # how long an Idempotency-Key is remembered (memory and journal): a retry
+    # within it is answered as first; after it the key is new again
+    idempotency_window: float = 86_400.0
 
 
 API_STATE = web.AppKey("isoswitch_api", object)
@@ -401,7 +409,7 @@ class ApiState:
         self.webhooks = webhooks
         self.metrics = metrics
         self.settings = settings
-        self.idempotency = IdempotencyCache()
+        self.idempotency = IdempotencyCache(ttl=settings.idempotency_window)
         # a random start: STAN + DE7 must not repeat a pre-restart request's key
         self._stan = itertools.count(random.randrange(999_999))
         self._locks: dict[str, asyncio.Lock] = {}
@@ -560,16 +568,18 @@ def _idempotency_conflict() -> Problem:
                    errors=[{"field": "Idempotency-Key", "problem": "already used with another request"}])
 
 
-async def _journaled_reply(st: ApiState, key: ApiKey, idem: str, fp: str) -> Reply | None:
+async def _journaled_reply(st: ApiState, key: ApiKey, idem: str, fp: str) -> tuple[Reply, float] | None:
     """The answer an earlier life of this switch (or another process on the
     same PostgreSQL journal) gave a payment or follow-up POST with this
-    Idempotency-Key, as a replay; None when the key is new. A retry after a
-    crash or a restart is never charged or refunded twice: the key is
-    journaled with the transaction's record, in its outcome's write."""
+    Idempotency-Key, as a replay, and when the key was first used; None when
+    the key is new. A retry after a crash or a restart is never charged or
+    refunded twice: the key is journaled with the transaction's record, in
+    its outcome's write."""
     claim = getattr(st.store, "idem_claim", None)
     if claim is None:
         return None
-    found = await claim(key.id, idem, fp, time.time() - 2 * st.settings.timeout - 5.0)
+    now = time.time()
+    found = await claim(key.id, idem, fp, now - 2 * st.settings.timeout - 5.0, now - st.settings.idempotency_window)
     if found is None:
         return None
     same_request, api_id = found
@@ -586,15 +596,16 @@ async def _journaled_reply(st: ApiState, key: ApiKey, idem: str, fp: str) -> Rep
     view = public_view(rec)
     view.update(status="approved" if rec.get("approved") else "declined", captured_amount=None,
                 refunded_amount=None)
-    return Reply(201, _dumps(view), headers={"Idempotent-Replayed": "true"})
+    return Reply(201, _dumps(view), headers={"Idempotent-Replayed": "true"}), float(rec["created_ts"])
 
 
 async def idempotent(st: ApiState, key: ApiKey, idem: str, method: str, path: str, body: bytes, run,
                      fp: str | None = None, journaled=None) -> Reply:
     """``run()``'s reply, once per (API key, Idempotency-Key): a repeat with the
     same request gets the stored reply (waiting for the first if it is still
-    running), one with another request 422. ``journaled()``: the reply
-    journaled for this key by an earlier life of the switch, or None."""
+    running), one with another request 422. ``journaled()``: (the reply
+    journaled for this key by an earlier life of the switch, the key's first
+    use), or None."""
     if fp is None:
         fp = IdempotencyCache.fingerprint(method, path, body)
     while True:
@@ -611,12 +622,14 @@ async def idempotent(st: ApiState, key: ApiKey, idem: str, method: str, path: st
     replay = None
     try:
         try:
-            replay = None if journaled is None else await journaled()
+            found = None if journaled is None else await journaled()
         except Problem as p:
             # decided by another request's claim (in progress elsewhere, or the
             # key used with another body): not this key's answer for good
             st.idempotency.abandon(key.id, idem, rec)
             return p.reply()
+        if found is not None:
+            replay, rec.created = found  # its window counts from the key's first use, here too
         try:
             reply = replay if replay is not None else await run()
         except Problem as p:
@@ -1496,9 +1509,10 @@ async def start_api(switch, api_cfg=None, *, keys: ApiKeyStore, store: Transacti
     from switch.api.fasthttp import ApiServer
 
     api_cfg = api_cfg if api_cfg is not None else switch.config.api
+    settings = settings or ApiSettings()
     load_seen = getattr(store, "load_seen", None)
     if load_seen is not None:
-        n = await load_seen()
+        n = await load_seen(time.time() - settings.idempotency_window)
         if n:
             log.info("REST API: %d journaled Idempotency-Keys loaded", n)
     if ssl_context is None and api_cfg.tls:
@@ -1507,6 +1521,14 @@ async def start_api(switch, api_cfg=None, *, keys: ApiKeyStore, store: Transacti
         # a client_ca turns on mutual TLS; without one, API keys authenticate
         ssl_context = certs.server_context(api_cfg.cert, api_cfg.key, api_cfg.client_ca)
     app = make_app(switch, keys=keys, store=store, webhooks=webhooks, metrics=metrics, settings=settings)
+    if hasattr(store, "prune_keys"):
+        pruning = asyncio.get_running_loop().create_task(_prune_keys(store, settings.idempotency_window),
+                                                         name="api-idempotency-keys-prune")
+
+        async def stop_pruning(_app) -> None:
+            pruning.cancel()
+            await asyncio.gather(pruning, return_exceptions=True)
+        app.on_cleanup.append(stop_pruning)
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
     st: ApiState = app[API_STATE]
@@ -1519,6 +1541,22 @@ async def start_api(switch, api_cfg=None, *, keys: ApiKeyStore, store: Transacti
     log.info("REST API listening on %s:%d (%s)", api_cfg.host, bound_port(server),
              "https" if ssl_context is not None else "http")
     return server
+
+
+async def _prune_keys(store, window: float) -> None:
+    """Journaled Idempotency-Keys past their window are deleted (hourly, or at
+    a tenth of a shorter window): the table, and the filter rebuilt from it at
+    start, stay bounded by the window instead of growing for good."""
+    while True:
+        try:
+            n = await store.prune_keys(time.time() - window)
+            if n:
+                log.info("REST API: %d Idempotency-Keys past their %g h window deleted", n, window / 3600)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.warning("REST API: pruning Idempotency-Keys failed", exc_info=True)
+        await asyncio.sleep(min(3600.0, max(1.0, window / 10)))
 
 
 def bound_port(server) -> int:
