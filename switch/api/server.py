@@ -1071,7 +1071,13 @@ async def _flow_with_record(st: ApiState, req: dict, record, idem: tuple[str, st
             # journaled with an approval the client was not given: the payment
             # gets back what it held (under its lock, so whether or not that
             # write landed, these are the values to restore)
-            await st.store.update(rec["parent_id"], {k: orig.get(k) for k in saved_changes})
+            restore = {k: orig.get(k) for k in saved_changes}
+            try:
+                await st.store.update(rec["parent_id"], restore)
+            except Exception as exc:  # the client still gets its answer; an operator must mend the record
+                log.critical("API transaction %s: its payment %s may still show this %s, which was not given "
+                             "(%s); restore %s by hand", rec["id"], rec["parent_id"], rec["type"], exc,
+                             sorted(restore))
         elif saved_changes is None and rec["approved"]:  # a store without attachments
             await st.store.update(rec["parent_id"], parent[1]())
     return resp, rec
