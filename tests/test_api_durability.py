@@ -18,7 +18,7 @@ from switch import certs
 from switch.messages import TEST_PAN
 from switch.sim.acquirer import AcquirerSimulator, Fault
 from tests.switch_harness import run
-from tests.test_api_wiring import _payments_key
+from tests.test_api_wiring import _payments_auth, _purchase
 from tests.test_durability import SwitchProcess, wait_until, write_config
 
 pytestmark = pytest.mark.timeout(180)
@@ -45,19 +45,14 @@ def test_kill9_under_rest_payments_charges_each_key_once(tmp_path):
         sim = await AcquirerSimulator(name="acq-a", latency_ms=0.0).start()
         try:
             cfg = write_config(tmp_path, sim.port, journal=API)
-            key = _payments_key(tmp_path)
-            auth = {"Authorization": f"Bearer {key}"}
+            auth = _payments_auth(tmp_path)
             log = tmp_path / "switch.log"
             sw = SwitchProcess(cfg, log)
             await sw.started()
             ctx = ssl.create_default_context(cafile=str(certs.dev_pki_paths(tmp_path / "state").ca_cert))
 
-            def body(i: int) -> dict:
-                return {"pan": TEST_PAN, "expiry": "2912", "amount": 1000 + i, "currency": "USD",
-                        "type": "purchase"}
-
             async def pay(s, base, i):
-                async with s.post(f"{base}/v1/payments", json=body(i),
+                async with s.post(f"{base}/v1/payments", json=_purchase(1000 + i),
                                   headers={**auth, "Idempotency-Key": f"order-{i}"}) as r:
                     return r.status, await r.json(), r.headers.get("Idempotent-Replayed")
 

@@ -25,6 +25,24 @@ def _payments_key(tmp_path) -> str:
                           capture_output=True, text=True, check=True).stdout.split()[-1]
 
 
+# the REST shim on a random port, for `running_switch(..., routing=API_ON)`
+API_ON = """
+[api]
+enabled = true
+port = 0
+"""
+
+
+def _payments_auth(tmp_path) -> dict:
+    """The Authorization header of a new payments-scoped API key (``_payments_key``)."""
+    return {"Authorization": f"Bearer {_payments_key(tmp_path)}"}
+
+
+def _purchase(amount: int) -> dict:
+    """A POST /v1/payments body: a purchase of ``amount`` cents in USD with the test card."""
+    return {"pan": TEST_PAN, "expiry": "2912", "amount": amount, "currency": "USD", "type": "purchase"}
+
+
 def _session(sw, tmp_path) -> tuple[ClientSession, str]:
     """An HTTPS client trusting the dev CA, and the API's base URL."""
     ctx = ssl.create_default_context(cafile=str(certs.dev_pki_paths(tmp_path / "state").ca_cert))
@@ -89,16 +107,10 @@ def test_api_transactions_and_cards_survive_a_restart_in_the_journal(tmp_path):
     the payment is fully refunded; no clear PAN is ever written."""
     import sqlite3
 
-    api_cfg = """
-    [api]
-    enabled = true
-    port = 0
-    """
 
     async def go():
-        key = _payments_key(tmp_path)
-        auth = {"Authorization": f"Bearer {key}"}
-        async with running_switch(tmp_path, {"acq-a": {}}, routing=api_cfg) as sw:
+        auth = _payments_auth(tmp_path)
+        async with running_switch(tmp_path, {"acq-a": {}}, routing=API_ON) as sw:
             s, base = _session(sw, tmp_path)
             async with s:
                 r = await s.post(f"{base}/v1/payments", json={"pan": TEST_PAN, "expiry": "2912", "amount": 5000,
@@ -107,7 +119,7 @@ def test_api_transactions_and_cards_survive_a_restart_in_the_journal(tmp_path):
                 paid = await r.json()
                 assert r.status == 201 and paid["approved"]
         # a new switch process on the same state directory
-        async with running_switch(tmp_path, {"acq-a": {}}, routing=api_cfg) as sw:
+        async with running_switch(tmp_path, {"acq-a": {}}, routing=API_ON) as sw:
             s, base = _session(sw, tmp_path)
             async with s:
                 r = await s.get(f"{base}/v1/transactions/{paid['id']}", headers=auth)
@@ -155,20 +167,14 @@ def test_a_retried_payment_is_never_charged_twice_across_a_restart(tmp_path):
     record: a client retrying after the switch restarted (its answer lost in
     a crash, say) gets that payment back, the acquirer sees one request; the
     same key with another body is 422, a new key is a new payment."""
-    api_cfg = """
-    [api]
-    enabled = true
-    port = 0
-    """
-    body = {"pan": TEST_PAN, "expiry": "2912", "amount": 7100, "currency": "USD", "type": "purchase"}
+    body = _purchase(7100)
 
     def purchases(sw):
         return [d for d in sw.sims["acq-a"].received if d.get("t") == "0200"]
 
     async def go():
-        key = _payments_key(tmp_path)
-        auth = {"Authorization": f"Bearer {key}"}
-        async with running_switch(tmp_path, {"acq-a": {}}, routing=api_cfg) as sw:
+        auth = _payments_auth(tmp_path)
+        async with running_switch(tmp_path, {"acq-a": {}}, routing=API_ON) as sw:
             s, base = _session(sw, tmp_path)
             async with s:
                 r = await s.post(f"{base}/v1/payments", json=body, headers={**auth, "Idempotency-Key": "k-1"})
@@ -181,7 +187,7 @@ def test_a_retried_payment_is_never_charged_twice_across_a_restart(tmp_path):
                                  headers={**auth, "Idempotency-Key": "rf-1"})
                 refund = await r.json()
                 assert r.status == 201 and refund["approved"] and refund["parent_id"] == paid["id"]
-        async with running_switch(tmp_path, {"acq-a": {}}, routing=api_cfg) as sw:
+        async with running_switch(tmp_path, {"acq-a": {}}, routing=API_ON) as sw:
             s, base = _session(sw, tmp_path)
             async with s:
                 for _ in range(2):  # from the journal, then from the new process's cache
@@ -217,17 +223,11 @@ def test_payment_record_is_journaled_with_its_outcome_or_rewritten_with_the_answ
     and reverses; the record then says 96 too, whichever it was."""
     from switch.journal import JournalError
 
-    api_cfg = """
-    [api]
-    enabled = true
-    port = 0
-    """
-    body = {"pan": TEST_PAN, "expiry": "2912", "amount": 4100, "currency": "USD", "type": "purchase"}
+    body = _purchase(4100)
 
     async def go():
-        key = _payments_key(tmp_path)
-        auth = {"Authorization": f"Bearer {key}"}
-        async with running_switch(tmp_path, {"acq-a": {}}, routing=api_cfg) as sw:
+        auth = _payments_auth(tmp_path)
+        async with running_switch(tmp_path, {"acq-a": {}}, routing=API_ON) as sw:
             session, base = _session(sw, tmp_path)
             real = sw.journal.record_outcome
             calls = []
@@ -272,17 +272,11 @@ def test_a_refund_counts_in_its_payment_in_the_same_write(tmp_path):
     said before."""
     from switch.journal import JournalError
 
-    api_cfg = """
-    [api]
-    enabled = true
-    port = 0
-    """
-    body = {"pan": TEST_PAN, "expiry": "2912", "amount": 5000, "currency": "USD", "type": "purchase"}
+    body = _purchase(5000)
 
     async def go():
-        key = _payments_key(tmp_path)
-        auth = {"Authorization": f"Bearer {key}"}
-        async with running_switch(tmp_path, {"acq-a": {}}, routing=api_cfg) as sw:
+        auth = _payments_auth(tmp_path)
+        async with running_switch(tmp_path, {"acq-a": {}}, routing=API_ON) as sw:
             session, base = _session(sw, tmp_path)
             store = sw.api_runner.app[API_STATE].store
 
@@ -345,19 +339,15 @@ def test_two_switches_on_one_postgres_journal_never_refund_a_payment_twice(tmp_p
     acquirer. Now a lease in the journal orders a payment's follow-ups across
     processes: the second waits for nothing, it gets 409 (lease held, retry)
     or, once the first is done, 409 for an amount no longer refundable."""
-    api_cfg = f"""
-    [api]
-    enabled = true
-    port = 0
+    api_cfg = API_ON + f"""
     [journal]
     backend = "postgres"
     dsn = "{pg_dsn}"
     """
-    body = {"pan": TEST_PAN, "expiry": "2912", "amount": 5000, "currency": "USD", "type": "purchase"}
+    body = _purchase(5000)
 
     async def go():
-        key = _payments_key(tmp_path)
-        auth = {"Authorization": f"Bearer {key}"}
+        auth = _payments_auth(tmp_path)
         # one state directory: the same API keys and journal key file for both
         async with running_switch(tmp_path, {"acq-a": {"latency_ms": 300.0}}, routing=api_cfg) as a, \
                 running_switch(tmp_path, {"acq-a": {"latency_ms": 300.0}}, routing=api_cfg) as b:
@@ -400,17 +390,11 @@ def test_an_idempotency_key_is_remembered_for_its_window(tmp_path):
     (a retry is a new payment), and the pruning deletes keys past their
     window from the journal."""
     window = 5.4
-    api_cfg = f"""
-    [api]
-    enabled = true
-    port = 0
-    idempotency_hours = {window / 3600}
-    """
-    body = {"pan": TEST_PAN, "expiry": "2912", "amount": 1234, "currency": "USD", "type": "purchase"}
+    api_cfg = API_ON + f"idempotency_hours = {window / 3600}\n"
+    body = _purchase(1234)
 
     async def go():
-        key = _payments_key(tmp_path)
-        auth = {"Authorization": f"Bearer {key}"}
+        auth = _payments_auth(tmp_path)
 
         async def pay(s, base, idem):
             r = await s.post(f"{base}/v1/payments", json=body, headers={**auth, "Idempotency-Key": idem})
