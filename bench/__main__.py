@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="every scenario for a fraction of a second (smoke test)")
     ap.add_argument("--scenarios", default=",".join(SCENARIOS),
                     help=f"comma-separated subset of {','.join(SCENARIOS)} (default: all)")
-    ap.add_argument("--duration", type=float, default=None, help="seconds per measured phase (default 5)")
+    ap.add_argument("--duration", type=float, default=None, help="seconds per measured phase (default 5; the journal scenario's rounds are 2 s)")
     ap.add_argument("--connections", type=int, default=None, help="terminal connections (default 8)")
     ap.add_argument("--in-flight", type=int, default=None, help="closed loop: requests in flight per connection (default 48)")
     ap.add_argument("--json", type=Path, default=None, help="write the full report as JSON")

@@ -183,9 +183,11 @@ class PhaseResult:
     latency_us: list = field(default_factory=list)
     service_us: list = field(default_factory=list)
     first_send: float = 0.0
+    settle_s: float = 0.0  # closed loop: answers in the first settle_s are not counted
     last_answer: float = 0.0
     extra: dict = field(default_factory=dict)
-    window_end: float = float("inf")  # closed loop: answers after it are not counted
+    window_start: float = 0.0  # perf_counter bounds of the answers TPS counts
+    window_end: float = float("inf")
 
     def fold(self) -> None:
         """Record the collected latencies into the histograms (once the phase
@@ -198,7 +200,8 @@ class PhaseResult:
     @property
     def tps(self) -> float:
         if self.mode == "closed":
-            return self.answered_in_window / self.duration_s if self.duration_s else 0.0
+            window = self.duration_s - self.settle_s
+            return self.answered_in_window / window if window > 0 else 0.0
         span = self.last_answer - self.first_send
         return self.answered / span if span > 0 else 0.0
 
@@ -279,7 +282,7 @@ class LoadConnection:
                 continue
             intended, sent_at, mti, doc = entry
             phase.answered += 1
-            if now <= phase.window_end:
+            if phase.window_start <= now <= phase.window_end:
                 phase.answered_in_window += 1
             phase.last_answer = now
             phase.by_response_code[resp.get("39", "??")] += 1
@@ -434,13 +437,20 @@ async def open_loop(conns: list[LoadConnection], source: RequestSource, segments
 
 
 async def closed_loop(conns: list[LoadConnection], source: RequestSource, *, in_flight: int,
-                      duration_s: float, name: str, drain_s: float = 4.0) -> PhaseResult:
-    """Keep ``in_flight`` requests outstanding per connection for ``duration_s``."""
-    phase = PhaseResult(name=name, mode="closed", duration_s=duration_s)
+                      duration_s: float, name: str, drain_s: float = 4.0, settle_s: float = 0.0) -> PhaseResult:
+    """Keep ``in_flight`` requests outstanding per connection for ``duration_s``.
+
+    TPS counts the answers from ``settle_s`` after the start to the end: the
+    first answers only arrive one round trip after the initial burst, and a
+    switch with a longer round trip (a journal) would lose more of a short
+    window to that ramp than one without.
+    """
+    phase = PhaseResult(name=name, mode="closed", duration_s=duration_s, settle_s=min(settle_s, duration_s / 2))
     perf = time.perf_counter
     start = perf()
     end = start + duration_s
     phase.first_send = start
+    phase.window_start = start + phase.settle_s
     phase.window_end = end
 
     def on_answer(conn: LoadConnection) -> None:

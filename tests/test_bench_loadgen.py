@@ -56,3 +56,30 @@ def test_fold_records_every_latency_once():
     assert ph.latency.get_max_value() >= 250_000 > ph.latency.get_value_at_percentile(80)
     ph.fold()  # nothing pending: nothing added
     assert ph.latency.get_total_count() == len(values)
+
+
+def test_a_closed_loop_counts_its_window_after_the_settle_time():
+    ph = PhaseResult(name="t", mode="closed", duration_s=2.0, settle_s=0.5)
+    ph.answered_in_window = 300
+    assert ph.tps == 200.0
+
+
+def test_the_journal_verdict_is_the_median_of_paired_rounds():
+    from bench.report import verdict
+
+    def phase(target, tps):
+        return {"scenario": "journal", "target": target, "mode": "closed", "tps": tps}
+
+    on = [700, 900, 100, 800, 750]
+    off = [1000, 1000, 1000, 1000, 1000]
+    # rounds run on/off back to back; the phase list keeps run order
+    phases = [p for a, b in zip(on, off)
+              for p in (phase("switch (cython)", a), phase("switch (cython) journal none", b))]
+    check = next(c for c in verdict(phases)["goals"] if c["check"].startswith("SQLite journal"))
+    assert check["value"] == 0.75 and check["result"] == "PASS"
+    assert "median of 5 rounds: 70%, 90%, 10%, 80%, 75%" in check["measured"]
+    off[1] = 1500  # that round's ratio falls to 60%, the median to 70%
+    phases = [p for a, b in zip(on, off)
+              for p in (phase("switch (cython)", a), phase("switch (cython) journal none", b))]
+    check = next(c for c in verdict(phases)["goals"] if c["check"].startswith("SQLite journal"))
+    assert check["value"] == 0.7 and check["result"] == "PASS"
