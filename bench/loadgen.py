@@ -115,7 +115,7 @@ class RequestSource:
         if len(runs) != 2 or any(r != list(range(r[0], r[0] + 6)) for r in runs) \
                 or any(a[i] != 0x30 or b[i] != 0x31 for i in diff):
             return None
-        (p, _), (q, _) = ((r[0], r[-1]) for r in runs)
+        p, q = runs[0][0], runs[1][0]
         template = bytearray(a)
 
         def patch(stan: str) -> bytes:
