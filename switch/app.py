@@ -110,6 +110,7 @@ class Switch:
             if lc.tls:
                 ssl_ctx = certs.server_context(lc.cert, lc.key, lc.client_ca, crl=lc.crl)
             listener = TerminalListener(lc, self.flow, ssl_ctx)
+            self.flow.register_listener(lc.name, listener.spec)
             await listener.start()
             self.listeners.append(listener)
         if cfg.api.enabled:

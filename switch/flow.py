@@ -16,7 +16,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from switch.acquirer import NOT_SENT_LATE, AcquirerLink, NotSent, OutcomeUnknown
+from switch.acquirer import (
+    HOST_NETWORK_OK,
+    HOST_SIGN_OFF,
+    HOST_SIGN_ON,
+    NOT_SENT_LATE,
+    AcquirerLink,
+    NotSent,
+    OutcomeUnknown,
+)
 from switch.journal import DuplicateTransaction, Journal, TxnRecord
 from switch.messages import (
     FINANCIAL_REQUESTS,
@@ -34,7 +42,9 @@ from switch.messages import (
     original_mti,
     pan_of,
     response_mti,
+    spec_is_1993,
     switch_response,
+    transmission_time,
 )
 from switch.reversal import ReversalQueue, advice_payload, reversal_payload
 from switch.router import Router
@@ -58,6 +68,9 @@ REQUIRED = {
     "1420": ("3", "4", "11", "41"),
     "1421": ("3", "4", "11", "41"),
 }
+# Network management codes the switch acknowledges for a terminal (0800 DE70,
+# 1804 DE24): sign-on, sign-off, echo, cut-over; the same set as for a host
+NETWORK_CODES_OK = HOST_SIGN_ON | HOST_SIGN_OFF | HOST_NETWORK_OK
 # How often a retransmission of a request in flight elsewhere (another
 # process, or before a restart) looks for the original's journaled outcome.
 _DUP_POLL_S = 0.05
@@ -130,6 +143,8 @@ class TransactionFlow:
         self.on_transaction = None
         self.on_recent = None
         self.on_acquirer = None
+        # listener name -> its dialect is ISO 8583:1993 (register_listener)
+        self.listener_v1993: dict[str, bool] = {}
 
     # -- entry point -----------------------------------------------------------
 
@@ -165,11 +180,48 @@ class TransactionFlow:
             fut.set_result(resp)
         return resp
 
+    def register_listener(self, name: str, spec: dict) -> None:
+        """Tell the flow a terminal listener's dialect, so a request of the
+        other ISO 8583 version (not translated) is answered in the listener's own."""
+        self.listener_v1993[name] = spec_is_1993(spec)
+
+    def _version_mismatch(self, req: dict, ctx: RequestContext) -> dict | None:
+        """A format error for a request whose version is not its listener's:
+        an ISO 8583:1993 (1xxx) request on a 1987 listener, or the reverse.
+        Answered with the listener's own kind of code (a 3-digit action code
+        does not fit a 1987 DE39), never forwarded."""
+        v1993 = self.listener_v1993.get(ctx.listener)
+        if v1993 is None or req.get("t", "").startswith("1") == v1993:
+            return None
+        self.counters["version_mismatch"] += 1
+        resp = switch_response(req, RC_FORMAT_ERROR)
+        resp["39"] = "904" if v1993 else RC_FORMAT_ERROR
+        return resp
+
+    def _network(self, req: dict) -> dict:
+        """A terminal's network management (0800 DE70, 1804 DE24): echo,
+        sign-on, sign-off, cut-over are acknowledged; other codes (key
+        exchange) are not supported here (12); no code or no trace number is
+        a format error (30)."""
+        field = "24" if req["t"].startswith("1") else "70"
+        code = req.get(field)
+        if not code or not req.get("11"):
+            self.counters["format_errors"] += 1
+            return switch_response(req, RC_FORMAT_ERROR)
+        self.counters["network"] += 1
+        rc = "00" if code in NETWORK_CODES_OK else "12"
+        resp = switch_response(req, rc)
+        resp[field] = code
+        return resp
+
     async def _process(self, req: dict, ctx: RequestContext, key) -> dict:
         mti = req.get("t", "")
+        if self.listener_v1993:
+            mismatch = self._version_mismatch(req, ctx)
+            if mismatch is not None:
+                return mismatch
         if mti in NETWORK_REQUESTS:
-            self.counters["network"] += 1
-            return switch_response(req, "00") | {k: req[k] for k in ("24", "70") if k in req}
+            return self._network(req)
         if mti not in FINANCIAL_REQUESTS and mti not in REVERSAL_REQUESTS:
             self.counters["format_errors"] += 1
             return switch_response(req, RC_FORMAT_ERROR)
@@ -285,10 +337,16 @@ class TransactionFlow:
 
     # -- forwarding ------------------------------------------------------------
 
-    def _acquirer_doc(self, req: dict, link: AcquirerLink) -> dict:
+    def _acquirer_doc(self, req: dict, link: AcquirerLink, txn: TxnRecord | None = None) -> dict:
         out = dict(req)
         out.pop("p", None)
         out.pop("1", None)
+        if txn is not None and not out.get("7"):
+            # DE7 is mandatory towards a host, and with the link's DE11 it is
+            # what names the transaction there (a reversal's DE90). A terminal
+            # that sends none gets the time the switch received it: journaled
+            # (received_at), so a later reversal can name the same DE7.
+            out["7"] = transmission_time(txn.received_at)
         cfg = link.cfg
         if cfg.institution_id:
             out["32"] = cfg.institution_id
@@ -327,10 +385,16 @@ class TransactionFlow:
         journal = self.journal
         journaled: list[int] = []  # the txn_id once the first forwarding is journaled
         last_answer = None
+        v1993 = req["t"].startswith("1")
+        speaks_version = False  # a candidate of the request's ISO 8583 version was seen
         for name in decision.ordered:
             link = self.links.get(name)
             if link is None:
                 continue
+            if link.v1993 != v1993:  # no translation between 1987 and 1993: never sent there
+                self.counters["skipped_version"] += 1
+                continue
+            speaks_version = True
             now = time.monotonic()
             remaining = ctx.deadline - now - self.answer_margin
             if remaining <= 0:
@@ -340,7 +404,7 @@ class TransactionFlow:
                 continue
             if not link.health.allow_request(now):
                 continue
-            acq_doc = self._acquirer_doc(req, link)
+            acq_doc = self._acquirer_doc(req, link, txn)
 
             async def journal_forwarding(stan, sent, name=name):
                 # one durable write before any byte leaves (DESIGN.md #2); a
@@ -406,6 +470,9 @@ class TransactionFlow:
             # every candidate declined with a "try elsewhere" code: pass the last one on
             return (txn_id, self._terminal_doc(last_answer.doc, req), last_answer.acquirer,
                     last_answer.sent_doc)
+        if not speaks_version and decision.ordered:
+            self.counters["no_route"] += 1
+            return txn_id, switch_response(req, RC_NO_ROUTE), "", None
         self.counters["no_acquirer"] += 1
         return txn_id, switch_response(req, RC_INOPERATIVE), "", None
 
@@ -427,12 +494,13 @@ class TransactionFlow:
         reversed when its outcome cannot be journaled.
         """
         name = next((n for n in decision.configured if n in self.links), None)
-        if name is None:
+        if name is None or self.links[name].v1993 != req["t"].startswith("1"):
+            # (its own acquirer speaks the other ISO 8583 version: no translation, never sent)
             self.counters["no_route"] += 1
             return None, switch_response(req, RC_NO_ROUTE), "", None
         link = self.links[name]
         journal = self.journal
-        acq_doc = self._acquirer_doc(req, link)
+        acq_doc = self._acquirer_doc(req, link, txn)
         journaled: list[int] = []
 
         async def journal_forwarding(stan, sent):
@@ -487,38 +555,88 @@ class TransactionFlow:
                                  txn_id: int) -> tuple[dict, str]:
         """A terminal's own 0400/0420: acknowledge it and reverse at the right acquirer.
 
-        The original is found in the journal by the terminal's key (DE90 holds
-        its MTI, STAN and DE7); the reversal goes through the durable queue so
-        it reaches the acquirer even if the link is down now, and the terminal
-        is answered at once, as acquirers answer reversals.
+        The original is found in the journal by the terminal's own key (its
+        DE41 with DE90's MTI, STAN and DE7, or 1993's DE56), so a terminal can
+        only ever reverse its own requests. Then:
+
+        * forwarded by this switch: reversed at that acquirer, under the trace
+          number and DE7 the acquirer saw, through the durable queue (so it
+          goes out even while the link is down); the terminal is answered at
+          once, as acquirers answer reversals. A reversal already queued for
+          it (the switch's own after a timeout, or the terminal's earlier
+          one) is not queued again;
+        * journaled but never forwarded (answered 91/92 by the switch, or
+          declined before it left): nothing moved, nothing to send, 00;
+        * unknown: 25 (unable to locate the original), nothing sent -- a
+          terminal's trace numbers are not the link's, and sending them on
+          could name another terminal's transaction at the acquirer.
+
+        Without a durable journal (the bench's backend "none") nothing can be
+        looked up: the reversal is routed as its original would have been.
         """
+        terminal = _key_terminal(req, ctx)
         if req["t"].startswith("1"):
             # ISO 8583:1993 DE56: original MTI n4, STAN n6, local date/time n12, ...
             de56 = req.get("56", "")
             orig_mti = de56[0:4] if len(de56) >= 10 and de56[0:4].isdigit() else "1200"
             orig_stan = de56[4:10] if len(de56) >= 10 else req.get("11")
-            orig_time = req.get("7") or ("L" + de56[10:22] if len(de56) >= 22 else None)
+            times = [req.get("7"), "L" + de56[10:22] if len(de56) >= 22 else None]
         else:
             de90 = req.get("90", "")
             orig_mti = de90[0:4] if len(de90) >= 20 and de90[0:4].isdigit() else "0200"
             orig_stan = de90[4:10] if len(de90) >= 20 else req.get("11")
-            orig_time = de90[10:20] if len(de90) >= 20 else req.get("7")
-        original = await self.journal.find_txn(_key_terminal(req, ctx), orig_stan, orig_time, orig_mti)
-        if original is not None and original.get("acquirer") and original.get("link_stan"):
-            name = original["acquirer"]
-            link = self.links.get(name)
-        else:
-            # not forwarded by this switch: route it as the original would have gone
-            decision = self.router.route(req)
-            name = (decision.ordered or decision.configured or ("",))[0]
-            link = self.links.get(name)
-            original = None
+            times = [de90[10:20] if len(de90) >= 20 else req.get("7")]
+        # a terminal that sent no DE7 with its original is keyed by its local time (or date)
+        times.append(_transmission_key(req))
+        orig_mti = original_mti(orig_mti)
+        if not getattr(self.journal, "durable", True):
+            return await self._reversal_unjournaled(req, orig_mti, orig_stan, times[0], txn_id)
+        original = None
+        for orig_time in dict.fromkeys(t for t in times if t):
+            original = await self.journal.find_txn(terminal, orig_stan, orig_time, orig_mti)
+            if original is not None:
+                break
+        resp = switch_response(req, "00")
+        resp["t"] = response_mti(req["t"])
+        if original is None:
+            self.counters["reversal_original_unknown"] += 1
+            log.warning("terminal reversal (MTI %s) names no request this switch journaled for the "
+                        "terminal: answered 25, nothing sent", req["t"])
+            return switch_response(req, "25") | {"t": resp["t"]}, ""
+        name = original.get("acquirer")
+        if not name or not original.get("link_stan") or original.get("forwarded_at") is None:
+            self.counters["reversal_not_forwarded"] += 1
+            return resp, ""
+        if original.get("reversal_queued"):
+            self.counters["reversal_already_queued"] += 1
+            return resp, name
+        link = self.links.get(name)
+        if link is None:
+            return switch_response(req, RC_NO_ROUTE), ""
+        sent = self._acquirer_doc(req, link)
+        sent["t"] = original.get("mti") or orig_mti
+        key_time = original.get("terminal_tx_time") or ""
+        # the DE7 the acquirer saw: the terminal's own, or the switch's (see _acquirer_doc)
+        sent["7"] = key_time if key_time[:1].isdigit() else transmission_time(original["received_at"])
+        sent["11"] = original["link_stan"]
+        sent.pop("90", None)
+        sent.pop("56", None)
+        # queued against the original: marks it reversed in the same write
+        await self.reversals.enqueue(name, sent, "terminal reversal", original["txn_id"])
+        self.counters["terminal_reversals"] += 1
+        return resp, name
+
+    async def _reversal_unjournaled(self, req: dict, orig_mti: str, orig_stan, orig_time,
+                                    txn_id: int) -> tuple[dict, str]:
+        decision = self.router.route(req)
+        name = (decision.ordered or decision.configured or ("",))[0]
+        link = self.links.get(name)
         if link is None:
             return switch_response(req, RC_NO_ROUTE), ""
         sent = self._acquirer_doc(req, link)
         sent["t"] = orig_mti
         sent["7"] = orig_time
-        sent["11"] = original["link_stan"] if original is not None else orig_stan
+        sent["11"] = orig_stan
         sent.pop("90", None)
         sent.pop("56", None)
         await self.reversals.enqueue(name, sent, "terminal reversal", txn_id)

@@ -31,6 +31,8 @@ ACTION_CODES_1993 = {
     "12": "902", "13": "110", "14": "111", "30": "904", "41": "208", "43": "209",
     "51": "116", "54": "101", "55": "117", "57": "119", "58": "120", "61": "121",
     "62": "104", "63": "909", "65": "123", "91": "907", "92": "908", "94": "913", "96": "909",
+    # 25 "unable to locate original" answers a reversal whose original is unknown
+    "25": "480",
 }
 
 # Fields echoed in a switch-generated response (ISO 8583 response conventions)
@@ -38,6 +40,13 @@ ECHO_FIELDS = ("2", "3", "4", "7", "11", "12", "13", "32", "37", "41", "42", "49
 # Never sent back to a terminal, never journaled, never logged
 NEVER_ECHO = frozenset({"35", "45", "52", "55"})
 CARD_DATA_FIELDS = frozenset({"2", "14", "34", "35", "36", "45", "52", "55"})
+
+
+def spec_is_1993(spec: dict) -> bool:
+    """An ISO 8583:1993 dialect (3-digit action codes in DE39), by its
+    ``_meta.standard`` or, failing that, by DE39's length."""
+    return "1993" in str((spec.get("_meta") or {}).get("standard", "")) or (
+        (spec.get("39") or {}).get("max_len") == 3)
 
 
 def response_mti(mti: str) -> str:
