@@ -25,7 +25,7 @@ from typing import Callable
 from core import framing, iso8583
 from core.health import AcquirerHealth
 from switch.config import AcquirerConfig
-from switch.messages import is_response_to, mask_pan, switch_response, transmission_time
+from switch.messages import is_response_to, mask_pan, spec_is_1993, switch_response, transmission_time
 
 log = logging.getLogger("isoswitch.acquirer")
 
@@ -168,8 +168,7 @@ class AcquirerLink:
         )
         self.spec = iso8583.load_dialect(cfg.dialect)
         # ISO 8583:1993 hosts: 1804 network management with a DE24 function code
-        self.v1993 = "1993" in str((self.spec.get("_meta") or {}).get("standard", "")) or (
-            self.spec.get("39", {}).get("max_len") == 3)
+        self.v1993 = spec_is_1993(self.spec)
         self.ssl_context = ssl_context
         self.on_late = on_late
         self.pending: dict[str, _Pending] = {}
