@@ -2,9 +2,15 @@
 
 Bad input (DESIGN.md): a framing error (bad or oversized length header)
 desynchronises the stream, so the connection is closed; an undecodable
-message inside a good frame is answered 30 when its MTI and STAN can be read,
-else counted and dropped. A frame that starts but does not finish within
-`frame_timeout` (slow drip) closes the connection, as does `idle_timeout`
+message inside a good frame is answered 30 when its MTI (a request's) and
+STAN can be read. Otherwise nothing the terminal could match can be sent, and
+the connection is closed gracefully: nothing more is taken from it, the
+answers to its requests already in flight are still written (each bounded by
+its deadline), then it closes. The same happens when not even a minimal
+answer (MTI, DE11, DE39) to a request can be encoded in the listener's
+dialect. A response MTI (third digit odd: 0210, 0810, ...) from a terminal is
+counted and dropped: ISO 8583 never answers a response. A frame that starts
+but does not finish within `frame_timeout` (slow drip) closes the connection, as does `idle_timeout`
 without any data, or with none of its answers read (a terminal that does not
 read makes the switch stop reading from it first, so what is buffered for it
 stays bounded). None of this touches other connections.
@@ -22,15 +28,30 @@ from switch.certs import peer_identity
 from switch.config import ListenerConfig
 from switch.flow import GUARD_LEAD, RequestContext, TransactionFlow
 from switch.messages import (
+    ACTION_CODES_1993,
     NETWORK_REQUESTS,
     RC_FORMAT_ERROR,
     RC_INOPERATIVE,
     RC_SECURITY,
+    RC_SYSTEM_ERROR,
     response_mti,
     switch_response,
 )
 
 log = logging.getLogger("isoswitch.listener")
+
+# After a graceful close has written its last answer and a FIN (plain TCP),
+# how long the peer gets to close its side before the connection is dropped.
+LINGER = 2.0
+# Fields of the minimal answer when the full response cannot be encoded
+_MINIMAL_FIELDS = ("t", "11", "39", "41")
+
+
+def _mti_kind(mti) -> str:
+    """'request', 'response' (ISO 8583 MTI position 3 odd) or 'unreadable'."""
+    if not isinstance(mti, str) or len(mti) != 4 or not mti.isascii() or not mti.isdigit():
+        return "unreadable"
+    return "response" if mti[2] in "13579" else "request"
 
 
 class TerminalListener:
@@ -95,6 +116,10 @@ class TerminalProtocol(asyncio.Protocol):
         self._timer = None
         self.loop = asyncio.get_running_loop()
         self._out: list[bytes] = []  # response frames waiting for this loop iteration's flush
+        self.unanswered = 0  # requests handed to the flow whose answer is not yet written
+        self.closing = False  # graceful close: nothing more is read; in-flight answers still go out
+        self._close_scheduled = False
+        self._linger = None
 
     # -- connection ------------------------------------------------------------
 
@@ -115,7 +140,43 @@ class TerminalProtocol(asyncio.Protocol):
         self.listener.connections.discard(self)
         if self._timer is not None:
             self._timer.cancel()
+        if self._linger is not None:
+            self._linger.cancel()
         self.transport = None
+
+    def _close_gracefully(self, counter: str, reason: str) -> None:
+        """Take nothing more from this terminal; write the answers of its
+        requests in flight (each guarded by its deadline), then close."""
+        if self.closing:
+            return
+        self.closing = True
+        self.partial_since = None
+        self.listener.counters[counter] += 1
+        log.warning("terminal connection closing: %s (%d answer(s) still to write)", reason, self.unanswered)
+        self._sync_reading()  # what still arrives is read and discarded, never left unread in the kernel
+        self._maybe_finish_close()
+
+    def _maybe_finish_close(self) -> None:
+        if self.closing and self.unanswered <= 0 and not self._close_scheduled:
+            self._close_scheduled = True
+            # after the flush an answer just written scheduled (call_soon is FIFO)
+            self.loop.call_soon(self._finish_close)
+
+    def _finish_close(self) -> None:
+        t = self.transport
+        if t is None or t.is_closing():
+            return
+        if self._out:
+            self._flush()
+        if t.can_write_eof():
+            # FIN after the answers; what the peer still sends is read and
+            # discarded until it closes (closing with unread data would make
+            # the kernel send a reset, which can destroy answers not yet read)
+            t.write_eof()
+            # everything received has been read, so this close sends no reset
+            self._linger = self.loop.call_later(LINGER, t.close)
+        else:  # TLS: close_notify after the buffered answers
+            t.close()
 
     def _arm_timer(self):
         self._timer = self.loop.call_later(min(1.0, self.listener.frame_timeout), self._check_timers)
@@ -164,7 +225,7 @@ class TerminalProtocol(asyncio.Protocol):
         self._sync_reading()
 
     def _sync_reading(self):
-        want = self.paused or self.write_paused
+        want = (self.paused or self.write_paused) and not self.closing
         if want != self._reading_paused and self.transport is not None and not self.transport.is_closing():
             self._reading_paused = want
             if want:
@@ -177,13 +238,16 @@ class TerminalProtocol(asyncio.Protocol):
     def data_received(self, data):
         now = time.monotonic()
         self.last_rx = now
+        if self.closing:
+            return  # graceful close under way: nothing more is taken from this terminal
         try:
             frames = self.decoder.feed(data)
         except framing.FrameError as e:
             self.listener.counters["frame_errors"] += 1
             log.warning("terminal framing error (%s); closing connection", e.msg)
             for frame in e.frames:
-                self._on_frame(frame, now)
+                if not self.closing:
+                    self._on_frame(frame, now)
             self.transport.abort()
             return
         if self.decoder.buffered:
@@ -192,6 +256,9 @@ class TerminalProtocol(asyncio.Protocol):
         else:
             self.partial_since = None
         for frame in frames:
+            if self.closing:
+                self.listener.counters["frames_discarded_closing"] += 1
+                continue
             self._on_frame(frame, now)
 
     def _on_frame(self, frame: bytes, now: float) -> None:
@@ -199,8 +266,10 @@ class TerminalProtocol(asyncio.Protocol):
         if self.cfg.tpdu:
             try:
                 tpdu, frame = framing.split_tpdu(frame)
-            except framing.FrameError:
+            except framing.FrameError as e:
                 self.listener.counters["decode_errors"] += 1
+                log.warning("undecodable terminal message: bad TPDU (%s)", e.msg)
+                self._close_gracefully("unanswerable_closed", "undecodable message, no answer possible")
                 return
         try:
             req, _ = iso8583.decode(frame, self.spec, strict=True)
@@ -208,9 +277,18 @@ class TerminalProtocol(asyncio.Protocol):
             self.listener.counters["decode_errors"] += 1
             partial, _ = iso8583.decode_partial(frame, self.spec)
             log.warning("undecodable terminal message: %s at field %s pos %d", e.msg, e.field, e.pos)
-            mti = partial.get("t", "")
-            if len(mti) == 4 and mti.isdigit() and mti[2] in "0248" and "11" in partial:
+            kind = _mti_kind(partial.get("t"))
+            if kind == "response":
+                self._drop_response(partial)
+            elif kind == "request" and _usable_stan(partial.get("11")):
                 self._write(switch_response(partial, RC_FORMAT_ERROR), tpdu)
+            else:
+                # no MTI or STAN the terminal could match a 30 against: answering
+                # is impossible, and silence would leave it waiting out its timeout
+                self._close_gracefully("unanswerable_closed", "undecodable message, no answer possible")
+            return
+        if _mti_kind(req.get("t")) == "response":
+            self._drop_response(req)
             return
         if self.cfg.bind_terminal_id and req.get("t") not in NETWORK_REQUESTS and (
                 (req.get("41") or "").strip() != self.identity):
@@ -226,6 +304,7 @@ class TerminalProtocol(asyncio.Protocol):
             self._sync_reading()
         ctx = RequestContext(self.listener.cfg.name, self.identity, now, now + self.cfg.terminal_timeout)
         answered = [False]
+        self.unanswered += 1
         # Safety net for invariant 1: whatever happens below, the terminal gets
         # an answer before its timeout (the flow itself answers well before).
         guard = self.loop.call_at(ctx.deadline - GUARD_LEAD, self._deadline, req, tpdu, answered)
@@ -245,11 +324,24 @@ class TerminalProtocol(asyncio.Protocol):
             resp = switch_response(req, "96")
         self._done(resp, req, tpdu, answered, guard)
 
+    def _drop_response(self, doc: dict) -> None:
+        # a terminal never gets an answer to a response (ISO 8583)
+        self.listener.counters["responses_dropped"] += 1
+        stan = doc.get("11")
+        log.warning("terminal sent a response (MTI %s, STAN %s): dropped, not answered", doc.get("t"),
+                    stan if _usable_stan(stan) else "?")
+
+    def _answered(self) -> None:
+        self.unanswered -= 1
+        if self.closing:
+            self._maybe_finish_close()
+
     def _deadline(self, req, tpdu, answered):
         if not answered[0]:
             answered[0] = True
             self.listener.counters["deadline_answers"] += 1
             self._write(switch_response(req, RC_INOPERATIVE), tpdu)
+            self._answered()
 
     def _done(self, resp, req, tpdu, answered, guard):
         """``resp`` None: the flow was cancelled (shutdown), answered 91."""
@@ -264,31 +356,79 @@ class TerminalProtocol(asyncio.Protocol):
         if resp is None:
             resp = switch_response(req, RC_INOPERATIVE)
         self._write(resp, tpdu)
+        self._answered()
 
     def _write(self, resp: dict, tpdu: bytes | None) -> None:
+        """Queue ``resp`` for the terminal. Never raises: runs in the serving
+        task and in the deadline guard, where an exception would leave the
+        terminal without any answer."""
         t = self.transport
         if t is None or t.is_closing():
             self.listener.counters["answers_lost"] += 1  # connection gone (invariant 1's exception)
             return
-        if not self._defined.issuperset(resp):
-            # the acquirer's dialect may carry fields this terminal's does not
-            resp = {k: v for k, v in resp.items() if k in self._defined}
         try:
-            raw, _ = iso8583.encode(resp, self.spec)
-        except iso8583.EncodeError as e:
-            log.error("cannot encode response MTI %s: %s at field %s", resp.get("t"), e.msg, e.field)
-            # answer with the minimal switch response instead
-            raw, _ = iso8583.encode(
-                {k: v for k, v in switch_response(resp, "96").items() if k in ("t", "11", "39", "41")}
-                | {"t": resp.get("t", response_mti("0200"))}, self.spec)
-        if tpdu is not None:
-            raw = framing.reply_tpdu(tpdu) + raw
+            out = self._encode_answer(resp, tpdu)
+        except Exception as e:  # a bug in the encoder: still never out of the task
+            # the type only: an unexpected exception's text may carry field data
+            log.error("cannot encode any answer to MTI %s: %s", _mti_or_none(resp), type(e).__name__)
+            out = None
+        if out is None:
+            # not even the minimal answer fits this dialect: the terminal cannot
+            # be answered on this connection, so it is closed rather than left waiting
+            self.listener.counters["answers_unencodable"] += 1
+            self._close_gracefully("unanswerable_closed", "response cannot be encoded in the listener dialect")
+            return
         # Pipelined answers completing in one loop iteration leave in one write:
         # one TLS record batch and one syscall instead of one per response.
         if not self._out:
             self.loop.call_soon(self._flush)
-        self._out.append(framing.build_frame(raw, self.cfg.framing, self.cfg.max_frame))
+        self._out.append(out)
         self.listener.counters["answered"] += 1
+
+    def _encode_answer(self, resp: dict, tpdu: bytes | None) -> bytes | None:
+        """The framed answer: ``resp``, else a minimal switch answer (MTI, DE11,
+        DE39 30/96 in this dialect's DE39 format, DE41), else None."""
+        if not self._defined.issuperset(resp):
+            # the acquirer's dialect may carry fields this terminal's does not
+            resp = {k: v for k, v in resp.items() if k in self._defined}
+        try:
+            return self._frame(iso8583.encode(resp, self.spec)[0], tpdu)
+        except (iso8583.EncodeError, framing.FrameError) as e:
+            log.error("cannot encode response MTI %s: %s at field %s", _mti_or_none(resp), getattr(e, "msg", e),
+                      getattr(e, "field", "-"))
+        rc = resp.get("39")
+        rc = RC_FORMAT_ERROR if rc in (RC_FORMAT_ERROR, ACTION_CODES_1993[RC_FORMAT_ERROR]) else RC_SYSTEM_ERROR
+        mti = resp.get("t")
+        minimal = {"t": mti if _mti_kind(mti) == "response" else response_mti(mti if isinstance(mti, str) else "0200"),
+                   "39": self._rc_in_dialect(rc)}
+        for k in ("11", "41"):
+            if k in resp and k in self._defined:
+                minimal[k] = resp[k]
+        for fields in (_MINIMAL_FIELDS, ("t", "11", "39")):
+            try:
+                raw, _ = iso8583.encode({k: v for k, v in minimal.items() if k in fields}, self.spec)
+                framed = self._frame(raw, tpdu)
+            except (iso8583.EncodeError, framing.FrameError) as e:
+                log.error("cannot encode minimal response MTI %s: %s at field %s", _mti_or_none(minimal),
+                          getattr(e, "msg", e), getattr(e, "field", "-"))
+                continue
+            self.listener.counters["minimal_answers"] += 1
+            return framed
+        return None
+
+    def _rc_in_dialect(self, rc: str) -> str:
+        """A 1987 response code (30/96) as this dialect's DE39 takes it: the
+        code itself in a 2-character DE39, the ISO 8583:1993 action code in a
+        3-character one."""
+        f = self.spec.get("39") or {}
+        if f.get("max_len") == 3 and f.get("len_type", 0) == 0:
+            return ACTION_CODES_1993.get(rc, "909")
+        return rc
+
+    def _frame(self, raw: bytes, tpdu: bytes | None) -> bytes:
+        if tpdu is not None:
+            raw = framing.reply_tpdu(tpdu) + raw
+        return framing.build_frame(raw, self.cfg.framing, self.cfg.max_frame)
 
     def _flush(self) -> None:
         out, self._out = self._out, []
@@ -297,3 +437,13 @@ class TerminalProtocol(asyncio.Protocol):
             self.listener.counters["answers_lost"] += len(out)
             return
         t.write(out[0] if len(out) == 1 else b"".join(out))
+
+
+def _usable_stan(stan) -> bool:
+    """A DE11 a terminal can match an answer against."""
+    return isinstance(stan, str) and 0 < len(stan) <= 12 and stan.isascii() and stan.isdigit()
+
+
+def _mti_or_none(doc) -> str | None:
+    mti = doc.get("t") if isinstance(doc, dict) else None
+    return mti if _mti_kind(mti) != "unreadable" else None

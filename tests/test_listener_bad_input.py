@@ -143,10 +143,15 @@ def test_valid_frame_with_undecodable_fields_is_answered_30(tmp_path):
                 resp, _ = iso8583.decode(body, spec)
                 assert resp["t"] == "0210" and resp["39"] == "30" and resp["11"] == "000031"
                 assert "35" not in resp and "52" not in resp
-                # a frame of pure junk inside valid framing: no answer possible, connection lives
+                # a frame of pure junk inside valid framing: no answer possible, so the
+                # connection is closed (DESIGN.md: a 30 where answerable, else closed)
                 junk = b"\x00" * 20
                 w.write(struct.pack(">I", len(junk)) + junk)
-                w.write(struct.pack(">I", len(raw)) + raw)  # then a good request on the same connection
+                assert await _closed_within(r, 5)
+                w.close()
+                # a good request on a new connection is served as ever
+                r, w = await asyncio.open_connection("127.0.0.1", port)
+                w.write(struct.pack(">I", len(raw)) + raw)
                 hdr = await asyncio.wait_for(r.readexactly(4), 5)
                 body = await asyncio.wait_for(r.readexactly(struct.unpack(">I", hdr)[0]), 5)
                 assert iso8583.decode(body, spec)[0]["39"] == "00"
