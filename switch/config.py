@@ -264,9 +264,10 @@ class MetricsConfig:
 
 
 # Acknowledgements that mean "not applied, send it again": the acquirer (or
-# the issuer behind it) was inoperative or failed. ISO 8583:1987 response
-# codes and their ISO 8583:1993 action codes.
-DEFAULT_SF_RETRY_CODES = ("91", "96", "907", "909")
+# the issuer behind it) was inoperative or failed (91, 96), or could not read
+# the reversal (30 format error). ISO 8583:1987 response codes and their ISO
+# 8583:1993 action codes (907, 909, 904); switch.reversal's default too.
+DEFAULT_SF_RETRY_CODES = ("30", "91", "96", "904", "907", "909")
 
 
 @dataclass(frozen=True)

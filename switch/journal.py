@@ -145,12 +145,21 @@ class SfEntry:
     parked_reason: str | None = None
     parked_at: float | None = None
     acked_at: float | None = None
+    # claims that may have put it on the wire: attempts written to the link
+    # (answered, or outcome unknown), and claims that ended without a report
+    # (the worker died holding the lease). An attempt that certainly never
+    # left the switch (NotSent) counts in ``attempts`` only.
+    sent: int = 0
+    lease_boot: str | None = None  # the journal boot (process) holding the lease
     payload: dict | None = field(default=None, repr=False)
 
     @property
     def repeat(self) -> bool:
-        """True when this entry may have been sent before (a reversal goes as 0401)."""
-        return self.attempts > 0 or self.claims > 1
+        """True when this entry may have been sent before (a reversal goes as 0401).
+
+        Attempts that never left the switch (link down, not connected) do not
+        count: the first reversal the acquirer can have seen goes as 0400."""
+        return self.sent > 0
 
     @property
     def parked(self) -> bool:
@@ -327,7 +336,9 @@ CREATE TABLE IF NOT EXISTS sf_queue (
     lease_until REAL,
     parked_reason TEXT,
     parked_at REAL,
-    acked_at REAL
+    acked_at REAL,
+    sent INTEGER NOT NULL DEFAULT 0,
+    lease_boot TEXT
 );
 CREATE INDEX IF NOT EXISTS sf_due ON sf_queue (acquirer, id) WHERE state = 'queued';
 CREATE INDEX IF NOT EXISTS sf_parked ON sf_queue (id) WHERE state = 'parked';
@@ -388,6 +399,15 @@ def _pg_schema() -> str:
 
 SCHEMA_VERSION = "1"
 
+# Columns added to sf_queue after its first release: (name, type, statement
+# run once when the column is added to an existing database). An entry that
+# was attempted or claimed more than once before the upgrade may have been
+# sent: it keeps going as a repeat.
+SF_ADDED_COLUMNS = (
+    ("sent", "INTEGER NOT NULL DEFAULT 0", "UPDATE sf_queue SET sent = 1 WHERE attempts > 0 OR claims > 1"),
+    ("lease_boot", "TEXT", None),
+)
+
 TXN_COLS = (
     "id", "listener", "terminal_id", "terminal_stan", "terminal_tx_time", "mti", "rrn", "amount",
     "currency", "pan_masked", "pan_fingerprint", "proc_code", "received_at", "node_id", "boot_id",
@@ -398,7 +418,8 @@ TXN_COLS = (
 _TXN_SELECT = ("SELECT " + ", ".join(TXN_COLS)
                + ", reversal_fields IS NOT NULL AS has_reversal_fields FROM txn")
 SF_COLS = ("id", "acquirer", "kind", "txn_id", "state", "created_at", "next_at", "attempts", "claims",
-           "last_error", "lease_owner", "lease_until", "parked_reason", "parked_at", "acked_at")
+           "last_error", "lease_owner", "lease_until", "parked_reason", "parked_at", "acked_at", "sent",
+           "lease_boot")
 _SF_SELECT = "SELECT " + ", ".join(SF_COLS) + " FROM sf_queue"
 
 SQL_INSERT_TXN = (
@@ -450,11 +471,12 @@ SQL_SF_MARK_TXN = ("UPDATE txn SET reversal_queued = 1, reversal_fields = NULL, 
                    "state = CASE WHEN state IN ('forwarded', 'timeout') AND response_code IS NULL "
                    "THEN 'timeout' ELSE state END WHERE id = ?")
 SQL_SF_ACK = ("UPDATE sf_queue SET state = 'acked', payload = NULL, acked_at = ?, lease_owner = NULL, "
-              "lease_until = NULL WHERE id = ? AND state <> 'acked'")
-SQL_SF_RETRY = ("UPDATE sf_queue SET attempts = attempts + 1, next_at = ?, last_error = ?, "
-                "lease_owner = NULL, lease_until = NULL WHERE id = ? AND state = 'queued'")
-SQL_SF_PARK = ("UPDATE sf_queue SET state = 'parked', parked_reason = ?, parked_at = ?, "
-               "lease_owner = NULL, lease_until = NULL WHERE id = ? AND state = 'queued'")
+              "lease_until = NULL, lease_boot = NULL WHERE id = ? AND state <> 'acked'")
+# sent: 1 when the attempt was written to the link (it may have arrived), else 0
+SQL_SF_RETRY = ("UPDATE sf_queue SET attempts = attempts + 1, sent = sent + ?, next_at = ?, last_error = ?, "
+                "lease_owner = NULL, lease_until = NULL, lease_boot = NULL WHERE id = ? AND state = 'queued'")
+SQL_SF_PARK = ("UPDATE sf_queue SET state = 'parked', parked_reason = ?, parked_at = ?, sent = sent + ?, "
+               "lease_owner = NULL, lease_until = NULL, lease_boot = NULL WHERE id = ? AND state = 'queued'")
 SQL_SF_REQUEUE = ("UPDATE sf_queue SET state = 'queued', next_at = ?, attempts = 0, parked_reason = NULL, "
                   "parked_at = NULL, last_error = ? WHERE id = ? AND state = 'parked'")
 SQL_SF_CLAIM_PICK = (
@@ -462,14 +484,19 @@ SQL_SF_CLAIM_PICK = (
     "AND (lease_until IS NULL OR lease_until < ?) ORDER BY id LIMIT 1"
 )
 _SF_RETURNING = " RETURNING " + ", ".join(SF_COLS) + ", payload"
+# A lease still set when the entry is claimed again expired without its
+# worker reporting back (it died, or hung past the lease): that claim may have
+# sent it, so ``sent`` + 1 (SET expressions see the row before the update).
+_SF_LEASE_SET = ("SET lease_owner = ?, lease_until = ?, lease_boot = ?, claims = claims + 1, "
+                 "sent = sent + CASE WHEN lease_owner IS NULL THEN 0 ELSE 1 END ")
 SQL_SF_CLAIM_SQLITE = (
-    "UPDATE sf_queue SET lease_owner = ?, lease_until = ?, claims = claims + 1 "
-    "WHERE id = (" + SQL_SF_CLAIM_PICK + ")" + _SF_RETURNING
+    "UPDATE sf_queue " + _SF_LEASE_SET
+    + "WHERE id = (" + SQL_SF_CLAIM_PICK + ")" + _SF_RETURNING
 )
 SQL_SF_CLAIM_PG = (
     "WITH pick AS (" + SQL_SF_CLAIM_PICK + " FOR UPDATE SKIP LOCKED) "
-    "UPDATE sf_queue SET lease_owner = ?, lease_until = ?, claims = claims + 1 "
-    "WHERE id = (SELECT id FROM pick)" + _SF_RETURNING
+    "UPDATE sf_queue " + _SF_LEASE_SET
+    + "WHERE id = (SELECT id FROM pick)" + _SF_RETURNING
 )
 SQL_API_INSERT = ("INSERT INTO api_txn (id, owner, status, terminal_id, created_ts, parent_id, doc, card) "
                   "VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
@@ -504,6 +531,18 @@ SQL_RECOVER_MARK = ("UPDATE txn SET reversal_queued = 1, reversal_fields = NULL,
                     "state = CASE WHEN response_code IS NULL THEN 'unknown' ELSE state END WHERE id = ?")
 SQL_ABANDON = ("UPDATE txn SET state = 'abandoned' WHERE id IN (SELECT t.id FROM txn t WHERE "
                "t.state = 'received' AND " + _DEAD + ")")
+# Start-up: the leases of dead boots (same test as _DEAD, on the boot holding
+# the lease) are released at once instead of being left to expire, so the
+# head of each acquirer's queue goes first again (FIFO, DESIGN.md #4). The
+# dead worker may have sent the entry: ``sent`` + 1 (it goes as a repeat).
+_DEAD_LEASE = ("s.lease_boot <> ? AND NOT EXISTS (SELECT 1 FROM journal_node n WHERE n.boot_id = s.lease_boot "
+               "AND n.heartbeat_at >= ? AND n.node_id <> ?)")
+_SF_RELEASE = ("UPDATE sf_queue SET lease_owner = NULL, lease_until = NULL, lease_boot = NULL, sent = sent + 1 "
+               "WHERE id IN (SELECT s.id FROM sf_queue s WHERE s.state = 'queued' AND s.lease_owner IS NOT NULL AND ")
+SQL_SF_RELEASE_DEAD = _SF_RELEASE + "(" + _DEAD_LEASE + "))"
+# SQLite: one process owns the journal, so a lease taken before the boot
+# column existed (lease_boot NULL) is a previous life's too.
+SQL_SF_RELEASE_DEAD_SQLITE = _SF_RELEASE + "(s.lease_boot IS NULL OR (" + _DEAD_LEASE + ")))"
 
 
 # Retention (Journal.prune): finished history older than a cutoff, in batches.
@@ -568,6 +607,7 @@ class Journal(abc.ABC):
         self.stale_after = float(stale_after)
         self.retention_s = float(retention_days) * 86_400.0
         self.pruned: dict[str, int] = dict.fromkeys(SQL_PRUNE, 0)
+        self.leases_released = 0  # store-and-forward leases of dead boots released by recovery
         self._heartbeat_task: asyncio.Task | None = None
         self._retention_task: asyncio.Task | None = None
         self._started = False
@@ -813,14 +853,17 @@ class Journal(abc.ABC):
     async def sf_claim(self, acquirer: str, worker_id: str, lease_s: float = 30.0) -> SfEntry | None:
         """The oldest due entry for ``acquirer``, leased to ``worker_id`` for ``lease_s`` seconds.
 
-        Due: queued, ``next_at`` reached, no unexpired lease. A worker that
-        dies leaves its lease to expire; the entry is then claimed again with
-        ``claims`` + 1 (so ``repeat`` is True and a reversal goes as 0401).
-        An entry whose payload cannot be decrypted is parked, never dropped.
+        Due: queued, ``next_at`` reached, no unexpired lease. The lease
+        carries this journal's ``boot_id``: start-up recovery releases the
+        leases of dead boots at once; a live worker that hangs leaves its
+        lease to expire. Either way the entry is then claimed again with
+        ``claims`` + 1 and ``sent`` + 1 (``repeat`` is True: a reversal goes
+        as 0401). An entry whose payload cannot be decrypted is parked, never
+        dropped.
         """
         while True:
             now = time.time()
-            r = await self._sf_claim(acquirer, str(worker_id), now, now + float(lease_s))
+            r = await self._sf_claim(acquirer, str(worker_id), now, now + float(lease_s), self.boot_id)
             if r is None:
                 return None
             e = self._sf_entry(r)
@@ -828,19 +871,25 @@ class Journal(abc.ABC):
                 e.payload = _unpack(self.keyring.decrypt(r[len(SF_COLS)], _sf_aad(e.acquirer, e.kind, e.txn_id)))
             except DecryptError as exc:
                 log.error("store-and-forward entry %d parked: %s", e.id, exc)
-                await self.sf_park(e.id, f"payload cannot be decrypted: {exc}")
+                await self.sf_park(e.id, f"payload cannot be decrypted: {exc}", sent=False)
                 continue
             return e
 
     async def sf_ack(self, entry_id: int) -> bool:
         return await self._exec(SQL_SF_ACK, (time.time(), entry_id)) == 1
 
-    async def sf_retry(self, entry_id: int, next_at: float, error: str | None) -> bool:
-        return await self._exec(SQL_SF_RETRY, (float(_ts(next_at)), None if error is None else str(error)[:500],
-                                               entry_id)) == 1
+    async def sf_retry(self, entry_id: int, next_at: float, error: str | None, *, sent: bool = True) -> bool:
+        """End a claim without acknowledgement: ``attempts`` + 1, due again at
+        ``next_at``. ``sent``: the attempt was written to the link (answered
+        "not applied", or outcome unknown), so the next one is a repeat;
+        False when it certainly never left (the acquirer cannot have seen it)."""
+        return await self._exec(SQL_SF_RETRY, (1 if sent else 0, float(_ts(next_at)),
+                                               None if error is None else str(error)[:500], entry_id)) == 1
 
-    async def sf_park(self, entry_id: int, reason: str) -> bool:
-        return await self._exec(SQL_SF_PARK, (str(reason)[:500], time.time(), entry_id)) == 1
+    async def sf_park(self, entry_id: int, reason: str, *, sent: bool = True) -> bool:
+        """Park a claimed entry. ``sent``: this claim may have sent it (the
+        default, the safe side); False when it was parked before any attempt."""
+        return await self._exec(SQL_SF_PARK, (str(reason)[:500], time.time(), 1 if sent else 0, entry_id)) == 1
 
     async def sf_requeue(self, entry_id: int) -> bool:
         return await self._exec(SQL_SF_REQUEUE, (time.time(), "requeued by operator", entry_id)) == 1
@@ -1064,6 +1113,11 @@ class Journal(abc.ABC):
     @abc.abstractmethod
     async def _close(self) -> None: ...
 
+        In the same transaction, store-and-forward leases held by dead boots
+        (a worker killed while sending) are released, with ``sent`` + 1: the
+        entry is due again at once, ahead of those queued behind it, and goes
+        as a repeat (``leases_released`` counts them).
+
     @abc.abstractmethod
     async def _heartbeat(self) -> None: ...
 
@@ -1096,7 +1150,7 @@ class Journal(abc.ABC):
     async def _sf_insert(self, acquirer, kind, txn_id, blob, now, next_at) -> int: ...
 
     @abc.abstractmethod
-    async def _sf_claim(self, acquirer: str, worker: str, now: float, lease_until: float): ...
+    async def _sf_claim(self, acquirer: str, worker: str, now: float, lease_until: float, boot: str): ...
 
     @abc.abstractmethod
     async def _recover(self) -> int: ...
@@ -1262,11 +1316,16 @@ class SqliteJournal(Journal):
     def _sf_insert(self, acquirer, kind, txn_id, blob, now, next_at):
         return self._submit("sf_insert", acquirer, kind, txn_id, blob, now, next_at)
 
-    def _sf_claim(self, acquirer, worker, now, lease_until):
-        return self._submit("sf_claim", (worker, lease_until, acquirer, now, now))
+    def _sf_claim(self, acquirer, worker, now, lease_until, boot):
+        return self._submit("sf_claim", (worker, lease_until, boot, acquirer, now, now))
 
-    def _recover(self):
-        return self._submit("recover", self._dead_params())
+    async def _recover(self) -> int:
+        queued, released = await self._submit("recover", self._dead_params())
+        self.leases_released += released
+        if released:
+            log.warning("crash recovery: released %d store-and-forward lease(s) of a previous run "
+                        "(their entries go again first, as repeats)", released)
+        return queued
 
     def _api_update(self, api_id, changes_packed):
         return self._submit("api_update", api_id, changes_packed)
@@ -1379,6 +1438,14 @@ class PostgresJournal(Journal):
 
     def _p(self):
         if self._pool is None:
+                have = {r[0] for r in await c.fetch(
+                    "SELECT column_name FROM information_schema.columns "
+                    "WHERE table_schema = current_schema() AND table_name = 'sf_queue'")}
+                for col, decl, backfill in SF_ADDED_COLUMNS:
+                    if col not in have:
+                        await c.execute(f"ALTER TABLE sf_queue ADD COLUMN {col} {decl}")
+                        if backfill:
+                            await c.execute(backfill)
             raise JournalError("journal is closed")
         return self._pool
 
@@ -1496,8 +1563,8 @@ class PostgresJournal(Journal):
                     await c.execute(self._q(SQL_SF_MARK_TXN), txn_id)
                 return entry_id
 
-    async def _sf_claim(self, acquirer, worker, now, lease_until):
-        r = await self._p().fetchrow(self._q(SQL_SF_CLAIM_PG), acquirer, now, now, worker, lease_until)
+    async def _sf_claim(self, acquirer, worker, now, lease_until, boot):
+        r = await self._p().fetchrow(self._q(SQL_SF_CLAIM_PG), acquirer, now, now, worker, lease_until, boot)
         return None if r is None else tuple(r.values())
 
     async def _recover(self) -> int:
@@ -1514,8 +1581,13 @@ class PostgresJournal(Journal):
                         await c.execute("UPDATE sf_queue SET parked_reason = $1, parked_at = $2 WHERE id = $3",
                                         reason, now, entry_id)
                     await c.execute(self._q(SQL_RECOVER_MARK), txn_id)
+                released = self._count(await c.execute(self._q(SQL_SF_RELEASE_DEAD), *dead))
                 await c.execute(self._q(SQL_ABANDON), *dead)
-                return len(plan)
+        self.leases_released += released
+        if released:
+            log.warning("crash recovery: released %d store-and-forward lease(s) of dead instances "
+                        "(their entries go again first, as repeats)", released)
+        return len(plan)
 
     async def _fetchone(self, sql: str, params: tuple):
         r = await self._p().fetchrow(self._q(sql), *params)
@@ -1605,7 +1677,7 @@ class NullJournal:
         self._payloads.pop(entry_id, None)
         return self._sf.pop(entry_id, None) is not None
 
-    async def sf_retry(self, entry_id, next_at, error) -> bool:
+    async def sf_retry(self, entry_id, next_at, error, *, sent=True) -> bool:
         e = self._sf.get(entry_id)
         if e is not None:
             e.attempts += 1
@@ -1613,12 +1685,13 @@ class NullJournal:
             e.last_error = error
         return e is not None
 
-    async def sf_park(self, entry_id, reason) -> bool:
+    async def sf_park(self, entry_id, reason, *, sent=True) -> bool:
         e = self._sf.get(entry_id)
         if e is not None:
             e.state = "parked"
             e.parked_reason = reason
         return e is not None
+            e.sent += 1 if sent else 0
 
     async def sf_requeue(self, entry_id) -> bool:
         e = self._sf.get(entry_id)
@@ -1626,6 +1699,7 @@ class NullJournal:
             e.state, e.attempts, e.next_at = "queued", 0, time.time()
             return True
         return False
+            e.sent += 1 if sent else 0
 
     async def sf_get(self, entry_id):
         return self._sf.get(entry_id)

@@ -189,7 +189,9 @@ class WriterCore:
         return self.conn.execute(self.J.SQL_SF_CLAIM_SQLITE, params).fetchone()
 
     def op_recover(self, dead):
+        """Crash recovery (``Journal.recover_and_enqueue``): [entries queued, leases released]."""
         J, c = self.J, self.conn
+        released = c.execute(J.SQL_SF_RELEASE_DEAD_SQLITE, dead).rowcount
         rows = c.execute(J.SQL_RECOVER_SELECT, dead).fetchall()
         plan = self._recovery_plan(rows)
         now = time.time()
@@ -201,7 +203,7 @@ class WriterCore:
                           (reason, now, entry_id))
             c.execute(J.SQL_RECOVER_MARK, (txn_id,))
         c.execute(J.SQL_ABANDON, dead)
-        return len(plan)
+        return [len(plan), released]
 
     def _run_batch(self, segment, results: list) -> None:
         """A run of consecutive "fwd" and "outcome" writes as two ``executemany``
@@ -353,9 +355,27 @@ def open_writer_connection(path: str, synchronous: str) -> sqlite3.Connection:
     # the bench, measured with strace)
     conn.execute("PRAGMA temp_store = MEMORY")
     conn.executescript(J._SCHEMA_SQLITE)
+    _add_missing_columns(conn)
     conn.execute("INSERT OR IGNORE INTO journal_meta (k, v) VALUES ('schema_version', ?)",
                  (J.SCHEMA_VERSION,))
     return conn
+
+
+def _add_missing_columns(conn: sqlite3.Connection) -> None:
+    """Bring a journal written by an earlier version up to date (``journal.SF_ADDED_COLUMNS``)."""
+    from switch import journal as J
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        have = {r[1] for r in conn.execute("PRAGMA table_info(sf_queue)")}
+        for col, decl, backfill in J.SF_ADDED_COLUMNS:
+            if col not in have:
+                conn.execute(f"ALTER TABLE sf_queue ADD COLUMN {col} {decl}")
+                if backfill:
+                    conn.execute(backfill)
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
 
 
 # --------------------------------------------------------------------------

@@ -3,7 +3,11 @@
 DESIGN.md #4: every request whose outcome is unknown is reversed at the
 acquirer it may have reached; the first attempt goes as 0400, repeats as
 0401; nothing is dropped: an entry past its attempt or age limit is parked
-and stays visible (`parked`) until re-queued.
+and stays visible (`parked`) until re-queued. "Repeat" means an earlier
+attempt may have reached the acquirer (written to the link, or claimed by a
+process that died): one that never left the switch (NotSent) counts toward
+the limits but leaves the next send an 0400. An answer with a retry code
+(default 30/91/96, 1993: 904/907/909) did not apply it: it is sent again.
 
 Advices (x120/x220) go through the same queue when their acquirer cannot
 take them at once (``kind="advice"``): repeated as x121/x221 until
@@ -19,6 +23,7 @@ import collections
 import logging
 import time
 
+from switch.config import DEFAULT_SF_RETRY_CODES
 from switch.messages import transmission_time
 
 log = logging.getLogger("isoswitch.reversal")
@@ -27,6 +32,50 @@ log = logging.getLogger("isoswitch.reversal")
 # to locate the original at the acquirer, and card data is kept to a minimum).
 REVERSAL_FIELDS = ("2", "3", "4", "12", "13", "14", "22", "32", "33", "37", "41", "42", "49")
 # (DE12 also feeds 1993's DE56; DE7 and DE11 of the original feed DE90)
+
+# Acknowledgements that did not apply the reversal (config's [store_and_forward] retry_codes default)
+DEFAULT_RETRY_CODES = DEFAULT_SF_RETRY_CODES
+
+
+def _track2_pan_expiry(t2) -> tuple[str | None, str | None]:
+    """(PAN, expiry YYMM) from track 2 equivalent data (DE35): PAN, separator
+    '=' or 'D', YYMM, service code, discretionary data; an optional ';' start
+    and '?' end sentinel. (None, None) when it does not look like track 2."""
+    if isinstance(t2, (bytes, bytearray)):
+        try:
+            t2 = bytes(t2).decode("ascii")
+        except UnicodeDecodeError:
+            return None, None
+    if not isinstance(t2, str):
+        return None, None
+    t2 = t2.strip().lstrip(";").rstrip("?").rstrip("Ff")  # BCD padding
+    for i, ch in enumerate(t2):
+        if ch in "=Dd":
+            break
+    else:
+        return None, None
+    pan, rest = t2[:i], t2[i + 1:]
+    if not (pan.isascii() and pan.isdigit() and 12 <= len(pan) <= 19):
+        return None, None
+    exp = rest[:4]
+    return pan, exp if len(exp) == 4 and exp.isascii() and exp.isdigit() else None
+
+
+def _with_card_from_track2(doc: dict, out: dict) -> None:
+    """ISO practice: a reversal carries DE2 (and DE14), which a card-present
+    original sent only inside track 2 (DE35): taken from there into ``out``
+    where ``doc`` has none. Track 2 itself is never copied (PCI DSS 3.3.1)."""
+    if out.get("2") and out.get("14"):
+        return
+    pan, exp = _track2_pan_expiry(doc.get("35"))
+    if pan is None:
+        return
+    if not out.get("2"):
+        out["2"] = pan
+    elif str(out["2"]) != pan:
+        return  # another card's track: take nothing from it
+    if exp is not None and not out.get("14"):
+        out["14"] = exp
 
 
 def build_reversal(original: dict, repeat: bool) -> dict:
@@ -45,6 +94,7 @@ def build_reversal(original: dict, repeat: bool) -> dict:
         v = original.get(k)
         if v is not None:
             rev[k] = v
+    _with_card_from_track2(original, rev)
     rev["7"] = transmission_time()
     if v1993:
         # DE56: original MTI n4 + STAN n6 + local date/time n12 + LL acquirer id
@@ -82,8 +132,13 @@ def advice_payload(sent: dict) -> dict:
 
 
 def reversal_payload(sent: dict) -> dict:
-    """What the queue keeps of a request as sent: enough to build its reversal."""
-    return {k: sent[k] for k in ("t", "7", "11", *REVERSAL_FIELDS) if k in sent}
+    """What the queue keeps of a request as sent: enough to build its reversal.
+
+    DE2 and DE14 come from track 2 (DE35) when the request carried only that;
+    track 2 itself is not kept (the journal encrypts what is kept)."""
+    out = {k: sent[k] for k in ("t", "7", "11", *REVERSAL_FIELDS) if k in sent}
+    _with_card_from_track2(sent, out)
+    return out
 
 
 class ReversalQueue:
@@ -100,7 +155,7 @@ class ReversalQueue:
     def __init__(self, journal, *, max_attempts: int = 50, max_age: float = 86_400.0,
                  backoff_min: float = 0.5, backoff_max: float = 60.0, lease_s: float = 60.0,
                  poll_s: float = 0.5, worker_id: str | None = None,
-                 retry_codes: tuple[str, ...] = ("91", "96", "907", "909")):
+                 retry_codes: tuple[str, ...] = DEFAULT_RETRY_CODES):
         import os
         import socket
 
@@ -113,7 +168,11 @@ class ReversalQueue:
         self.poll_s = poll_s
         # an acknowledgement with one of these codes (or none) did not apply it: sent again
         self.retry_codes = frozenset(retry_codes)
-        self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
+        # (the journal also records its boot_id with each lease, so start-up
+        # recovery knows a dead process's leases; shown here for the operator)
+        boot = getattr(journal, "boot_id", None)
+        self.worker_id = worker_id or ":".join(
+            [socket.gethostname(), str(os.getpid()), *([boot] if boot else []), f"{id(self):x}"])
         self.links: dict = {}
         self.counters = collections.Counter()
         self._wake: dict[str, asyncio.Event] = {}
@@ -269,20 +328,28 @@ class ReversalQueue:
                     pass
                 continue
             if entry.attempts >= self.max_attempts or time.time() - entry.created_at > self.max_age:
-                await self.journal.sf_park(entry.id, f"gave up after {entry.attempts} attempts")
+                # parked before this claim's attempt: it did not send anything
+                await self.journal.sf_park(entry.id, f"gave up after {entry.attempts} attempts", sent=False)
                 self.counters["parked"] += 1
                 log.error("%s %d for %s parked after %d attempts", entry.kind, entry.id, acquirer, entry.attempts)
                 await self.refresh()
                 continue
             link = self.links.get(acquirer)
             advice = entry.kind == "advice"
-            repeat = entry.repeat or entry.attempts > 0
+            # a repeat only once an attempt may have reached the acquirer: one
+            # that never left the switch (NotSent) leaves the next a 0400
+            repeat = entry.repeat
             rev = build_advice(entry.payload, repeat) if advice else build_reversal(entry.payload, repeat)
+            written = True
             try:
                 if link is None:
                     raise NotSent(acquirer, "no such link")
                 reply = await link.request(rev, link.cfg.timeout, draining_ok=True)
-            except (NotSent, OutcomeUnknown) as exc:
+            except NotSent as exc:
+                problem = str(exc)
+                written = False
+                self.counters["not_sent"] += 1
+            except OutcomeUnknown as exc:
                 problem = str(exc)
             else:
                 rc = reply.doc.get("39") or ""
@@ -292,7 +359,8 @@ class ReversalQueue:
                     problem = f"answered {rc or 'without a response code'}: not applied"
             if problem is not None:
                 delay = min(self.backoff_min * (2 ** entry.attempts), self.backoff_max)
-                await self.journal.sf_retry(entry.id, time.time() + delay, problem)
+                # NotSent still counts toward max_attempts (and backs off), never toward repeats
+                await self.journal.sf_retry(entry.id, time.time() + delay, problem, sent=written)
                 self.counters["retries"] += 1
                 await asyncio.sleep(delay)  # FIFO: the head goes again before anything behind it
                 continue

@@ -110,7 +110,7 @@ def test_defaults(tmp_path):
     assert cfg.routing == config.RoutingConfig(None, ("sim-a", "sim-b"), ())
     assert not cfg.api.enabled and cfg.api.port == 8443 and cfg.api.idempotency_hours == 24.0
     assert cfg.metrics.enabled
-    assert cfg.store_and_forward == config.StoreForwardConfig(50, 86_400.0, 0.5, 60.0, ("91", "96", "907", "909"))
+    assert cfg.store_and_forward == config.StoreForwardConfig(50, 86_400.0, 0.5, 60.0, ("30", "91", "96", "904", "907", "909"))
 
 
 def test_load_config_none_is_the_default(tmp_path, monkeypatch):
