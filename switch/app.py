@@ -44,6 +44,7 @@ class Switch:
         self.webhooks = None
         self._stopped = asyncio.Event()
         self._background: set[asyncio.Task] = set()
+        self._peer_recovery: asyncio.Task | None = None
 
     async def start(self) -> "Switch":
         cfg = self.config
@@ -100,6 +101,9 @@ class Switch:
         for link in self.links.values():
             await link.start()
         await self.reversals.start()
+        if cfg.journal.backend == "postgres":
+            self._peer_recovery = asyncio.get_running_loop().create_task(
+                self._recover_dead_peers(), name="journal-peer-recovery")
         if cfg.metrics.enabled or cfg.api.enabled:
             from switch.metrics import Metrics
 
@@ -152,6 +156,35 @@ class Switch:
                 return False
         return True
 
+    async def _recover_dead_peers(self) -> None:
+        """DESIGN.md #7 for switch processes sharing a PostgreSQL journal.
+
+        Start-up recovery takes over only the instances that are dead by
+        then: a process restarted within ``stale_after`` of its crash (a new
+        pid, so a new node) finds its previous life's heartbeat still fresh,
+        and a process that is never restarted is found by no start-up at
+        all. So every live process looks again each ``stale_after`` seconds:
+        the dead instance's forwarded requests without an outcome are claimed
+        (SKIP LOCKED) and marked in the same transaction as their queue
+        entries, so each gets its reversal exactly once, whichever process
+        finds it; the queue's senders pick the entries up as they poll.
+        """
+        period = max(1.0, self.journal.stale_after)
+        while True:
+            await asyncio.sleep(period)
+            try:
+                n = await self.journal.recover_and_enqueue()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the journal is down: the next round tries again
+                log.warning("recovery of stopped switch processes failed (%s); retried in %.0f s", exc, period)
+                continue
+            if n:
+                self.recovered += n
+                log.warning("recovery: %d store-and-forward %s queued for unknown outcomes of a switch "
+                            "process that stopped", n, "entry" if n == 1 else "entries")
+                await self.reversals.refresh()
+
     def reload_bin_table(self) -> None:
         self.router.reload_bins()
         log.info("BIN table reloaded")
@@ -168,6 +201,9 @@ class Switch:
             await lst.drain(grace)
         if self.webhooks is not None:
             await self.webhooks.stop()
+        if self._peer_recovery is not None:
+            self._peer_recovery.cancel()
+            await asyncio.gather(self._peer_recovery, return_exceptions=True)
         if self.reversals is not None:
             await self.reversals.stop()
         for link in self.links.values():

@@ -124,6 +124,9 @@ class JournalConfig:
     dsn: str | None = field(default=None, repr=False)  # postgres only; may hold a password
     group_commit_ms: float = 0.0
     retention_days: float = 0.0  # 0 keeps everything; else finished history older than this is pruned
+    # seconds without a heartbeat before a switch process counts as dead (its
+    # unknown outcomes are then reversed by whichever process finds them)
+    stale_after_seconds: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -689,6 +692,7 @@ class _Builder:
         dsn = t.str("dsn", None, secret=True)
         gc = t.number("group_commit_ms", 0.0, ge=0)
         retention = t.number("retention_days", 0.0, ge=0)
+        stale = t.number("stale_after_seconds", 30.0, gt=0)
         if backend == "none" and t.has("retention_days") and retention:
             t.fail("retention_days", 'nothing is kept with backend = "none"')
         if backend == "sqlite":
@@ -705,7 +709,7 @@ class _Builder:
             return None
         return JournalConfig(backend=backend, path=path if backend == "sqlite" else None,
                              dsn=dsn if backend == "postgres" else None, group_commit_ms=gc,
-                             retention_days=retention)
+                             retention_days=retention, stale_after_seconds=stale)
 
     # [security]
     def security(self) -> SecurityConfig | None:

@@ -1729,9 +1729,11 @@ def make_journal(config, keyring: KeyRing, **kwargs) -> Journal:
                              retention_days=config.retention_days, **kwargs)
     if backend == "memory":
         return SqliteJournal(":memory:", keyring, group_commit_ms=config.group_commit_ms,
-                             retention_days=config.retention_days, **kwargs)
+                             retention_days=config.retention_days, stale_after=config.stale_after_seconds,
+                             **kwargs)
     if backend == "postgres":
         if not config.dsn:
             raise JournalError("journal.dsn is required for the postgres backend")
-        return PostgresJournal(config.dsn, keyring, retention_days=config.retention_days, **kwargs)
+        return PostgresJournal(config.dsn, keyring, retention_days=config.retention_days,
+                               stale_after=config.stale_after_seconds, **kwargs)
     raise JournalError(f"unknown journal backend {backend!r}")

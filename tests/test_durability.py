@@ -308,6 +308,49 @@ def test_two_switch_processes_on_one_postgres_journal_send_each_reversal_once(tm
     run(go(), timeout=150)
 
 
+def test_a_switch_process_killed_on_a_shared_postgres_journal_is_recovered_by_its_peer(tmp_path, pg_dsn):
+    """DESIGN.md #7 without a restart: process A is killed -9 with a request
+    held at the acquirer and never started again; B, sharing the journal,
+    finds A dead once its heartbeat is stale and reverses that request, once."""
+    async def go():
+        sim = await AcquirerSimulator(name="acq-a", latency_ms=1.0).start()
+        procs = []
+        try:
+            journal_cfg = (f'[journal]\nbackend = "postgres"\ndsn = "{pg_dsn}"\n'
+                           "stale_after_seconds = 1.5\n")
+            cfg_a = write_config(tmp_path, sim.port, journal=journal_cfg, name="a.toml")
+            cfg_b = write_config(tmp_path, sim.port, journal=journal_cfg, name="b.toml")
+            a, b = SwitchProcess(cfg_a, tmp_path / "a.log"), SwitchProcess(cfg_b, tmp_path / "b.log")
+            procs = [a, b]
+            port_a = await a.started()
+            await b.started()
+            sim.fault = Fault(drop_responses=True)  # forwarded, never answered
+            client = TerminalClient("127.0.0.1", port_a, ssl=dev_client_context(tmp_path / "state"))
+            await client.connect()
+            pending = asyncio.create_task(client.request(make_purchase(4200, stan=77), timeout=30))
+            assert await wait_until(lambda: len(financial(sim)) == 1)
+            original = financial(sim)[0]
+            a.kill9()
+            with pytest.raises((ConnectionError, asyncio.TimeoutError, OSError, EOFError)):
+                await asyncio.wait_for(pending, 5)
+            await client.close()
+            sim.fault = Fault()
+            # dead after 1.5 s without a heartbeat; B looks every 1.5 s
+            assert await wait_until(lambda: len(reversals(sim)) >= 1, 30)
+            await asyncio.sleep(4.0)  # several more of B's rounds: nothing is queued twice
+            revs = reversals(sim)
+            assert len(revs) == 1, [r["t"] for r in revs]
+            assert revs[0]["90"][:10] == "0200" + original["11"]
+            assert "recovery: 1 store-and-forward entry queued" in (tmp_path / "b.log").read_text()
+        finally:
+            for p in procs:
+                if p.proc.poll() is None:
+                    p.stop()
+            await sim.stop()
+
+    run(go(), timeout=150)
+
+
 def test_journal_writer_killed_under_traffic_restarts_and_reverses_undelivered_answers(tmp_path):
     """kill -9 of the SQLite journal's writer process while the acquirer holds
     30 requests: their approvals cannot be journaled, so the terminals hear 96
