@@ -71,6 +71,9 @@ REQUIRED = {
 # Network management codes the switch acknowledges for a terminal (0800 DE70,
 # 1804 DE24): sign-on, sign-off, echo, cut-over; the same set as for a host
 NETWORK_CODES_OK = HOST_SIGN_ON | HOST_SIGN_OFF | HOST_NETWORK_OK
+# How far back a reversal that names no transmission time looks for its
+# original by trace number (a terminal's STANs wrap after 999,999 requests)
+_REVERSAL_LOOKBACK_S = 86_400.0
 # How often a retransmission of a request in flight elsewhere (another
 # process, or before a restart) looks for the original's journaled outcome.
 _DUP_POLL_S = 0.05
@@ -596,6 +599,10 @@ class TransactionFlow:
             original = await self.journal.find_txn(terminal, orig_stan, orig_time, orig_mti)
             if original is not None:
                 break
+        else:
+            if orig_stan:  # no time that names it (1993's DE56 has none): the newest of today's
+                original = await self.journal.find_latest_txn(terminal, orig_stan, orig_mti,
+                                                              time.time() - _REVERSAL_LOOKBACK_S)
         resp = switch_response(req, "00")
         resp["t"] = response_mti(req["t"])
         if original is None:

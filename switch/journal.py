@@ -804,6 +804,16 @@ class Journal(abc.ABC):
             "AND mti = ?", (str(terminal_id), str(terminal_stan), str(terminal_tx_time), str(mti)))
         return None if r is None else self._txn_row(r)
 
+    async def find_latest_txn(self, terminal_id: str, terminal_stan: str, mti: str,
+                              since: float) -> dict | None:
+        """The newest row for a terminal's trace number received since ``since``
+        (for a reversal that does not name its original's transmission time:
+        ISO 8583:1993's DE56 carries none). A range of the terminal index."""
+        r = await self._fetchone(
+            _TXN_SELECT + " WHERE terminal_id = ? AND received_at >= ? AND terminal_stan = ? AND mti = ? "
+            "ORDER BY id DESC LIMIT 1", (str(terminal_id), float(since), str(terminal_stan), str(mti)))
+        return None if r is None else self._txn_row(r)
+
     async def get(self, txn_id: int) -> dict | None:
         r = await self._fetchone(_TXN_SELECT + " WHERE id = ?", (txn_id,))
         return None if r is None else self._txn_row(r)
@@ -1102,6 +1112,11 @@ class Journal(abc.ABC):
         (x120/x220) is queued to be repeated instead of reversed. Returns how
         many entries were queued (parked ones included: an entry whose fields
         cannot be decrypted is parked, visible, never dropped).
+
+        In the same transaction, store-and-forward leases held by dead boots
+        (a worker killed while sending) are released, with ``sent`` + 1: the
+        entry is due again at once, ahead of those queued behind it, and goes
+        as a repeat (``leases_released`` counts them).
         """
         return await self._recover()
 
@@ -1112,11 +1127,6 @@ class Journal(abc.ABC):
 
     @abc.abstractmethod
     async def _close(self) -> None: ...
-
-        In the same transaction, store-and-forward leases held by dead boots
-        (a worker killed while sending) are released, with ``sent`` + 1: the
-        entry is due again at once, ahead of those queued behind it, and goes
-        as a repeat (``leases_released`` counts them).
 
     @abc.abstractmethod
     async def _heartbeat(self) -> None: ...
@@ -1428,6 +1438,14 @@ class PostgresJournal(Journal):
                 # one instance at a time creates the schema
                 await c.execute("SELECT pg_advisory_xact_lock(8583008583)")
                 await c.execute(_pg_schema())
+                have = {r[0] for r in await c.fetch(
+                    "SELECT column_name FROM information_schema.columns "
+                    "WHERE table_schema = current_schema() AND table_name = 'sf_queue'")}
+                for col, decl, backfill in SF_ADDED_COLUMNS:
+                    if col not in have:
+                        await c.execute(f"ALTER TABLE sf_queue ADD COLUMN {col} {decl}")
+                        if backfill:
+                            await c.execute(backfill)
                 await c.execute("INSERT INTO journal_meta (k, v) VALUES ('schema_version', $1) "
                                 "ON CONFLICT (k) DO NOTHING", SCHEMA_VERSION)
 
@@ -1438,14 +1456,6 @@ class PostgresJournal(Journal):
 
     def _p(self):
         if self._pool is None:
-                have = {r[0] for r in await c.fetch(
-                    "SELECT column_name FROM information_schema.columns "
-                    "WHERE table_schema = current_schema() AND table_name = 'sf_queue'")}
-                for col, decl, backfill in SF_ADDED_COLUMNS:
-                    if col not in have:
-                        await c.execute(f"ALTER TABLE sf_queue ADD COLUMN {col} {decl}")
-                        if backfill:
-                            await c.execute(backfill)
             raise JournalError("journal is closed")
         return self._pool
 
@@ -1571,6 +1581,7 @@ class PostgresJournal(Journal):
         dead = self._dead_params()
         async with self._p().acquire() as c:
             async with c.transaction():
+                released = self._count(await c.execute(self._q(SQL_SF_RELEASE_DEAD), *dead))
                 rows = await c.fetch(self._q(SQL_RECOVER_SELECT + " FOR UPDATE OF t SKIP LOCKED"), *dead)
                 plan = self._recovery_plan([tuple(r.values()) for r in rows])
                 now = time.time()
@@ -1581,7 +1592,6 @@ class PostgresJournal(Journal):
                         await c.execute("UPDATE sf_queue SET parked_reason = $1, parked_at = $2 WHERE id = $3",
                                         reason, now, entry_id)
                     await c.execute(self._q(SQL_RECOVER_MARK), txn_id)
-                released = self._count(await c.execute(self._q(SQL_SF_RELEASE_DEAD), *dead))
                 await c.execute(self._q(SQL_ABANDON), *dead)
         self.leases_released += released
         if released:
@@ -1681,6 +1691,7 @@ class NullJournal:
         e = self._sf.get(entry_id)
         if e is not None:
             e.attempts += 1
+            e.sent += 1 if sent else 0
             e.next_at = next_at
             e.last_error = error
         return e is not None
@@ -1688,10 +1699,10 @@ class NullJournal:
     async def sf_park(self, entry_id, reason, *, sent=True) -> bool:
         e = self._sf.get(entry_id)
         if e is not None:
+            e.sent += 1 if sent else 0
             e.state = "parked"
             e.parked_reason = reason
         return e is not None
-            e.sent += 1 if sent else 0
 
     async def sf_requeue(self, entry_id) -> bool:
         e = self._sf.get(entry_id)
@@ -1699,7 +1710,6 @@ class NullJournal:
             e.state, e.attempts, e.next_at = "queued", 0, time.time()
             return True
         return False
-            e.sent += 1 if sent else 0
 
     async def sf_get(self, entry_id):
         return self._sf.get(entry_id)
@@ -1726,11 +1736,11 @@ def make_journal(config, keyring: KeyRing, **kwargs) -> Journal:
         if config.path is None:
             raise JournalError("journal.path is required for the sqlite backend")
         return SqliteJournal(config.path, keyring, group_commit_ms=config.group_commit_ms,
-                             retention_days=config.retention_days, **kwargs)
-    if backend == "memory":
-        return SqliteJournal(":memory:", keyring, group_commit_ms=config.group_commit_ms,
                              retention_days=config.retention_days, stale_after=config.stale_after_seconds,
                              **kwargs)
+    if backend == "memory":
+        return SqliteJournal(":memory:", keyring, group_commit_ms=config.group_commit_ms,
+                             retention_days=config.retention_days, **kwargs)
     if backend == "postgres":
         if not config.dsn:
             raise JournalError("journal.dsn is required for the postgres backend")

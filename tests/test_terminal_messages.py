@@ -198,3 +198,26 @@ def test_a_1987_request_is_never_sent_to_a_1993_acquirer(tmp_path):
             assert sw.flow.counters["skipped_version"] == 1
 
     run(go())
+
+
+def test_a_1993_terminal_reversal_finds_its_original_without_a_transmission_time(tmp_path):
+    """DE56 names the original's MTI, STAN and local time, not its DE7: the
+    original is found by the terminal's trace number."""
+    from switch.sim.terminal import make_reversal
+
+    async def go():
+        async with running_switch(tmp_path, {"acq-a": {"dialect": "iso93ascii"}},
+                                  listener={"dialect": "iso93ascii"}) as sw:
+            a = sw.sims["acq-a"]
+            async with terminal(sw, tmp_path) as t:
+                sale = make_purchase(8500, stan=91, dialect="iso93ascii")
+                assert (await t.request(sale))["39"] == "000"
+                await asyncio.sleep(1.1)  # the reversal's own DE7 is another second's
+                r = await t.request(make_reversal(sale, stan=92, dialect="iso93ascii"))
+            assert r["t"] == "1430" and r["39"] == "000" and r["11"] == "000092"
+            await _settled(sw, a, 1)
+            sent = [d for d in a.received if d["t"] == "1200"][0]
+            (rev,) = reversals(a)
+            assert rev["56"][:10] == "1200" + sent["11"]
+
+    run(go())
