@@ -307,67 +307,80 @@ class ReversalQueue:
         return False
 
     async def _drain(self, acquirer: str) -> None:
-        from switch.acquirer import NotSent, OutcomeUnknown
-
+        """The acquirer's sender: one entry at a time, oldest first. Nothing
+        that goes wrong ends it (a journal write failing while the writer
+        restarts, a bug): the entry's lease runs out and it goes again."""
         wake = self._wake[acquirer]
         while not self._stopping:
             try:
-                entry = await self.journal.sf_claim(acquirer, self.worker_id, self.lease_s)
+                await self._send_next(acquirer, wake)
             except asyncio.CancelledError:
                 raise
             except Exception:
-                log.exception("store-and-forward claim failed for %s", acquirer)
+                self.counters["sender_errors"] += 1
+                log.exception("store-and-forward sender for %s failed; going on", acquirer)
                 await asyncio.sleep(self.poll_s)
-                continue
-            if entry is None:
-                self._depth[acquirer] = await self.journal.sf_depth(acquirer)
-                wake.clear()
-                try:
-                    await asyncio.wait_for(wake.wait(), self.poll_s)
-                except asyncio.TimeoutError:
-                    pass
-                continue
-            if entry.attempts >= self.max_attempts or time.time() - entry.created_at > self.max_age:
-                # parked before this claim's attempt: it did not send anything
-                await self.journal.sf_park(entry.id, f"gave up after {entry.attempts} attempts", sent=False)
-                self.counters["parked"] += 1
-                log.error("%s %d for %s parked after %d attempts", entry.kind, entry.id, acquirer, entry.attempts)
-                await self.refresh()
-                continue
-            link = self.links.get(acquirer)
-            advice = entry.kind == "advice"
-            # a repeat only once an attempt may have reached the acquirer: one
-            # that never left the switch (NotSent) leaves the next a 0400
-            repeat = entry.repeat
-            rev = build_advice(entry.payload, repeat) if advice else build_reversal(entry.payload, repeat)
-            written = True
+
+    async def _send_next(self, acquirer: str, wake: asyncio.Event) -> None:
+        from switch.acquirer import NotSent, OutcomeUnknown
+
+        try:
+            entry = await self.journal.sf_claim(acquirer, self.worker_id, self.lease_s)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("store-and-forward claim failed for %s", acquirer)
+            await asyncio.sleep(self.poll_s)
+            return
+        if entry is None:
+            self._depth[acquirer] = await self.journal.sf_depth(acquirer)
+            wake.clear()
             try:
-                if link is None:
-                    raise NotSent(acquirer, "no such link")
-                reply = await link.request(rev, link.cfg.timeout, draining_ok=True)
-            except NotSent as exc:
-                problem = str(exc)
-                written = False
-                self.counters["not_sent"] += 1
-            except OutcomeUnknown as exc:
-                problem = str(exc)
-            else:
-                rc = reply.doc.get("39") or ""
-                problem = None
-                if not rc.strip() or rc in self.retry_codes:
-                    self.counters["retry_codes"] += 1
-                    problem = f"answered {rc or 'without a response code'}: not applied"
-            if problem is not None:
-                delay = min(self.backoff_min * (2 ** entry.attempts), self.backoff_max)
-                # NotSent still counts toward max_attempts (and backs off), never toward repeats
-                await self.journal.sf_retry(entry.id, time.time() + delay, problem, sent=written)
-                self.counters["retries"] += 1
-                await asyncio.sleep(delay)  # FIFO: the head goes again before anything behind it
-                continue
-            # Any other answer acknowledges the reversal (00 reversed, 25
-            # original not found: either way the acquirer now knows it must
-            # not stand); ``retry_codes`` say it was not applied.
-            await self.journal.sf_ack(entry.id)
-            self.counters["advices_acknowledged" if advice else "acknowledged"] += 1
-            self._depth[acquirer] = max(0, self._depth.get(acquirer, 1) - 1)
-            log.info("%s %d acknowledged by %s (rc %s)", entry.kind, entry.id, acquirer, reply.doc.get("39"))
+                await asyncio.wait_for(wake.wait(), self.poll_s)
+            except asyncio.TimeoutError:
+                pass
+            return
+        if entry.attempts >= self.max_attempts or time.time() - entry.created_at > self.max_age:
+            # parked before this claim's attempt: it did not send anything
+            await self.journal.sf_park(entry.id, f"gave up after {entry.attempts} attempts", sent=False)
+            self.counters["parked"] += 1
+            log.error("%s %d for %s parked after %d attempts", entry.kind, entry.id, acquirer, entry.attempts)
+            await self.refresh()
+            return
+        link = self.links.get(acquirer)
+        advice = entry.kind == "advice"
+        # a repeat only once an attempt may have reached the acquirer: one
+        # that never left the switch (NotSent) leaves the next a 0400
+        repeat = entry.repeat
+        rev = build_advice(entry.payload, repeat) if advice else build_reversal(entry.payload, repeat)
+        written = True
+        try:
+            if link is None:
+                raise NotSent(acquirer, "no such link")
+            reply = await link.request(rev, link.cfg.timeout, draining_ok=True)
+        except NotSent as exc:
+            problem = str(exc)
+            written = False
+            self.counters["not_sent"] += 1
+        except OutcomeUnknown as exc:
+            problem = str(exc)
+        else:
+            rc = reply.doc.get("39") or ""
+            problem = None
+            if not rc.strip() or rc in self.retry_codes:
+                self.counters["retry_codes"] += 1
+                problem = f"answered {rc or 'without a response code'}: not applied"
+        if problem is not None:
+            delay = min(self.backoff_min * (2 ** entry.attempts), self.backoff_max)
+            # NotSent still counts toward max_attempts (and backs off), never toward repeats
+            await self.journal.sf_retry(entry.id, time.time() + delay, problem, sent=written)
+            self.counters["retries"] += 1
+            await asyncio.sleep(delay)  # FIFO: the head goes again before anything behind it
+            return
+        # Any other answer acknowledges the reversal (00 reversed, 25
+        # original not found: either way the acquirer now knows it must
+        # not stand); ``retry_codes`` say it was not applied.
+        await self.journal.sf_ack(entry.id)
+        self.counters["advices_acknowledged" if advice else "acknowledged"] += 1
+        self._depth[acquirer] = max(0, self._depth.get(acquirer, 1) - 1)
+        log.info("%s %d acknowledged by %s (rc %s)", entry.kind, entry.id, acquirer, reply.doc.get("39"))

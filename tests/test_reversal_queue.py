@@ -298,6 +298,39 @@ def test_not_sent_attempts_back_off_and_count_but_the_first_on_the_wire_is_0400(
     run(go())
 
 
+def test_the_sender_outlives_a_journal_write_that_fails(backend):
+    """A journal write failing under the sender (the SQLite writer restarting,
+    a database blip) ended the acquirer's sender task: its queue then sat
+    until the next enqueue. The sender goes on; the entry goes again once its
+    lease runs out, as a repeat."""
+    async def go():
+        j = backend.make()
+        await j.start()
+        link = ScriptedLink("acq-a", ["91", "00"])
+        q = ReversalQueue(j, backoff_min=0.01, backoff_max=0.02, poll_s=0.05, lease_s=0.3)
+        q.bind({"acq-a": link})
+        real_retry, failures = j.sf_retry, []
+
+        async def failing_retry(*a, **k):
+            if not failures:
+                failures.append(1)
+                raise RuntimeError("journal write failed: the writer is restarting")
+            return await real_retry(*a, **k)
+
+        j.sf_retry = failing_retry
+        try:
+            await q.start()
+            await q.enqueue("acq-a", payload(1), "timeout")
+            assert await _drain_until(lambda: q.counters["acknowledged"] == 1)
+            assert q.counters["sender_errors"] == 1
+            assert [d["t"] for d in link.wire] == ["0400", "0401"]
+        finally:
+            await q.stop()
+            await j.close()
+
+    run(go())
+
+
 def test_an_entry_that_is_never_sent_is_still_parked_at_its_attempt_limit(backend):
     async def go():
         j = backend.make()
