@@ -287,8 +287,16 @@ class TerminalProtocol(asyncio.Protocol):
                 # is impossible, and silence would leave it waiting out its timeout
                 self._close_gracefully("unanswerable_closed", "undecodable message, no answer possible")
             return
-        if _mti_kind(req.get("t")) == "response":
+        kind = _mti_kind(req.get("t"))
+        if kind == "response":
             self._drop_response(req)
+            return
+        if kind == "unreadable":
+            # an MTI that is not four digits (the codec takes any 4 characters):
+            # no response MTI the terminal would recognise can be made for it
+            self.listener.counters["decode_errors"] += 1
+            log.warning("terminal message with an MTI that is not 4 digits; no answer possible")
+            self._close_gracefully("unanswerable_closed", "MTI not numeric, no answer possible")
             return
         if self.cfg.bind_terminal_id and req.get("t") not in NETWORK_REQUESTS and (
                 (req.get("41") or "").strip() != self.identity):

@@ -126,6 +126,21 @@ def test_unanswerable_undecodable_message_closes_the_connection(tmp_path, tls):
     run(go(), timeout=110)
 
 
+def test_a_message_whose_mti_is_not_numeric_closes_the_connection(tmp_path):
+    """``02X0`` decodes (the codec takes any 4 characters): it was answered
+    0210, an MTI the switch made up. No answer can name it: closed."""
+    async def go():
+        async with running_switch(tmp_path, {"acq-a": {}}) as sw:
+            lst = sw.listeners[0]
+            async with Raw.open(sw, tmp_path) as c:
+                c.send(c.encode(make_purchase(1000, stan=78) | {"t": "02X0"}))
+                assert await c.closed_without_answer(5.0)
+            assert lst.counters["unanswerable_closed"] == 1
+            assert not [d for d in sw.sims["acq-a"].received if not d["t"].startswith("08")]
+
+    run(go())
+
+
 def test_answerable_undecodable_message_still_gets_30(tmp_path):
     """Where DE11 precedes the bad field the 30 stays, and the connection lives."""
     async def go():
