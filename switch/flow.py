@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from core import iso8583
 from switch.acquirer import (
     HOST_NETWORK_OK,
     HOST_SIGN_OFF,
@@ -148,6 +149,8 @@ class TransactionFlow:
         self.on_acquirer = None
         # listener name -> its dialect is ISO 8583:1993 (register_listener)
         self.listener_v1993: dict[str, bool] = {}
+        self._listener_spec: dict[str, dict] = {}
+        self._translated: dict[str, frozenset] = {}
 
     # -- entry point -----------------------------------------------------------
 
@@ -187,6 +190,10 @@ class TransactionFlow:
         """Tell the flow a terminal listener's dialect, so a request of the
         other ISO 8583 version (not translated) is answered in the listener's own."""
         self.listener_v1993[name] = spec_is_1993(spec)
+        # acquirers whose dialect differs from this listener's: their answers
+        # are checked to encode for the terminal before the outcome is journaled
+        self._listener_spec[name] = spec
+        self._translated[name] = frozenset(n for n, link in self.links.items() if link.spec != spec)
 
     def _version_mismatch(self, req: dict, ctx: RequestContext) -> dict | None:
         """A format error for a request whose version is not its listener's:
@@ -259,6 +266,8 @@ class TransactionFlow:
             # before a restart): nothing was sent; the original's answer is replayed
             replay = await self._journaled_answer(req, ctx, key)
             return replay if replay is not None else switch_response(req, RC_DUPLICATE)
+        if sent is not None and acquirer in self._translated.get(ctx.listener, ()):
+            resp, sent = await self._deliverable(req, ctx, resp, acquirer, sent, txn_id)
         elapsed = time.monotonic() - t0
         attach = None
         if ctx.before_outcome is not None:
@@ -299,6 +308,25 @@ class TransactionFlow:
             if self.on_recent is not None:
                 self.on_recent(req, ctx, acquirer, resp.get("39", ""), seconds)
         return resp
+
+    async def _deliverable(self, req: dict, ctx: RequestContext, resp: dict, acquirer: str, sent: dict,
+                           txn_id: int) -> tuple[dict, dict | None]:
+        """An acquirer's answer from another dialect than the terminal's may
+        not fit it (a longer field, another format): the listener could then
+        only send a bare 96, and the acquirer's approval would stand behind
+        the terminal's back. Checked here, before the outcome is journaled:
+        such an answer becomes 96 and the request is reversed there."""
+        spec = self._listener_spec[ctx.listener]
+        try:
+            iso8583.encode({k: v for k, v in resp.items() if k in spec}, spec)
+        except iso8583.EncodeError as e:
+            self.counters["answer_not_encodable"] += 1
+            log.warning("answer from %s cannot be encoded for listener %s (%s, field %s): 96, reversal queued",
+                        acquirer, ctx.listener, e.msg, e.field)
+            await self.reversals.enqueue_or_hold(acquirer, sent, "answer cannot be encoded for the terminal",
+                                                 txn_id)
+            return switch_response(req, RC_SYSTEM_ERROR), None
+        return resp, sent
 
     def _txn_record(self, req: dict, ctx: RequestContext, key) -> TxnRecord:
         amount = req.get("4")

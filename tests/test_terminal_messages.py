@@ -221,3 +221,34 @@ def test_a_1993_terminal_reversal_finds_its_original_without_a_transmission_time
             assert rev["56"][:10] == "1200" + sent["11"]
 
     run(go())
+
+
+def test_an_approval_that_does_not_fit_the_terminals_dialect_is_96_and_reversed(tmp_path):
+    """An acquirer dialect with a longer DE38 than the terminal's: the listener
+    could only have sent a bare 96 while the approval stood at the acquirer."""
+    import json
+    from pathlib import Path
+
+    wide = json.loads((Path(__file__).resolve().parent.parent / "codecs" / "default.json").read_text())
+    wide["38"] = dict(wide["38"], len_type=2, max_len=8)
+    wide.get("_meta", {})["name"] = "wide38"
+    path = tmp_path / "wide38.json"
+    path.write_text(json.dumps(wide))
+
+    async def go():
+        async with running_switch(tmp_path, {"acq-a": {"dialect": str(path)}}) as sw:
+            a = sw.sims["acq-a"]
+            a.approval_code = lambda req: "A1B2C3D4"  # fits the acquirer's DE38, not the terminal's
+            async with terminal(sw, tmp_path) as t:
+                r = await t.request(make_purchase(9500, stan=95))
+            assert r["39"] == "96" and r["11"] == "000095"
+            await _settled(sw, a, 1)
+            sent = financial(a)[0]
+            (rev,) = reversals(a)
+            assert rev["90"][:10] == "0200" + sent["11"]
+            assert sw.flow.counters["answer_not_encodable"] == 1
+            row = (await sw.journal.by_rrn(sent["37"]))[0] if sent.get("37") else None
+            if row is not None:
+                assert row["response_code"] == "96"
+
+    run(go())
