@@ -173,6 +173,28 @@ def test_malformed_and_oversized_requests_get_aiohttps_answers(tmp_path):
     run(main())
 
 
+def test_a_request_aiohttp_cannot_parse_echoes_nothing_it_sent(tmp_path, caplog):
+    """aiohttp's parser errors quote the raw request: the 400 and the logged
+    traceback carried the body's PAN and CVV and the API key. Now a problem
+    document that names none of it, and a log line with the error's type."""
+    async def main():
+        async with running_api(tmp_path, {"acq-a": {}}) as api:
+            secret = api.keys["payments"]
+            for raw in (request(api, payment(cvv="987")).replace(b"\r\n", b"\n"),
+                        request(api, payment(cvv="987"), extra=f"X-Card: {TEST_PAN}\x01\r\n")):
+                c = await Raw.open(api)
+                await c.send(raw)
+                data = await asyncio.wait_for(c.r.read(65536), 10)
+                c.close()
+                assert data.startswith(b"HTTP/1.") and b" 400 " in data.split(b"\r\n", 1)[0]
+                for leak in (TEST_PAN.encode(), b"987", secret.encode()):
+                    assert leak not in data
+                assert b"application/problem+json" in data
+    run(main())
+    logged = "\n".join(r.getMessage() + (r.exc_text or "") for r in caplog.records)
+    assert TEST_PAN not in logged and "987" not in logged and "isk_" not in logged
+
+
 def test_both_paths_answer_bad_requests_the_same(tmp_path):
     """The lean path and aiohttp (reached with a query string, which the lean
     path leaves alone) give the same status, type and problem document."""

@@ -27,9 +27,12 @@ import asyncio
 import logging
 import re
 import time
+import traceback
 from http import HTTPStatus
 
+import orjson
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
 
 log = logging.getLogger("isoswitch.api")
 
@@ -226,6 +229,41 @@ class FastPaymentsProtocol(asyncio.Protocol):
         return self._busy
 
 
+class QuietRequestHandler(RequestHandler):
+    """aiohttp's connection handler, minus the echo of what the client sent.
+
+    aiohttp answers a request it cannot parse (bare LF line ends, a control
+    character in a header) with its parser's message, which quotes the raw
+    request: the body's PAN and CVV and the Authorization header's API key,
+    in the response and in the logged traceback. This one answers an RFC 9457
+    problem that names nothing the client sent, and logs the error's type
+    only (and, for a 500, where it happened: frames, not the message)."""
+
+    __slots__ = ()
+
+    def handle_error(self, request, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        where = ""
+        if status >= 500 and exc is not None and exc.__traceback__ is not None:
+            where = "\n" + "".join(traceback.format_tb(exc.__traceback__))
+        log.warning("REST API: request failed with %d (%s)%s", status,
+                    type(exc).__name__ if exc is not None else "no exception", where)
+        if request.writer.output_size > 0:
+            raise ConnectionError("response already started; the connection is closed")
+        title = "Bad request" if status < 500 else "Internal error"
+        detail = "malformed HTTP request" if status < 500 else "the request could not be completed"
+        body = orjson.dumps({"type": f"urn:isoswitch:problem:{title.lower().replace(' ', '-')}",
+                             "title": title, "status": status, "detail": detail})
+        resp = web.Response(status=status, body=body, content_type="application/problem+json")
+        resp.force_close()
+        return resp
+
+
+def _quiet(handler: RequestHandler) -> RequestHandler:
+    handler.__class__ = QuietRequestHandler
+    return handler
+
+
 class ApiServer:
     """The started API: the listening socket, the lean payments path and the
     aiohttp application behind it. ``cleanup()`` stops it; ``addresses`` are
@@ -238,7 +276,7 @@ class ApiServer:
         self.state = state
         self.max_body = max_body
         self.loop = asyncio.get_running_loop()
-        self.aiohttp_factory = runner.server
+        self.aiohttp_factory = lambda: _quiet(runner.server())
         self.connections: set[FastPaymentsProtocol] = set()
         self.server: asyncio.AbstractServer | None = None
         self._date = _Date()
