@@ -41,6 +41,11 @@ _TRACK2 = re.compile(r";?\b\d{12,19}[=Dd]\d{4,}[0-9A-Fa-f]*\??")
 _PAN = re.compile(r"(?<![0-9])(?:\d{13,19}|\d{4}(?:[ -]\d{4}){2}[ -]\d{1,7}|\d{4}[ -]\d{6}[ -]\d{5})"
                   r"(?![0-9])")
 _HEX16 = re.compile(r"\b[0-9A-Fa-f]{16}\b")
+# A verification code or PIN named in text (a JSON body or a query string
+# quoted in an exception): ``"cvv": "987"``, ``cvc=123``. PCI DSS 3.3.1.
+_SECRET_IN_TEXT = re.compile(r"""(?i)(["']?\b(?:cvv2?|cvc2?|cid|pin(?:_?block)?)["']?\s*[:=]\s*)(["']?)[^"',&}\s]+\2""")
+# An API key's secret (switch.api.auth: isk_<id>_<secret>); the id is kept to tell keys apart.
+_API_KEY = re.compile(r"\b(isk_[0-9a-f]{8}_)[A-Za-z0-9_-]{8,}")
 
 TRACK_REMOVED = "[track data removed]"
 PIN_REMOVED = "[pin block removed]"
@@ -61,9 +66,15 @@ def _mask_pan_match(m: re.Match) -> str:
 
 
 def mask_text(text: str) -> str:
-    """``text`` with track data removed and Luhn-valid PANs masked."""
-    if not text or not any(c.isdigit() for c in text):
+    """``text`` with track data removed, Luhn-valid PANs masked, verification
+    codes, PINs and API key secrets removed."""
+    if not text:
         return text
+    if "isk_" in text:
+        text = _API_KEY.sub(r"\1" + SECRET_REMOVED, text)
+    if not any(c.isdigit() for c in text):
+        return text
+    text = _SECRET_IN_TEXT.sub(lambda m: m.group(1) + m.group(2) + SECRET_REMOVED + m.group(2), text)
     text = _TRACK2.sub(TRACK_REMOVED, text)
     return _PAN.sub(_mask_pan_match, text)
 

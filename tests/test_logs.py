@@ -79,6 +79,20 @@ def test_mask_text_rules():
         assert mask_text(keep) == keep
 
 
+def test_mask_text_removes_verification_codes_pins_and_api_key_secrets():
+    """What an HTTP parser error quotes from a raw request: a JSON body with a
+    CVV and an Authorization header with an API key."""
+    raw = ('b\'{"pan": "4111111111111111", "cvv": "987", "expiry": "2912"}\' '
+           "Authorization: Bearer isk_0a1b2c3d_AbCdEfGhIjKlMnOpQrStUvWxYz012345")
+    out = mask_text(raw)
+    assert '"cvv": "[removed]"' in out and "987" not in out
+    assert "isk_0a1b2c3d_[removed]" in out and "AbCdEfGh" not in out
+    assert "4111111111111111" not in out and '"expiry": "2912"' in out
+    assert mask_text("cvc=123&amount=5 pin_block: 1234ABCD") == "cvc=[removed]&amount=5 pin_block: [removed]"
+    # words that merely contain the names are left alone
+    assert mask_text("the pinned version 12; spin: 3") == "the pinned version 12; spin: 3"
+
+
 def test_message_args_extra_and_exceptions_masked(captured):
     log = logging.getLogger("isoswitch.test")
     log.info("oops %s", TEST_PAN)
