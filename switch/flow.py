@@ -106,6 +106,10 @@ class RequestContext:
     # Set by the flow: its outcome (and whatever was attached to it) could not
     # be journaled, so the answer became 96 and the acquirer's is reversed.
     outcome_failed: bool = False
+    # A follow-up of an earlier request of this terminal (a channel's capture
+    # or refund): (its MTI, DE11, DE7). It goes to the acquirer that had that
+    # request. A terminal's advice names its original in DE90 instead.
+    original: tuple[str, str, str] | None = None
 
 
 class TraceCollision(Exception):
@@ -411,14 +415,19 @@ class TransactionFlow:
         if not decision.configured:
             self.counters["no_route"] += 1
             return None, switch_response(req, RC_NO_ROUTE), "", None
-        if is_advice_mti(req.get("t")):
-            return await self._forward_advice(req, ctx, txn, decision)
+        advice = is_advice_mti(req.get("t"))
+        pinned = await self._original_acquirer(req, ctx) if advice or ctx.original is not None else None
+        if advice:
+            return await self._forward_advice(req, ctx, txn, decision, pinned)
+        # a follow-up goes where its original went: a refund of a purchase
+        # another acquirer holds would settle with the wrong one
+        ordered = (pinned,) if pinned is not None else decision.ordered
         journal = self.journal
         journaled: list[int] = []  # the txn_id once the first forwarding is journaled
         last_answer = None
         v1993 = req["t"].startswith("1")
         speaks_version = False  # a candidate of the request's ISO 8583 version was seen
-        for name in decision.ordered:
+        for name in ordered:
             link = self.links.get(name)
             if link is None:
                 continue
@@ -507,12 +516,37 @@ class TransactionFlow:
         self.counters["no_acquirer"] += 1
         return txn_id, switch_response(req, RC_INOPERATIVE), "", None
 
+    async def _original_acquirer(self, req: dict, ctx: RequestContext) -> str | None:
+        """The acquirer that had the request ``req`` follows up (a completion
+        advice's authorization, a channel's refund of its purchase), found in
+        the journal by the terminal's own key; None when unknown."""
+        if ctx.original is not None:
+            mti, stan, tkey = ctx.original
+            row = await self.journal.find_txn(_key_terminal(req, ctx), stan, tkey, original_mti(mti)) \
+                if mti and stan and tkey else None
+        elif req["t"].startswith("1"):
+            de56 = req.get("56", "")
+            if len(de56) < 10 or not de56[:10].isdigit():
+                return None
+            row = await self.journal.find_latest_txn(_key_terminal(req, ctx), de56[4:10], original_mti(de56[:4]),
+                                                     time.time() - _REVERSAL_LOOKBACK_S)
+        else:
+            de90 = req.get("90", "")
+            if len(de90) < 20 or not de90[:20].isdigit():
+                return None
+            row = await self.journal.find_txn(_key_terminal(req, ctx), de90[4:10], de90[10:20],
+                                              original_mti(de90[:4]))
+        if row is None or row.get("forwarded_at") is None or not row.get("acquirer"):
+            return None
+        return row["acquirer"] if row["acquirer"] in self.links else None
+
     async def _forward_advice(self, req: dict, ctx: RequestContext, txn: TxnRecord,
-                              decision) -> tuple[int | None, dict, str, None]:
+                              decision, pinned: str | None = None) -> tuple[int | None, dict, str, None]:
         """An advice (x120/x220: a completion, a stand-in authorization) reports
         what has happened, so it is delivered, never reversed, and never sent
-        to another acquirer than its own: the first the routing rule names
-        that this switch has a link to (the one holding the authorization).
+        to another acquirer than its own: the one that had the request it
+        names (``pinned``: DE90/DE56, or a channel's ``ctx.original``), else
+        the first the routing rule names that this switch has a link to.
 
         When that link takes it now, the acquirer's acknowledgement is passed
         on. Otherwise -- link down, drained, circuit open, not sent, timed out,
@@ -524,7 +558,7 @@ class TransactionFlow:
         Never returns the request as sent: an acknowledged advice is not
         reversed when its outcome cannot be journaled.
         """
-        name = next((n for n in decision.configured if n in self.links), None)
+        name = pinned or next((n for n in decision.configured if n in self.links), None)
         if name is None or self.links[name].v1993 != req["t"].startswith("1"):
             # (its own acquirer speaks the other ISO 8583 version: no translation, never sent)
             self.counters["no_route"] += 1

@@ -1669,6 +1669,9 @@ class NullJournal:
     async def sf_enqueue(self, acquirer, kind, txn_id, payload_fields, *, next_at=None) -> int:
         self._ids += 1
         now = time.time()
+    async def find_latest_txn(self, *a, **k):
+        return None
+
         self._sf[self._ids] = SfEntry(self._ids, acquirer, kind, txn_id, "queued", now,
                                       now if next_at is None else next_at, 0, 0)
         self._payloads[self._ids] = dict(payload_fields)

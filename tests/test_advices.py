@@ -153,3 +153,33 @@ def test_kill9_between_forwarding_an_advice_and_answering_repeats_it_once(tmp_pa
             await sim.stop()
 
     run(go(), timeout=120)
+
+
+def test_a_completion_goes_to_the_acquirer_that_had_its_authorization(tmp_path):
+    """A 0220 naming its 0100 in DE90 went to the first acquirer the rule
+    names, which never saw the authorization; it goes where the 0100 went."""
+    from switch.sim.terminal import make_purchase
+    from tests.switch_harness import running_switch, terminal
+
+    routing = """
+    [routing]
+    default_acquirers = ["acq-a", "acq-b"]
+    """
+
+    async def go():
+        async with running_switch(tmp_path, routing=routing) as sw:
+            sw.router.rng.random = lambda: 0.0
+            a, b = sw.sims["acq-a"], sw.sims["acq-b"]
+            sw.links["acq-a"].draining = True
+            async with terminal(sw, tmp_path) as t:
+                auth = make_purchase(2000, stan=101, mti="0100")
+                assert (await t.request(auth))["39"] == "00"
+                sw.links["acq-a"].draining = False
+                completion = make_purchase(2000, stan=102, mti="0220")
+                completion["90"] = "0100" + auth["11"] + auth["7"] + "0" * 22
+                r = await t.request(completion)
+            assert r["t"] == "0230" and r["39"] == "00"
+            assert [d["t"] for d in a.received if not d["t"].startswith("08")] == []
+            assert [d["t"] for d in b.received if not d["t"].startswith("08")] == ["0100", "0220"]
+
+    asyncio.run(asyncio.wait_for(go(), 60))

@@ -331,6 +331,45 @@ def test_a_refund_counts_in_its_payment_in_the_same_write(tmp_path):
     run(go())
 
 
+def test_captures_and_refunds_go_to_the_acquirer_that_had_the_payment(tmp_path):
+    """With two acquirers in the rule, a follow-up went to the first the rule
+    names: a capture completed an authorization the other acquirer held, and
+    refunds spread over both."""
+    routing = """
+    [routing]
+    default_acquirers = ["acq-a", "acq-b"]
+    """ + API_ON
+
+    async def go():
+        auth = _payments_auth(tmp_path)
+        async with running_switch(tmp_path, routing=routing) as sw:
+            sw.router.rng.random = lambda: 0.0  # acq-a first whenever it can take it
+            a, b = sw.sims["acq-a"], sw.sims["acq-b"]
+            session, base = _session(sw, tmp_path)
+            async with session as s:
+                sw.links["acq-a"].draining = True  # the payments go to acq-b
+                auth_body = dict(_purchase(3000), type="authorization")
+                r = await s.post(f"{base}/v1/payments", json=auth_body, headers={**auth, "Idempotency-Key": "a1"})
+                authz = await r.json()
+                r = await s.post(f"{base}/v1/payments", json=_purchase(4000), headers={**auth, "Idempotency-Key": "p1"})
+                paid = await r.json()
+                assert authz["approved"] and paid["approved"]
+                sw.links["acq-a"].draining = False  # acq-a would come first now
+                r = await s.post(f"{base}/v1/payments/{authz['id']}/capture", json={},
+                                 headers={**auth, "Idempotency-Key": "c1"})
+                assert (await r.json())["approved"]
+                for i in range(2):
+                    r = await s.post(f"{base}/v1/payments/{paid['id']}/refund", json={"amount": 1000},
+                                     headers={**auth, "Idempotency-Key": f"r{i}"})
+                    assert (await r.json())["approved"]
+            assert [d["t"] for d in a.received if not d["t"].startswith("08")] == []
+            assert sorted(d["t"] for d in b.received if not d["t"].startswith("08")) == \
+                ["0100", "0200", "0200", "0200", "0220"]
+            assert sw.flow.counters["no_acquirer"] == 0
+
+    run(go())
+
+
 def test_two_switches_on_one_postgres_journal_never_refund_a_payment_twice(tmp_path, pg_dsn):
     """Two switch processes share a PostgreSQL journal: a refund of a payment's
     full amount posted to each at once (two Idempotency-Keys, as from a

@@ -897,7 +897,8 @@ def _iso_time(ts: float) -> str:
     return f"{_at(sec).iso}.{us // 1000:03d}Z"
 
 
-async def _run_flow(st: ApiState, req: dict, before_outcome=None, ctx_out: list | None = None) -> dict:
+async def _run_flow(st: ApiState, req: dict, before_outcome=None, ctx_out: list | None = None,
+                    original: tuple | None = None) -> dict:
     """The flow's answer; the API's trace numbers are its own, so a key collision
     (another process, a restart within the second) is retried with a new STAN --
     never answered with another payment's replay."""
@@ -906,7 +907,7 @@ async def _run_flow(st: ApiState, req: dict, before_outcome=None, ctx_out: list 
     now = time.monotonic()
     name = st.settings.listener_name
     ctx = RequestContext(name, None, now, now + st.settings.timeout, channel=name,
-                         before_outcome=before_outcome)
+                         before_outcome=before_outcome, original=original)
     if ctx_out is not None:
         ctx_out.append(ctx)
     for _ in range(8):
@@ -1042,7 +1043,12 @@ async def _flow_with_record(st: ApiState, req: dict, record, idem: tuple[str, st
         early.append((rec, st.store.add_soon(rec, card, idem), None))
         return None
 
-    resp = await _run_flow(st, req, before_outcome, ctx_out)
+    # a follow-up goes to the acquirer that had its payment (RequestContext.original)
+    original = None
+    if parent is not None:
+        p = parent[0]
+        original = (p.get("iso_mti"), p.get("iso_stan"), p.get("iso_de7"))
+    resp = await _run_flow(st, req, before_outcome, ctx_out, original)
     if not early:  # answered before reaching the acquirer (format error, shed): no outcome hook
         rec, card = record(resp)
         await st.store.add_soon(rec, card, idem)
