@@ -34,6 +34,10 @@ _LATE_MEMORY = 10_000
 _DEFAULT_TPDU = b"\x60\x00\x00\x00\x00"
 
 
+# NotSent.reason of a message this acquirer's dialect cannot carry (it never will)
+CANNOT_ENCODE = "cannot encode for this acquirer"
+
+
 class NotSent(Exception):
     """The acquirer certainly did not receive the request: failing over is safe."""
 
@@ -385,7 +389,7 @@ class AcquirerLink:
             raw, _ = iso8583.encode(out, self.spec)
         except iso8583.EncodeError as e:
             self.counters["encode_errors"] += 1
-            raise NotSent(self.name, f"cannot encode for this acquirer: {e.msg}, field {e.field}") from None
+            raise NotSent(self.name, f"{CANNOT_ENCODE}: {e.msg}, field {e.field}") from None
         if before_write is not None:
             t0 = time.monotonic()
             self._reserved.add(stan)

@@ -479,9 +479,15 @@ SQL_SF_PARK = ("UPDATE sf_queue SET state = 'parked', parked_reason = ?, parked_
                "lease_owner = NULL, lease_until = NULL, lease_boot = NULL WHERE id = ? AND state = 'queued'")
 SQL_SF_REQUEUE = ("UPDATE sf_queue SET state = 'queued', next_at = ?, attempts = 0, parked_reason = NULL, "
                   "parked_at = NULL, last_error = ? WHERE id = ? AND state = 'parked'")
+# FIFO per acquirer across processes (DESIGN.md #4): only the acquirer's
+# oldest queued entry is ever claimed. While it waits out its backoff, or
+# another process holds it (its lease, or on PostgreSQL its row lock: SKIP
+# LOCKED then finds nothing), nothing behind it goes out -- taking the next
+# one instead gave the queue two heads, sent out of order.
 SQL_SF_CLAIM_PICK = (
-    "SELECT id FROM sf_queue WHERE acquirer = ? AND state = 'queued' AND next_at <= ? "
-    "AND (lease_until IS NULL OR lease_until < ?) ORDER BY id LIMIT 1"
+    "SELECT id FROM sf_queue WHERE id = (SELECT h.id FROM sf_queue h WHERE h.acquirer = ? "
+    "AND h.state = 'queued' ORDER BY h.id LIMIT 1) AND next_at <= ? "
+    "AND (lease_until IS NULL OR lease_until < ?)"
 )
 _SF_RETURNING = " RETURNING " + ", ".join(SF_COLS) + ", payload"
 # A lease still set when the entry is claimed again expired without its
@@ -1663,15 +1669,15 @@ class NullJournal:
     async def find_txn(self, *a, **k):
         return None
 
+    async def find_latest_txn(self, *a, **k):
+        return None
+
     async def recover_and_enqueue(self) -> int:
         return 0
 
     async def sf_enqueue(self, acquirer, kind, txn_id, payload_fields, *, next_at=None) -> int:
         self._ids += 1
         now = time.time()
-    async def find_latest_txn(self, *a, **k):
-        return None
-
         self._sf[self._ids] = SfEntry(self._ids, acquirer, kind, txn_id, "queued", now,
                                       now if next_at is None else next_at, 0, 0)
         self._payloads[self._ids] = dict(payload_fields)

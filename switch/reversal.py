@@ -322,7 +322,7 @@ class ReversalQueue:
                 await asyncio.sleep(self.poll_s)
 
     async def _send_next(self, acquirer: str, wake: asyncio.Event) -> None:
-        from switch.acquirer import NotSent, OutcomeUnknown
+        from switch.acquirer import CANNOT_ENCODE, NotSent, OutcomeUnknown
 
         try:
             entry = await self.journal.sf_claim(acquirer, self.worker_id, self.lease_s)
@@ -340,9 +340,13 @@ class ReversalQueue:
             except asyncio.TimeoutError:
                 pass
             return
-        if entry.attempts >= self.max_attempts or time.time() - entry.created_at > self.max_age:
+        # the attempt limit counts attempts that reached the link: an acquirer
+        # that was unreachable for a while gets its reversals once it is back
+        # (the age limit still parks what waits too long)
+        if entry.sent >= self.max_attempts or time.time() - entry.created_at > self.max_age:
             # parked before this claim's attempt: it did not send anything
-            await self.journal.sf_park(entry.id, f"gave up after {entry.attempts} attempts", sent=False)
+            await self.journal.sf_park(entry.id, f"gave up after {entry.attempts} attempts "
+                                       f"({entry.sent} sent)", sent=False)
             self.counters["parked"] += 1
             log.error("%s %d for %s parked after %d attempts", entry.kind, entry.id, acquirer, entry.attempts)
             await self.refresh()
@@ -359,6 +363,13 @@ class ReversalQueue:
                 raise NotSent(acquirer, "no such link")
             reply = await link.request(rev, link.cfg.timeout, draining_ok=True)
         except NotSent as exc:
+            if exc.reason.startswith(CANNOT_ENCODE):
+                # it never will be: parked at once, visible, with the reason
+                await self.journal.sf_park(entry.id, str(exc), sent=False)
+                self.counters["parked"] += 1
+                log.error("%s %d for %s parked: %s", entry.kind, entry.id, acquirer, exc)
+                await self.refresh()
+                return
             problem = str(exc)
             written = False
             self.counters["not_sent"] += 1

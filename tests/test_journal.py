@@ -402,18 +402,21 @@ def test_sf_fifo_per_acquirer_and_retry(backend):
             e = await j.sf_claim("acq-a", "w1", 30)
             assert (e.id, e.kind, e.payload, e.repeat) == (a1, "reversal", {"11": "1"}, False)
             assert e.lease_owner == "w1" and e.lease_until > time.time()
-            # a1 is leased: the next claimer gets the next oldest
-            assert (await j.sf_claim("acq-a", "w2", 30)).id == a2
+            # a1 is leased: nothing behind it is claimed, by any claimer (FIFO
+            # per acquirer); another acquirer's queue is its own
+            assert await j.sf_claim("acq-a", "w2", 30) is None
             assert (await j.sf_claim("acq-b", "w3", 30)).id == b1
-            # retry a1 later with backoff: a3 becomes the oldest due entry
+            # a1 retried later with backoff: its queue waits for it
             assert await j.sf_retry(a1, time.time() + 0.4, "timeout")
-            assert (await j.sf_claim("acq-a", "w1", 30)).id == a3
             assert await j.sf_claim("acq-a", "w1", 30) is None
             await asyncio.sleep(0.5)
             e = await j.sf_claim("acq-a", "w1", 30)
             assert e.id == a1 and e.attempts == 1 and e.repeat and e.last_error == "timeout"
-            for x in (a1, a2, a3, b1):
+            assert await j.sf_ack(a1)
+            for x in (a2, a3):
+                assert (await j.sf_claim("acq-a", "w2", 30)).id == x
                 assert await j.sf_ack(x)
+            assert await j.sf_ack(b1)
             assert not await j.sf_ack(a1)  # already acknowledged
             assert await j.sf_depth() == 0
             assert await j.sf_claim("acq-a", "w1", 30) is None
@@ -460,8 +463,11 @@ def test_sf_concurrent_claimers_each_entry_once(backend):
             async def worker(j, name):
                 while True:
                     e = await j.sf_claim("acq-a", name, 60)
-                    if e is None:
-                        return
+                    if e is None:  # the head is another worker's now (FIFO), or all are done
+                        if await j.sf_depth("acq-a") == 0:
+                            return
+                        await asyncio.sleep(0.001)
+                        continue
                     claimed.append((name, e.id))
                     assert e.payload == {"11": f"{ids.index(e.id):06d}"}
                     await asyncio.sleep(0)
@@ -563,6 +569,7 @@ def test_crash_recovery_queues_each_reversal_once(backend):
             for acq in ("acq-a", "acq-b"):
                 while (e := await b.sf_claim(acq, "w", 30)) is not None:
                     got[e.txn_id] = (e.acquirer, e.kind, e.payload)
+                    assert await b.sf_ack(e.id)  # the head first: the next is claimed once it is done
             assert got[t_unknown][:2] == ("acq-a", "reversal") and got[t_unknown][2]["11"] == "000011"
             assert got[t_answered][:2] == ("acq-b", "reversal") and got[t_answered][2]["11"] == "000013"
             assert got[t_queued][2]["11"] == "000014"
@@ -576,7 +583,7 @@ def test_crash_recovery_queues_each_reversal_once(backend):
         await c.start()
         try:
             assert await c.recover_and_enqueue() == 0
-            assert await c.sf_depth() == 3
+            assert await c.sf_depth() == 0  # the three were acknowledged above; none queued again
         finally:
             await c.close()
 

@@ -81,6 +81,9 @@ def test_a_dead_boots_lease_is_released_at_start_up_and_its_entry_goes_first_as_
             assert got.repeat and got.claims == 2, "it may have been sent: 0401"
             assert b.leases_released == 1 and got.sent == 1
             assert got.lease_owner == "worker-of-b" and got.lease_boot == b.boot_id
+            # nothing overtakes the head while it is held (FIFO)
+            assert await b.sf_claim("acq-a", "worker-of-b", 60) is None
+            assert await b.sf_ack(first)
             nxt = await b.sf_claim("acq-a", "worker-of-b", 60)
             assert nxt.id == second and not nxt.repeat
             # a second recovery releases nothing (b's own leases are live)
@@ -100,10 +103,11 @@ def test_a_stale_nodes_lease_is_released_and_a_live_nodes_is_kept(backend):
         dead = backend.make(node_id="node-dead")
         await live.start()
         await dead.start()
-        e1 = await live.sf_enqueue("acq-a", "reversal", None, payload(1))
+        # one queue each: a held head holds back its own acquirer's queue (FIFO)
+        e1 = await live.sf_enqueue("acq-b", "reversal", None, payload(1))
         e2 = await live.sf_enqueue("acq-a", "reversal", None, payload(2))
         e3 = await live.sf_enqueue("acq-a", "reversal", None, payload(3))
-        assert (await live.sf_claim("acq-a", "live-w", 60)).id == e1
+        assert (await live.sf_claim("acq-b", "live-w", 60)).id == e1
         assert (await dead.sf_claim("acq-a", "dead-w", 60)).id == e2
         dead._heartbeat_task.cancel()  # dies: its heartbeat goes stale
         await asyncio.sleep(1.2)
@@ -115,8 +119,9 @@ def test_a_stale_nodes_lease_is_released_and_a_live_nodes_is_kept(backend):
             got = await new.sf_claim("acq-a", "new-w", 60)
             assert got is not None and got.id == e2 and got.repeat, "the dead node's entry, as a repeat"
             assert new.leases_released == 1
+            assert await new.sf_ack(e2)
             assert (await new.sf_claim("acq-a", "new-w", 60)).id == e3
-            assert await new.sf_claim("acq-a", "new-w", 60) is None, "the live node's lease is kept"
+            assert await new.sf_claim("acq-b", "new-w", 60) is None, "the live node's lease is kept"
             assert (await new.sf_get(e1)).lease_owner == "live-w"
         finally:
             await new.close()
@@ -219,10 +224,12 @@ def test_an_existing_journal_gets_the_new_columns(backend):
             got = []
             while (e := await j.sf_claim("acq-a", "w", 60)) is not None:
                 got.append((e.id, e.repeat))
+                assert await j.sf_ack(e.id)
             if backend.name == "sqlite":  # one process owns the file: the old lease is stale
                 assert got == [(1, True), (2, True), (3, False)]
-            else:  # PostgreSQL cannot tell whose it was: it expires
-                assert got == [(1, True), (3, False)]
+            else:  # PostgreSQL cannot tell whose it was: it expires, and holds back what is behind it
+                assert got == [(1, True)]
+                assert (await j.sf_get(2)).lease_owner == "old:1"
         finally:
             await j.close()
         # a second start finds the columns in place
@@ -331,7 +338,10 @@ def test_the_sender_outlives_a_journal_write_that_fails(backend):
     run(go())
 
 
-def test_an_entry_that_is_never_sent_is_still_parked_at_its_attempt_limit(backend):
+def test_attempts_that_never_left_do_not_park_an_entry_the_acquirer_gets_it_when_back(backend):
+    """The attempt limit counts attempts written to the link: an acquirer
+    unreachable for longer than max_attempts backoffs still gets the reversal
+    (as an 0400) once it is back; only the age limit parks what never left."""
     async def go():
         j = backend.make()
         await j.start()
@@ -341,17 +351,48 @@ def test_an_entry_that_is_never_sent_is_still_parked_at_its_attempt_limit(backen
         try:
             await q.start()
             eid = await q.enqueue("acq-a", payload(1), "timeout")
-            assert await _drain_until(lambda: q.counters["parked"] == 1)
-            assert len(link.calls) == 3 and not link.wire
-            e = await j.sf_get(eid)
-            assert (e.state, e.attempts, e.sent) == ("parked", 3, 0)
-            await q.refresh()
-            assert [p.id for p in q.parked] == [eid]
-            # re-queued once the link is back: its first send is an 0400
+            assert await _drain_until(lambda: len(link.calls) >= 6)
+            assert q.counters["parked"] == 0 and not link.wire
             link.script = ["00"]
-            assert await q.requeue_parked(eid)
             assert await _drain_until(lambda: q.counters["acknowledged"] == 1)
             assert [d["t"] for d in link.wire] == ["0400"]
+            e = await j.sf_get(eid)
+            assert e.state == "acked" and e.attempts >= 6 and e.sent == 0
+            # the age limit parks one that never left
+            q.max_age = 0.0
+            link.script = ["notsent"]
+            eid2 = await q.enqueue("acq-a", payload(2), "timeout")
+            assert await _drain_until(lambda: q.counters["parked"] == 1)
+            assert (await j.sf_get(eid2)).state == "parked" and len(link.wire) == 1
+        finally:
+            await q.stop()
+            await j.close()
+
+    run(go())
+
+
+def test_a_reversal_the_acquirers_dialect_cannot_encode_is_parked_at_once(backend):
+    async def go():
+        from switch.acquirer import CANNOT_ENCODE
+
+        class Unencodable(ScriptedLink):
+            async def request(self, doc, timeout, before_write=None, *, draining_ok=False):
+                self.calls.append(("encode", doc["t"]))
+                raise NotSent(self.name, f"{CANNOT_ENCODE}: Field data is 20 bytes, larger than maximum 19, "
+                                         "field 2")
+
+        j = backend.make()
+        await j.start()
+        link = Unencodable("acq-a", ["00"])
+        q = ReversalQueue(j, backoff_min=0.01, backoff_max=0.02, poll_s=0.05)
+        q.bind({"acq-a": link})
+        try:
+            await q.start()
+            eid = await q.enqueue("acq-a", payload(1), "timeout")
+            assert await _drain_until(lambda: q.counters["parked"] == 1)
+            assert len(link.calls) == 1
+            e = await j.sf_get(eid)
+            assert e.state == "parked" and CANNOT_ENCODE in e.parked_reason
         finally:
             await q.stop()
             await j.close()
