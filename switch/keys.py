@@ -81,8 +81,12 @@ def _new_key() -> bytes:
     return secrets.token_bytes(KEY_LEN)
 
 
-def _write_atomic(path: Path, doc: dict) -> None:
-    """Write ``doc`` to ``path`` with mode 0600, atomically (tmp + fsync + rename)."""
+def _write_atomic(path: Path, doc: dict, *, exclusive: bool = False) -> None:
+    """Write ``doc`` to ``path`` with mode 0600, atomically (tmp + fsync + rename).
+
+    ``exclusive``: only if ``path`` does not exist yet (a hard link, which
+    fails when it does: FileExistsError), so of two processes creating the
+    file at once exactly one wins and the other reads the winner's keys."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     data = (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode("ascii")
@@ -93,7 +97,11 @@ def _write_atomic(path: Path, doc: dict) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        if exclusive:
+            os.link(tmp, path)
+            os.unlink(tmp)
+        else:
+            os.replace(tmp, path)
     except BaseException:
         try:
             os.unlink(tmp)
@@ -150,7 +158,10 @@ def init_keys(path: Path | str) -> Path:
         "data_keys": {"k1": _b64e(_new_key())},
         "fingerprint_key": {"id": "f1", "key": _b64e(_new_key())},
     }
-    _write_atomic(path, doc)
+    try:
+        _write_atomic(path, doc, exclusive=True)
+    except FileExistsError:
+        raise KeyFileError(f"{path}: key file already exists; not overwriting it") from None
     return path
 
 
@@ -158,7 +169,12 @@ def ensure_keys(path: Path | str) -> "KeyRing":
     """Load the key file, creating it first if it does not exist."""
     path = Path(path)
     if not path.exists():
-        init_keys(path)
+        try:
+            init_keys(path)
+        except KeyFileError:
+            if not path.exists():
+                raise
+            # another process created it first: its keys are everyone's
     return KeyRing.load(path)
 
 

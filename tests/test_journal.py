@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import os
 import random
 import re
@@ -336,6 +337,29 @@ def test_duplicate_detection_and_replay(backend):
 
 # --------------------------------------------------------------------------
 # Encryption of reversal fields, key rotation
+
+
+def test_switch_processes_creating_the_key_file_at_once_all_get_the_same_keys(tmp_path):
+    """Two switch processes started together on a fresh state directory each
+    wrote a key file (the second replacing the first) and went on with its own
+    keys: what one encrypted, the other could not read (a recovered reversal
+    was parked "undecryptable"). Exactly one creation wins; all read its keys."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "state" / "keys.json"
+    code = ("import hashlib, json, sys; from switch.keys import ensure_keys; "
+            "m = ensure_keys(sys.argv[1])._material(); "
+            "print(hashlib.sha256(json.dumps(m, sort_keys=True, default=str).encode()).hexdigest())")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE, text=True)
+             for _ in range(8)]
+    digests = {p.communicate(timeout=60)[0].strip() for p in procs}
+    assert all(p.returncode == 0 for p in procs)
+    assert len(digests) == 1 and "" not in digests
+    from switch.keys import ensure_keys
+    on_disk = ensure_keys(path)._material()
+    assert hashlib.sha256(json.dumps(on_disk, sort_keys=True, default=str).encode()).hexdigest() in digests
+    assert [p.name for p in path.parent.iterdir()] == ["keys.json"], "no temporary file left behind"
 
 
 def test_reversal_fields_encrypted_and_rotation(backend, tmp_path):
