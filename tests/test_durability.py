@@ -320,9 +320,11 @@ def test_a_switch_process_killed_on_a_shared_postgres_journal_is_recovered_by_it
                            "stale_after_seconds = 1.5\n")
             cfg_a = write_config(tmp_path, sim.port, journal=journal_cfg, name="a.toml")
             cfg_b = write_config(tmp_path, sim.port, journal=journal_cfg, name="b.toml")
-            a, b = SwitchProcess(cfg_a, tmp_path / "a.log"), SwitchProcess(cfg_b, tmp_path / "b.log")
-            procs = [a, b]
+            a = SwitchProcess(cfg_a, tmp_path / "a.log")
+            procs = [a]
             port_a = await a.started()
+            b = SwitchProcess(cfg_b, tmp_path / "b.log")
+            procs.append(b)
             await b.started()
             sim.fault = Fault(drop_responses=True)  # forwarded, never answered
             client = TerminalClient("127.0.0.1", port_a, ssl=dev_client_context(tmp_path / "state"))
