@@ -199,14 +199,11 @@ class TransactionFlow:
         self._listener_spec[name] = spec
         self._translated[name] = frozenset(n for n, link in self.links.items() if link.spec != spec)
 
-    def _version_mismatch(self, req: dict, ctx: RequestContext) -> dict | None:
+    def _version_mismatch(self, req: dict, v1993: bool) -> dict:
         """A format error for a request whose version is not its listener's:
         an ISO 8583:1993 (1xxx) request on a 1987 listener, or the reverse.
         Answered with the listener's own kind of code (a 3-digit action code
         does not fit a 1987 DE39), never forwarded."""
-        v1993 = self.listener_v1993.get(ctx.listener)
-        if v1993 is None or req.get("t", "").startswith("1") == v1993:
-            return None
         self.counters["version_mismatch"] += 1
         resp = switch_response(req, RC_FORMAT_ERROR)
         resp["39"] = "904" if v1993 else RC_FORMAT_ERROR
@@ -230,10 +227,9 @@ class TransactionFlow:
 
     async def _process(self, req: dict, ctx: RequestContext, key) -> dict:
         mti = req.get("t", "")
-        if self.listener_v1993:
-            mismatch = self._version_mismatch(req, ctx)
-            if mismatch is not None:
-                return mismatch
+        v1993 = self.listener_v1993.get(ctx.listener)
+        if v1993 is not None and mti.startswith("1") != v1993:
+            return self._version_mismatch(req, v1993)
         if mti in NETWORK_REQUESTS:
             return self._network(req)
         if mti not in FINANCIAL_REQUESTS and mti not in REVERSAL_REQUESTS:
