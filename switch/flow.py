@@ -675,40 +675,41 @@ class TransactionFlow:
         if original.get("reversal_queued"):
             self.counters["reversal_already_queued"] += 1
             return resp, name
-        link = self.links.get(name)
-        if link is None:
-            return switch_response(req, RC_NO_ROUTE), ""
-        sent = self._acquirer_doc(req, link)
-        sent["t"] = original.get("mti") or orig_mti
         key_time = original.get("terminal_tx_time") or ""
         # the DE7 the acquirer saw: the terminal's own, or the switch's (see _acquirer_doc)
-        sent["7"] = key_time if key_time[:1].isdigit() else transmission_time(original["received_at"])
-        sent["11"] = original["link_stan"]
-        sent.pop("90", None)
-        sent.pop("56", None)
+        de7 = key_time if key_time[:1].isdigit() else transmission_time(original["received_at"])
         # queued against the original: marks it reversed in the same write
-        await self.reversals.enqueue(name, sent, "terminal reversal", original["txn_id"])
-        self.counters["terminal_reversals"] += 1
+        if not await self._queue_reversal(req, name, original.get("mti") or orig_mti, original["link_stan"], de7,
+                                          original["txn_id"]):
+            return switch_response(req, RC_NO_ROUTE), ""
         return resp, name
 
     async def _reversal_unjournaled(self, req: dict, orig_mti: str, orig_stan, orig_time,
                                     txn_id: int) -> tuple[dict, str]:
         decision = self.router.route(req)
         name = (decision.ordered or decision.configured or ("",))[0]
+        if not await self._queue_reversal(req, name, orig_mti, orig_stan, orig_time, txn_id):
+            return switch_response(req, RC_NO_ROUTE), ""
+        resp = switch_response(req, "00")
+        resp["t"] = response_mti(req["t"])
+        return resp, name
+
+    async def _queue_reversal(self, req: dict, name: str, orig_mti: str, stan, de7, txn_id) -> bool:
+        """Queue the reversal a terminal asked for at acquirer ``name``, naming
+        the original as that acquirer knows it (MTI, DE11, DE7, which the queue
+        turns into DE90/DE56). False when there is no such link."""
         link = self.links.get(name)
         if link is None:
-            return switch_response(req, RC_NO_ROUTE), ""
+            return False
         sent = self._acquirer_doc(req, link)
         sent["t"] = orig_mti
-        sent["7"] = orig_time
-        sent["11"] = orig_stan
+        sent["7"] = de7
+        sent["11"] = stan
         sent.pop("90", None)
         sent.pop("56", None)
         await self.reversals.enqueue(name, sent, "terminal reversal", txn_id)
         self.counters["terminal_reversals"] += 1
-        resp = switch_response(req, "00")
-        resp["t"] = response_mti(req["t"])
-        return resp, name
+        return True
 
 
 def _key_terminal(req: dict, ctx: RequestContext) -> str | None:
