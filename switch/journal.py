@@ -484,9 +484,14 @@ SQL_SF_REQUEUE = ("UPDATE sf_queue SET state = 'queued', next_at = ?, attempts =
 # another process holds it (its lease, or on PostgreSQL its row lock: SKIP
 # LOCKED then finds nothing), nothing behind it goes out -- taking the next
 # one instead gave the queue two heads, sent out of order.
+# The outer ``state = 'queued'`` is not redundant on PostgreSQL: the head
+# subquery reads the statement's snapshot, and when another process acks that
+# head between the snapshot and the row lock, FOR UPDATE re-checks only the
+# outer conditions against the acked row (its lease is cleared by the ack), so
+# without it the acked entry -- payload NULL -- was claimed again.
 SQL_SF_CLAIM_PICK = (
     "SELECT id FROM sf_queue WHERE id = (SELECT h.id FROM sf_queue h WHERE h.acquirer = ? "
-    "AND h.state = 'queued' ORDER BY h.id LIMIT 1) AND next_at <= ? "
+    "AND h.state = 'queued' ORDER BY h.id LIMIT 1) AND state = 'queued' AND next_at <= ? "
     "AND (lease_until IS NULL OR lease_until < ?)"
 )
 _SF_RETURNING = " RETURNING " + ", ".join(SF_COLS) + ", payload"

@@ -511,6 +511,59 @@ def test_sf_concurrent_claimers_each_entry_once(backend):
     run(go())
 
 
+def test_sf_claim_never_returns_an_entry_acked_meanwhile(backend):
+    """Claims racing the head's ack from another process never hand out the acked entry.
+
+    On PostgreSQL the head subquery reads the statement's snapshot; an ack
+    committed between that snapshot and the row lock used to slip through
+    (the ack clears the lease), so the acked entry came back with no payload.
+    """
+    n = 600
+
+    async def go():
+        j1, j2 = backend.make(), backend.make()
+        await j1.start()
+        await j2.start()
+        try:
+            ids = [await j1.sf_enqueue("acq-a", "reversal", None, {"11": f"{i:06d}"}) for i in range(n)]
+            acked: set[int] = set()
+            handed: list[int] = []
+            done = asyncio.Event()
+
+            async def owner():  # claims and acks the head as fast as it can
+                while len(acked) < n:
+                    e = await j1.sf_claim("acq-a", "owner", 60)
+                    if e is None:
+                        await asyncio.sleep(0)
+                        continue
+                    handed.append(e.id)
+                    assert e.id not in acked
+                    assert await j1.sf_ack(e.id)
+                    acked.add(e.id)
+                done.set()
+
+            async def racer(name):  # claims without pause; whatever it gets it acks too
+                while not done.is_set():
+                    e = await j2.sf_claim("acq-a", name, 60)
+                    if e is None:
+                        await asyncio.sleep(0)
+                        continue
+                    handed.append(e.id)
+                    assert e.id not in acked, f"entry {e.id} claimed after its ack"
+                    assert e.payload == {"11": f"{ids.index(e.id):06d}"}
+                    assert await j2.sf_ack(e.id)
+                    acked.add(e.id)
+
+            await asyncio.wait_for(asyncio.gather(owner(), *(racer(f"r{i}") for i in range(6))), 50)
+            assert sorted(handed) == sorted(ids), "every entry handed out exactly once"
+            assert await j1.sf_depth() == 0
+        finally:
+            await j1.close()
+            await j2.close()
+
+    run(go())
+
+
 def test_sf_park_list_requeue(backend):
     async def go():
         j = backend.make()
