@@ -3,12 +3,12 @@
 Two kinds of series:
 
 * event metrics the hot path feeds (``observe_transaction``,
-  ``observe_acquirer``, ``rate_limited``, ``decode_error``, ``observe_api``):
+  ``observe_acquirer``, ``rate_limited``, ``observe_api``):
   counters and histograms updated as things happen;
 * state metrics read from a live :class:`switch.app.Switch` at scrape time by
   :class:`SwitchCollector` (in-flight, link and circuit states, queue depth,
-  parked reversals, late responses and the flow/listener/link counters), so
-  the hot path pays nothing for them.
+  parked reversals, late responses, decode errors and the flow/listener/link
+  counters), so the hot path pays nothing for them.
 
 Label values are bounded: acquirer and listener names come from the
 configuration (anything else is "other"), MTIs from a fixed allowlist,
@@ -167,9 +167,7 @@ class Metrics:
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         self.switch = None
         self._acquirers: frozenset[str] | None = None
-        self._listeners: frozenset[str] | None = None
         self._seen_acq: set[str] = set()
-        self._seen_lst: set[str] = set()
         self._seen_keys: set[str] = set()
         self._tx_children: dict = {}
         self._acq_children: dict = {}
@@ -188,9 +186,6 @@ class Metrics:
         self.rate_limited_total = Counter(
             "isoswitch_api_rate_limited", "API requests refused with 429, per API key name",
             ["key"], registry=r)
-        self.decode_errors = Counter(
-            "isoswitch_decode_errors", "Terminal messages that did not decode, per listener",
-            ["listener"], registry=r)
         self.api_requests = Counter(
             "isoswitch_api_requests", "REST API requests by route template, method and status",
             ["route", "method", "status"], registry=r)
@@ -210,7 +205,6 @@ class Metrics:
         cfg = getattr(switch, "config", None)
         if cfg is not None:
             self._acquirers = frozenset(a.name for a in cfg.acquirers)
-            self._listeners = frozenset(lc.name for lc in cfg.listeners) | {"api"}
         self.registry.register(SwitchCollector(switch))
 
     # -- hot path ----------------------------------------------------------
@@ -244,9 +238,6 @@ class Metrics:
 
     def rate_limited(self, key_name: str) -> None:
         self.rate_limited_total.labels(_bounded(key_name, None, self._seen_keys, 256)).inc()
-
-    def decode_error(self, listener: str | None) -> None:
-        self.decode_errors.labels(_bounded(listener, self._listeners, self._seen_lst)).inc()
 
     def observe_api(self, route: str, method: str, status: int, seconds: float) -> None:
         children = self._api_children.get((route, method, status))
@@ -374,13 +365,22 @@ class SwitchCollector:
         lst_events = CounterMetricFamily("isoswitch_listener_events",
                                          "Listener event counters (connections, answered, decode_errors, ...)",
                                          labels=["listener", "event"])
+        # read from the listeners' own counters, so it cannot drift from them:
+        # kind "message" (a frame whose TPDU or message did not decode),
+        # "frame" (a length header that desynchronised the stream)
+        decode = CounterMetricFamily("isoswitch_decode_errors",
+                                     "Terminal input that did not decode, per listener and kind",
+                                     labels=["listener", "kind"])
         for lst in getattr(sw, "listeners", ()):
             name = lst.cfg.name
             in_flight.add_metric([name], lst.in_flight)
             for k, v in _counter_items(lst.counters):
                 lst_events.add_metric([name, k], v)
+            decode.add_metric([name, "message"], lst.counters.get("decode_errors", 0))
+            decode.add_metric([name, "frame"], lst.counters.get("frame_errors", 0))
         yield in_flight
         yield lst_events
+        yield decode
 
         up = GaugeMetricFamily("isoswitch_acquirer_up", "1 when at least one connection to the acquirer is up",
                                labels=["acquirer"])
