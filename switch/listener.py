@@ -1,12 +1,12 @@
 """Terminal listener: mTLS (or explicitly configured plain TCP), framing, decoding, answering.
 
 Bad input (DESIGN.md): a framing error (bad or oversized length header)
-desynchronises the stream, so the connection is closed; an undecodable
+desynchronises the stream, so the connection is closed gracefully: nothing
+more is taken from it, the answers to its requests already in flight are
+still written (each bounded by its deadline), then it closes. An undecodable
 message inside a good frame is answered 30 when its MTI (a request's) and
-STAN can be read. Otherwise nothing the terminal could match can be sent, and
-the connection is closed gracefully: nothing more is taken from it, the
-answers to its requests already in flight are still written (each bounded by
-its deadline), then it closes. The same happens when not even a minimal
+STAN can be read; otherwise nothing the terminal could match can be sent, and
+the connection is closed gracefully in the same way. The same happens when not even a minimal
 answer (MTI, DE11, DE39) to a request can be encoded in the listener's
 dialect. A response MTI (third digit odd: 0210, 0810, ...) from a terminal is
 counted and dropped: ISO 8583 never answers a response. A frame that starts
@@ -243,12 +243,15 @@ class TerminalProtocol(asyncio.Protocol):
         try:
             frames = self.decoder.feed(data)
         except framing.FrameError as e:
+            # the stream is desynchronised: nothing after the bad header can be
+            # trusted, but the requests already taken from it (and the whole
+            # frames before the header) are still answered before the close
             self.listener.counters["frame_errors"] += 1
             log.warning("terminal framing error (%s); closing connection", e.msg)
             for frame in e.frames:
                 if not self.closing:
                     self._on_frame(frame, now)
-            self.transport.abort()
+            self._close_gracefully("frame_error_closed", "framing error")
             return
         if self.decoder.buffered:
             if self.partial_since is None:

@@ -18,6 +18,7 @@ import contextlib
 import pytest
 
 from core import framing, iso8583
+from switch.metrics import Metrics
 from switch.sim.terminal import dev_client_context, make_echo, make_purchase
 from tests.switch_harness import run, running_switch
 from tests.test_listener_bad_input import _closed_within, _until, _with_good_terminal
@@ -177,6 +178,37 @@ def test_graceful_close_writes_the_answers_in_flight_first(tmp_path, tls):
             assert lst.counters["frames_discarded_closing"] == 1
             assert lst.counters["answers_lost"] == 0
             assert await _until(lambda: not lst.connections)
+
+    run(go())
+
+
+@pytest.mark.parametrize("tls", [True, False], ids=["mtls", "plain"])
+@pytest.mark.parametrize("split", [False, True], ids=["one-segment", "header-later"])
+def test_framing_error_still_answers_the_requests_in_flight(tmp_path, tls, split):
+    """Good requests (the acquirer takes 300 ms), then a length header beyond
+    ``max_frame``: the stream is desynchronised, but the requests already
+    taken are answered before the close. Old code aborted the connection and
+    the answers were lost (the acquirer had approved them)."""
+    async def go():
+        listener = {} if tls else PLAIN
+        async with running_switch(tmp_path, {"acq-a": {"latency_ms": 300.0}}, listener=listener) as sw:
+            lst = sw.listeners[0]
+            async with Raw.open(sw, tmp_path) as c:
+                good = [c.encode(make_purchase(1000, stan=s)) for s in (51, 52)]
+                c.send(*good)
+                if split:  # the requests are in flight by the time the bad header arrives
+                    await c.writer.drain()
+                    assert await _until(lambda: lst.in_flight == 2)
+                c.writer.write(b"\xff\xff" + b"junk" * 10)
+                answers = [await c.answer(), await c.answer()]
+                assert sorted((a["11"], a["39"]) for a in answers) == [("000051", "00"), ("000052", "00")]
+                assert await c.closed_without_answer(5.0)
+            assert lst.counters["frame_errors"] == 1
+            assert lst.counters["frame_error_closed"] == 1
+            assert lst.counters["answers_lost"] == 0
+            assert await _until(lambda: not lst.connections)
+            text = (sw.metrics or Metrics(sw)).exposition().decode()
+            assert f'isoswitch_decode_errors_total{{kind="frame",listener="{lst.cfg.name}"}} 1.0' in text
 
     run(go())
 
