@@ -52,6 +52,10 @@ class NotSent(Exception):
 NOT_SENT_LATE = "no time left after journaling"
 
 
+def _is_stan(s) -> bool:
+    return isinstance(s, str) and len(s) == 6 and s.isascii() and s.isdigit() and s != "000000"
+
+
 class OutcomeUnknown(Exception):
     """The request may have reached the acquirer: it must be reversed there."""
 
@@ -336,7 +340,7 @@ class AcquirerLink:
         return None
 
     async def request(self, doc: dict, timeout: float, before_write=None, *,
-                      draining_ok: bool = False) -> AcquirerReply:
+                      draining_ok: bool = False, stan: str | None = None) -> AcquirerReply:
         """Send `doc` (acquirer-side form, owned by the link from here: DE11 is replaced).
 
         Raises NotSent when the request certainly did not leave, OutcomeUnknown
@@ -348,6 +352,8 @@ class AcquirerLink:
         of it, nothing is sent (NotSent, NOT_SENT_LATE) -- the terminal has
         been answered by then.
         `draining_ok`: reversals of earlier traffic still go to a drained link.
+        `stan`: the trace number to send under (a repeat carries its first
+        attempt's), unless another message on this link holds it right now.
         """
         if self.draining and not draining_ok:
             raise NotSent(self.name, "draining")
@@ -370,7 +376,7 @@ class AcquirerLink:
         conn = self._pick()
         if conn is None:
             raise NotSent(self.name, "link down")
-        return await self._send_on(conn, doc, timeout, before_write)
+        return await self._send_on(conn, doc, timeout, before_write, stan)
 
     def _release_slot(self) -> None:
         waiters = self._slot_waiters
@@ -381,8 +387,13 @@ class AcquirerLink:
                 return
 
     async def _send_on(self, conn: _LinkProtocol, doc: dict, timeout: float,
-                       before_write=None) -> AcquirerReply:
-        stan = self._next_stan()
+                       before_write=None, stan: str | None = None) -> AcquirerReply:
+        if stan is None or stan in self.pending or stan in self._reserved or not _is_stan(stan):
+            stan = self._next_stan()
+        else:
+            # a late answer to the earlier attempt under this number now
+            # answers this one: both are the same reversal or advice
+            self._late.pop(stan, None)
         out = doc  # callers hand over a fresh dict (flow, reversal queue, network messages)
         out["11"] = stan
         try:

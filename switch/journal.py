@@ -151,6 +151,11 @@ class SfEntry:
     # left the switch (NotSent) counts in ``attempts`` only.
     sent: int = 0
     lease_boot: str | None = None  # the journal boot (process) holding the lease
+    # DE11 (link trace number) and DE7 of the first attempt about to be
+    # written: every later attempt carries them again, so a repeat (0401,
+    # x221) is the same message as the one the acquirer may have seen
+    wire_stan: str | None = None
+    wire_time: str | None = None
     payload: dict | None = field(default=None, repr=False)
 
     @property
@@ -338,7 +343,9 @@ CREATE TABLE IF NOT EXISTS sf_queue (
     parked_at REAL,
     acked_at REAL,
     sent INTEGER NOT NULL DEFAULT 0,
-    lease_boot TEXT
+    lease_boot TEXT,
+    wire_stan TEXT,
+    wire_time TEXT
 );
 CREATE INDEX IF NOT EXISTS sf_due ON sf_queue (acquirer, id) WHERE state = 'queued';
 CREATE INDEX IF NOT EXISTS sf_parked ON sf_queue (id) WHERE state = 'parked';
@@ -406,6 +413,8 @@ SCHEMA_VERSION = "1"
 SF_ADDED_COLUMNS = (
     ("sent", "INTEGER NOT NULL DEFAULT 0", "UPDATE sf_queue SET sent = 1 WHERE attempts > 0 OR claims > 1"),
     ("lease_boot", "TEXT", None),
+    ("wire_stan", "TEXT", None),
+    ("wire_time", "TEXT", None),
 )
 
 TXN_COLS = (
@@ -419,7 +428,7 @@ _TXN_SELECT = ("SELECT " + ", ".join(TXN_COLS)
                + ", reversal_fields IS NOT NULL AS has_reversal_fields FROM txn")
 SF_COLS = ("id", "acquirer", "kind", "txn_id", "state", "created_at", "next_at", "attempts", "claims",
            "last_error", "lease_owner", "lease_until", "parked_reason", "parked_at", "acked_at", "sent",
-           "lease_boot")
+           "lease_boot", "wire_stan", "wire_time")
 _SF_SELECT = "SELECT " + ", ".join(SF_COLS) + " FROM sf_queue"
 
 SQL_INSERT_TXN = (
@@ -475,6 +484,9 @@ SQL_SF_ACK = ("UPDATE sf_queue SET state = 'acked', payload = NULL, acked_at = ?
 # sent: 1 when the attempt was written to the link (it may have arrived), else 0
 SQL_SF_RETRY = ("UPDATE sf_queue SET attempts = attempts + 1, sent = sent + ?, next_at = ?, last_error = ?, "
                 "lease_owner = NULL, lease_until = NULL, lease_boot = NULL WHERE id = ? AND state = 'queued'")
+# the first attempt's DE11/DE7 stay the entry's for good (COALESCE)
+SQL_SF_WIRE = ("UPDATE sf_queue SET wire_stan = COALESCE(wire_stan, ?), wire_time = COALESCE(wire_time, ?) "
+               "WHERE id = ? AND state = 'queued'")
 SQL_SF_PARK = ("UPDATE sf_queue SET state = 'parked', parked_reason = ?, parked_at = ?, sent = sent + ?, "
                "lease_owner = NULL, lease_until = NULL, lease_boot = NULL WHERE id = ? AND state = 'queued'")
 SQL_SF_REQUEUE = ("UPDATE sf_queue SET state = 'queued', next_at = ?, attempts = 0, parked_reason = NULL, "
@@ -906,6 +918,13 @@ class Journal(abc.ABC):
         False when it certainly never left (the acquirer cannot have seen it)."""
         return await self._exec(SQL_SF_RETRY, (1 if sent else 0, float(_ts(next_at)),
                                                None if error is None else str(error)[:500], entry_id)) == 1
+
+    async def sf_mark_wire(self, entry_id: int, stan: str, tx_time: str | None) -> bool:
+        """Record the DE11 and DE7 an attempt is about to be written with,
+        before its first byte goes out (so a crash right after the write still
+        finds them). Only the first attempt's are kept: repeats reuse them."""
+        return await self._exec(SQL_SF_WIRE, (str(stan), None if tx_time is None else str(tx_time),
+                                              entry_id)) == 1
 
     async def sf_park(self, entry_id: int, reason: str, *, sent: bool = True) -> bool:
         """Park a claimed entry. ``sent``: this claim may have sent it (the
@@ -1708,6 +1727,12 @@ class NullJournal:
             e.sent += 1 if sent else 0
             e.next_at = next_at
             e.last_error = error
+        return e is not None
+
+    async def sf_mark_wire(self, entry_id, stan, tx_time) -> bool:
+        e = self._sf.get(entry_id)
+        if e is not None and e.wire_stan is None:
+            e.wire_stan, e.wire_time = stan, tx_time
         return e is not None
 
     async def sf_park(self, entry_id, reason, *, sent=True) -> bool:

@@ -2,7 +2,8 @@
 
 DESIGN.md #4: every request whose outcome is unknown is reversed at the
 acquirer it may have reached; the first attempt goes as 0400, repeats as
-0401; nothing is dropped: an entry past its attempt or age limit is parked
+0401 with the first attempt's DE11 and DE7 (the same message but for the
+MTI); nothing is dropped: an entry past its attempt or age limit is parked
 and stays visible (`parked`) until re-queued. "Repeat" means an earlier
 attempt may have reached the acquirer (written to the link, or claimed by a
 process that died): one that never left the switch (NotSent) counts toward
@@ -357,11 +358,25 @@ class ReversalQueue:
         # that never left the switch (NotSent) leaves the next a 0400
         repeat = entry.repeat
         rev = build_advice(entry.payload, repeat) if advice else build_reversal(entry.payload, repeat)
+        # every attempt is the first one again but for the MTI: the same DE11
+        # and DE7, so the acquirer can tell a repeat of what it may have
+        # applied (and its duplicate check holds); recorded before the first
+        # byte of the first attempt goes out
+        before_write = None
+        if entry.wire_stan is not None:
+            if entry.wire_time is not None:
+                rev["7"] = entry.wire_time
+        else:
+            entry_id = entry.id
+
+            async def before_write(stan, out):
+                await self.journal.sf_mark_wire(entry_id, stan, out.get("7"))
         written = True
         try:
             if link is None:
                 raise NotSent(acquirer, "no such link")
-            reply = await link.request(rev, link.cfg.timeout, draining_ok=True)
+            reply = await link.request(rev, link.cfg.timeout, before_write, draining_ok=True,
+                                       stan=entry.wire_stan)
         except NotSent as exc:
             if exc.reason.startswith(CANNOT_ENCODE):
                 # it never will be: parked at once, visible, with the reason

@@ -163,18 +163,19 @@ def test_an_attempt_that_never_left_the_switch_does_not_make_a_repeat(backend):
     run(go())
 
 
-_OLD_SF_COLUMNS = ("    sent INTEGER NOT NULL DEFAULT 0,\n", "    lease_boot TEXT\n")
+_OLD_SF_COLUMNS = ("    sent INTEGER NOT NULL DEFAULT 0,\n", "    lease_boot TEXT,\n", "    wire_stan TEXT,\n",
+                   "    wire_time TEXT\n")
 
 
 def _old_schema(schema: str) -> str:
-    """The schema as released before ``sent`` and ``lease_boot`` existed."""
+    """The schema as released before ``sent``, ``lease_boot`` and ``wire_*`` existed."""
     s = schema
     for line in _OLD_SF_COLUMNS:
         assert line in s
         s = s.replace(line, "")
     s = s.replace("    acked_at REAL,\n);", "    acked_at REAL\n);")
     s = s.replace("    acked_at DOUBLE PRECISION,\n);", "    acked_at DOUBLE PRECISION\n);")
-    assert "lease_boot" not in s and " sent " not in s
+    assert "lease_boot" not in s and " sent " not in s and "wire_" not in s
     return s
 
 
@@ -263,12 +264,19 @@ class ScriptedLink:
         self.script = list(script)
         self.calls: list[tuple[str, str]] = []  # (outcome, MTI) of each call
         self.wire: list[dict] = []  # what was written to the link
+        self._stan = 100
 
-    async def request(self, doc, timeout, before_write=None, *, draining_ok=False):
+    async def request(self, doc, timeout, before_write=None, *, draining_ok=False, stan=None):
         step = self.script.pop(0) if len(self.script) > 1 else self.script[0]
         self.calls.append((step, doc["t"]))
-        if step == "notsent":
+        if step == "notsent":  # the link is down: no trace number is assigned
             raise NotSent(self.name, "link down")
+        if stan is None:  # as the real link does: its own trace number, unless the caller's
+            self._stan += 1
+            stan = f"{self._stan:06d}"
+        doc["11"] = stan
+        if before_write is not None:
+            await before_write(stan, doc)
         self.wire.append(dict(doc))
         if step == "unknown":
             raise OutcomeUnknown(self.name, "timeout", "000001", doc)
@@ -295,6 +303,9 @@ def test_not_sent_attempts_back_off_and_count_but_the_first_on_the_wire_is_0400(
             assert await _drain_until(lambda: q.counters["acknowledged"] == 1)
             assert [m for _, m in link.calls] == ["0400", "0400", "0400", "0400", "0401"]
             assert [d["t"] for d in link.wire] == ["0400", "0401"], "0401 only after one was written"
+            first, repeat = link.wire
+            assert (repeat["11"], repeat["7"]) == (first["11"], first["7"]), "a repeat is the same message"
+            assert {k: v for k, v in repeat.items() if k != "t"} == {k: v for k, v in first.items() if k != "t"}
             assert q.counters["not_sent"] == 3 and q.counters["retries"] == 4
             e = await j.sf_get(eid)
             assert (e.state, e.attempts, e.sent) == ("acked", 4, 1)
@@ -376,7 +387,7 @@ def test_a_reversal_the_acquirers_dialect_cannot_encode_is_parked_at_once(backen
         from switch.acquirer import CANNOT_ENCODE
 
         class Unencodable(ScriptedLink):
-            async def request(self, doc, timeout, before_write=None, *, draining_ok=False):
+            async def request(self, doc, timeout, before_write=None, *, draining_ok=False, stan=None):
                 self.calls.append(("encode", doc["t"]))
                 raise NotSent(self.name, f"{CANNOT_ENCODE}: Field data is 20 bytes, larger than maximum 19, "
                                          "field 2")
@@ -562,6 +573,10 @@ def test_kill9_while_a_reversal_is_being_sent_restart_sends_it_first_as_0401(tmp
                 await asyncio.sleep(0.5)
                 after = [(d["t"], d["4"]) for d in sim.received[before:] if d["t"] in ("0400", "0401")]
                 assert after == [("0401", payload(1)["4"]), ("0400", payload(2)["4"])], after
+                # the repeat after the crash carries the DE11 and DE7 the killed process sent
+                first = reversals(sim)[0]
+                repeat = [d for d in sim.received[before:] if d["t"] == "0401"][0]
+                assert (repeat["11"], repeat["7"]) == (first["11"], first["7"])
                 assert "released 1 store-and-forward lease" in log.read_text()
             finally:
                 sw2.stop()

@@ -169,8 +169,11 @@ def test_reversal_acknowledged_with_a_retry_code_is_sent_again_until_applied(tmp
                 a.fault = Fault(respond_rc="25")  # original not found: acknowledged all the same
                 assert await sw.reversals.wait_empty(10)
                 assert sw.reversals.counters["acknowledged"] == 1
-                revs = [d["t"] for d in a.received if d["t"] in ("0400", "0401")]
+                sent = [d for d in a.received if d["t"] in ("0400", "0401")]
+                revs = [d["t"] for d in sent]
                 assert revs[0] == "0400" and set(revs[1:]) == {"0401"} and len(revs) >= 4
+                # each repeat is the first message again but for the MTI: same DE11, DE7 and DE90
+                assert len({(d["11"], d["7"], d["90"]) for d in sent}) == 1, [(d["11"], d["7"]) for d in sent]
 
     run(go())
 

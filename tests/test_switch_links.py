@@ -5,6 +5,7 @@ import time
 import pytest
 
 from switch import certs
+from switch.acquirer import OutcomeUnknown
 from switch.sim.acquirer import Fault
 from switch.sim.terminal import make_purchase
 from tests.switch_harness import run, running_switch, terminal
@@ -47,6 +48,37 @@ def test_late_response_is_counted_never_sent_and_reversal_still_goes_out(tmp_pat
                 # the terminal never saw a second answer for STAN 8
                 with pytest.raises(asyncio.TimeoutError):
                     await t.receive_unsolicited(timeout=0.3)
+
+    run(go())
+
+
+def test_a_link_sends_under_the_trace_number_asked_for_unless_it_is_in_use(tmp_path):
+    """``request(stan=...)`` (a repeat carries its first attempt's DE11): the
+    number is used, also after it timed out (its late answer then answers the
+    repeat); while another request on the link holds it, a fresh one is used
+    so answers cannot be crossed."""
+    async def go():
+        async with running_switch(tmp_path, {"acq-a": {}}) as sw:
+            link, a = sw.links["acq-a"], sw.sims["acq-a"]
+            r = await link.request(make_purchase(1000, stan=1), 5.0, stan="004711")
+            assert r.stan == "004711" and a.received[-1]["11"] == "004711" and r.doc["39"] == "00"
+            # timed out, remembered as late: asked for again, it is used again
+            a.fault = Fault(delay_ms=400)
+            with pytest.raises(OutcomeUnknown):
+                await link.request(make_purchase(1000, stan=2), 0.1, stan="004712")
+            r = await link.request(make_purchase(1000, stan=3), 5.0, stan="004712")
+            assert r.stan == "004712" and r.doc["39"] == "00"
+            # held by a request in flight: the second gets a number of its own
+            a.fault = Fault(delay_ms=300)
+            first = asyncio.create_task(link.request(make_purchase(1000, stan=4), 5.0, stan="004713"))
+            while "004713" not in link.pending:
+                await asyncio.sleep(0.005)
+            second = await link.request(make_purchase(1000, stan=5), 5.0, stan="004713")
+            assert second.stan != "004713" and (await first).stan == "004713"
+            assert {second.doc["11"], (await first).doc["11"]} == {second.stan, "004713"}
+            # nonsense is never put on the wire
+            r = await link.request(make_purchase(1000, stan=6), 5.0, stan="00000X")
+            assert r.stan != "00000X" and r.stan.isdigit()
 
     run(go())
 
