@@ -483,7 +483,8 @@ cdef Py_ssize_t _decode_bitmap(const unsigned char* data, Py_ssize_t n, Py_ssize
             bits = (bits << 8) | data[idx + i]
     else:
         text = _decode_text(data + idx, 16, f, idx)
-        if not PyUnicode_IS_ASCII(text):
+        # a codec of several bytes per character (utf-16) reads fewer digits
+        if not PyUnicode_IS_ASCII(text) or PyUnicode_GET_LENGTH(text) != 16:
             raise DecodeError("Failed to decode field, non-hex data", key, idx)
         tp = <const unsigned char*>PyUnicode_DATA(text)
         for i in range(16):

@@ -399,6 +399,9 @@ def _decode_bitmap(data, n, idx, fs, key, doc, offset):
         bm = raw
     else:
         text = _decode_text(raw, fs, idx)
+        # a codec of several bytes per character (utf-16) reads fewer digits
+        if len(text) != 16:
+            raise DecodeError("Failed to decode field, non-hex data", key, idx)
         for c in text:
             if c not in _HEXCHARS:
                 raise DecodeError("Failed to decode field, non-hex data", key, idx)

@@ -107,6 +107,22 @@ def test_non_hex_bitmap(impl):
         assert e.value.field == "p" and e.value.pos == 4
 
 
+@pytest.mark.parametrize("codec", ["utf-16-be", "utf-32-be", "utf-8-sig"])
+def test_hex_bitmap_in_a_multibyte_codec_is_a_decode_error(impl, codec):
+    """16 bytes of utf-16 are 8 hex digits, not 16: a DecodeError in both
+    implementations. The twin let IndexError out (a 4-byte bitmap indexed to 8)
+    and ValueError from bytes.fromhex."""
+    spec = load_dialect("default_ascii")
+    for k in ("p", "1"):
+        spec[k] = dict(spec[k], data_enc=codec)
+    bitmaps = [b"\x00\x00" * 8, "40000000".encode("utf-16-be"), "7000".encode("utf-32-be"),
+               b"\xef\xbb\xbf" + b"4" + b"0" * 12, b"\xfe\xff" + "4000000".encode("utf-16-be")]
+    for bm in bitmaps:
+        with pytest.raises(impl.DecodeError) as e:
+            impl.decode(b"0200" + bm + b"16" + PAN.encode(), spec)
+        assert (e.value.field, e.value.pos) == ("p", 4)
+
+
 def test_odd_bcd_without_pad_is_a_decode_error(impl):
     spec = load_dialect("iso87binary")
     spec["2"].pop("right_pad")
