@@ -30,15 +30,16 @@ ACTION_CODES_1993 = {
     "00": "000", "01": "107", "03": "109", "04": "200", "05": "100", "08": "001",
     "12": "902", "13": "110", "14": "111", "30": "904", "41": "208", "43": "209",
     "51": "116", "54": "101", "55": "117", "57": "119", "58": "120", "61": "121",
-    "62": "104", "63": "909", "65": "123", "91": "907", "92": "908", "94": "913", "96": "909",
+    "62": "104", "63": "122", "65": "123", "91": "907", "92": "908", "94": "913", "96": "909",
     # 25 "unable to locate original" answers a reversal whose original is unknown
     "25": "480",
 }
 
 # Fields echoed in a switch-generated response (ISO 8583 response conventions)
 ECHO_FIELDS = ("2", "3", "4", "7", "11", "12", "13", "32", "37", "41", "42", "49")
-# Never sent back to a terminal, never journaled, never logged
-NEVER_ECHO = frozenset({"35", "45", "52", "55"})
+# Never sent back to a terminal, never journaled, never logged: track 2, 3
+# and 1 data, PIN block, ICC data (the journal's NEVER_STORED)
+NEVER_ECHO = frozenset({"35", "36", "45", "52", "55"})
 CARD_DATA_FIELDS = frozenset({"2", "14", "34", "35", "36", "45", "52", "55"})
 
 
@@ -50,12 +51,14 @@ def spec_is_1993(spec: dict) -> bool:
 
 
 def response_mti(mti: str) -> str:
-    """0200 -> 0210, 0401 -> 0410 (a repeat is answered as the original), 1804 -> 1814."""
+    """0200 -> 0210, 0401 -> 0410, 0203 -> 0212 (a repeat is answered as the
+    original), 1804 -> 1814."""
     if len(mti) != 4 or not mti.isdigit():
         return "0210"
     third, last = mti[2], mti[3]
     if third in "02468":
-        return mti[:2] + str(int(third) + 1) + ("0" if last == "1" else last)
+        # position 4, the originator: 1, 3 and 5 are the repeats of 0, 2 and 4
+        return mti[:2] + str(int(third) + 1) + (str(int(last) - 1) if last in "135" else last)
     return mti[:3] + "0"
 
 
@@ -127,8 +130,12 @@ def switch_response(request: dict, rc: str) -> dict:
         if v is not None:
             resp[k] = v
     if resp["t"].startswith("1") and len(rc) == 2:  # ISO 8583:1993: 3-digit action codes
-        # network management approves with 800 (ISO 8583:1993 action codes 8xx)
-        rc = "800" if rc == "00" and resp["t"].startswith("18") else ACTION_CODES_1993.get(rc, "909")
+        # 1993 accepts each class outside authorization and financial with its
+        # own code: 400 a reversal (1430), 800 network management (1814), ...
+        if rc == "00" and resp["t"][1] in "345678":
+            rc = resp["t"][1] + "00"
+        else:
+            rc = ACTION_CODES_1993.get(rc, "909")
     resp["39"] = rc
     return resp
 

@@ -214,11 +214,43 @@ def test_a_1993_terminal_reversal_finds_its_original_without_a_transmission_time
                 assert (await t.request(sale))["39"] == "000"
                 await asyncio.sleep(1.1)  # the reversal's own DE7 is another second's
                 r = await t.request(make_reversal(sale, stan=92, dialect="iso93ascii"))
-            assert r["t"] == "1430" and r["39"] == "000" and r["11"] == "000092"
+            # ISO 8583:1993 accepts a reversal with action code 400 (4xx: reversal class)
+            assert r["t"] == "1430" and r["39"] == "400" and r["11"] == "000092"
             await _settled(sw, a, 1)
             sent = [d for d in a.received if d["t"] == "1200"][0]
             (rev,) = reversals(a)
             assert rev["56"][:10] == "1200" + sent["11"]
+
+    run(go())
+
+
+def test_switch_made_1993_answers_carry_the_action_code_of_their_class():
+    """An accepted 1993 reversal is 400, network management 800, a financial
+    approval 000; a security violation (63) is 122, not 909 system malfunction
+    (which a terminal may simply retry)."""
+    from switch.messages import switch_response
+
+    req = {"t": "1420", "11": "000001", "41": "TERM0001"}
+    assert switch_response(req, "00")["39"] == "400"
+    assert switch_response(req, "25")["39"] == "480"
+    assert switch_response(dict(req, t="1421"), "00") == {"t": "1430", "11": "000001", "41": "TERM0001", "39": "400"}
+    assert switch_response(dict(req, t="1804"), "00")["39"] == "800"
+    assert switch_response(dict(req, t="1200"), "00")["39"] == "000"
+    assert switch_response(dict(req, t="1200"), "63")["39"] == "122"
+    assert switch_response(dict(req, t="0400"), "00")["39"] == "00"
+
+
+def test_a_1993_certificate_used_for_another_terminal_is_a_security_violation(tmp_path):
+    """bind_terminal_id on a 1993 listener: DE41 not the certificate's CN is
+    answered 122 (security violation), never forwarded."""
+    async def go():
+        async with running_switch(tmp_path, {"acq-a": {"dialect": "iso93ascii"}},
+                                  listener={"dialect": "iso93ascii", "bind_terminal_id": True}) as sw:
+            a = sw.sims["acq-a"]
+            async with terminal(sw, tmp_path, "TERM0001") as t:
+                bad = await t.request(make_purchase(1000, stan=93, terminal_id="TERM0002", dialect="iso93ascii"))
+            assert (bad["t"], bad["39"], bad["11"]) == ("1210", "122", "000093")
+            assert not [d for d in a.received if d["t"].startswith("12")]
 
     run(go())
 
@@ -252,3 +284,36 @@ def test_an_approval_that_does_not_fit_the_terminals_dialect_is_96_and_reversed(
                 assert row["response_code"] == "96"
 
     run(go())
+
+
+def test_track_data_an_acquirer_echoes_never_reaches_the_terminal(tmp_path):
+    """An acquirer that echoes track 2 and track 3 (DE35, DE36): neither goes
+    back to the terminal, nor into a log-safe summary. DE36 (track 3, card
+    data in every dialect) was passed through: only 35/45/52/55 were held back."""
+    from switch.messages import safe_summary
+
+    async def go():
+        async with running_switch(tmp_path, {"acq-a": {}}) as sw:
+            a = sw.sims["acq-a"]
+            respond = a.respond
+            a.respond = lambda req, fault=None: {**respond(req, fault), "35": req["35"],
+                                                 "36": "01" + req["2"] + "=28122010000000"}
+            async with terminal(sw, tmp_path) as t:
+                r = await t.request(make_purchase(1000, stan=71))
+            assert r["39"] == "00" and r["11"] == "000071"
+            assert "35" not in r and "36" not in r
+
+    run(go())
+    assert "36" not in safe_summary({"2": "4761739001010010", "36": "014761739001010010=2812"})
+
+
+def test_the_response_to_a_repeat_is_not_a_repeat():
+    """ISO 8583 MTI position 4 (originator): 1, 3, 5 repeat 0, 2, 4, and the
+    response names the originator, never a repeat (jPOS setResponseMTI).
+    0203 was answered 0213 and 0205 as 0215."""
+    from switch.messages import response_mti
+
+    cases = {"0200": "0210", "0201": "0210", "0202": "0212", "0203": "0212", "0204": "0214",
+             "0205": "0214", "0421": "0430", "1421": "1430", "0800": "0810", "1804": "1814",
+             "0803": "0812", "0210": "0210"}
+    assert {m: response_mti(m) for m in cases} == cases
