@@ -13,7 +13,10 @@ counted and dropped: ISO 8583 never answers a response. A frame that starts
 but does not finish within `frame_timeout` (slow drip) closes the connection, as does `idle_timeout`
 without any data, or with none of its answers read (a terminal that does not
 read makes the switch stop reading from it first, so what is buffered for it
-stays bounded). None of this touches other connections.
+stays bounded). None of this touches other connections. A terminal that
+half-closes (a FIN after its requests, plain TCP) is answered the same way
+before the close. A dialect's message header ("h") is the terminal's own on
+every answer, as the TPDU is.
 """
 from __future__ import annotations
 
@@ -59,7 +62,14 @@ class TerminalListener:
         self.cfg = cfg
         self.flow = flow
         self.ssl_context = ssl_context
-        self.spec = iso8583.load_dialect(cfg.dialect)
+        self.wire_spec = iso8583.load_dialect(cfg.dialect)
+        # A message header ("h", e.g. BASE24's "ISO025000070") belongs to the
+        # connection's envelope, as the TPDU does: each answer carries the
+        # terminal's own back. The flow, which checks that answers fit the
+        # terminal's dialect, sees the dialect without one (nothing it makes
+        # has a header, and an acquirer's is not the terminal's).
+        self.header = self.wire_spec["h"]["max_len"] > 0
+        self.spec = dict(self.wire_spec, h=dict(self.wire_spec["h"], max_len=0)) if self.header else self.wire_spec
         self.defined_fields = frozenset(k for k in self.spec if not k.startswith("_"))
         self.server: asyncio.base_events.Server | None = None
         self.connections: set[TerminalProtocol] = set()
@@ -101,7 +111,8 @@ class TerminalProtocol(asyncio.Protocol):
         self.listener = listener
         cfg = listener.cfg
         self.cfg = cfg
-        self.spec = listener.spec
+        self.spec = listener.wire_spec
+        self._header = listener.header
         self._defined = listener.defined_fields
         self.decoder = framing.FrameDecoder(header=cfg.framing, max_frame=cfg.max_frame, tpdu=cfg.tpdu)
         self.transport = None
@@ -120,6 +131,7 @@ class TerminalProtocol(asyncio.Protocol):
         self.closing = False  # graceful close: nothing more is read; in-flight answers still go out
         self._close_scheduled = False
         self._linger = None
+        self._peer_eof = False  # the terminal has finished sending (FIN)
 
     # -- connection ------------------------------------------------------------
 
@@ -143,6 +155,21 @@ class TerminalProtocol(asyncio.Protocol):
         if self._linger is not None:
             self._linger.cancel()
         self.transport = None
+
+    def eof_received(self):
+        # A terminal that half-closes after its requests (FIN, still reading)
+        # is owed their answers: asyncio's default would close at once and
+        # lose them while the acquirer may have approved (invariant 1). TLS
+        # cannot stay half-open in asyncio, and with nothing owed the close
+        # is the peer's ordinary goodbye: both close now, as before.
+        self._peer_eof = True
+        t = self.transport
+        if t is None or not t.can_write_eof() or self._linger is not None:
+            return False  # TLS, or our own FIN has followed the last answer already
+        if self.unanswered <= 0 and not self._out and not self._close_scheduled:
+            return False
+        self._close_gracefully("half_closed", "terminal finished sending")
+        return True
 
     def _close_gracefully(self, counter: str, reason: str) -> None:
         """Take nothing more from this terminal; write the answers of its
@@ -168,7 +195,9 @@ class TerminalProtocol(asyncio.Protocol):
             return
         if self._out:
             self._flush()
-        if t.can_write_eof():
+        if self._peer_eof:
+            t.close()  # the terminal's side is closed already: nothing to linger for
+        elif t.can_write_eof():
             # FIN after the answers; what the peer still sends is read and
             # discarded until it closes (closing with unread data would make
             # the kernel send a reset, which can destroy answers not yet read)
@@ -254,7 +283,9 @@ class TerminalProtocol(asyncio.Protocol):
             self._close_gracefully("frame_error_closed", "framing error")
             return
         if self.decoder.buffered:
-            if self.partial_since is None:
+            # the frame held now began in this read if one completed in it: a
+            # steady stream whose reads all end mid-frame is not a slow drip
+            if self.partial_since is None or frames:
                 self.partial_since = now
         else:
             self.partial_since = None
@@ -284,7 +315,7 @@ class TerminalProtocol(asyncio.Protocol):
             if kind == "response":
                 self._drop_response(partial)
             elif kind == "request" and _usable_stan(partial.get("11")):
-                self._write(switch_response(partial, RC_FORMAT_ERROR), tpdu)
+                self._write(switch_response(partial, RC_FORMAT_ERROR), tpdu, partial)
             else:
                 # no MTI or STAN the terminal could match a 30 against: answering
                 # is impossible, and silence would leave it waiting out its timeout
@@ -307,7 +338,7 @@ class TerminalProtocol(asyncio.Protocol):
             self.listener.counters["identity_mismatch"] += 1
             log.warning("terminal identity mismatch: certificate CN %r, DE41 %r", self.identity,
                         (req.get("41") or "").strip())
-            self._write(switch_response(req, RC_SECURITY), tpdu)
+            self._write(switch_response(req, RC_SECURITY), tpdu, req)
             return
         self.in_flight += 1
         if self.in_flight >= self.cfg.max_in_flight and not self.paused:
@@ -351,7 +382,7 @@ class TerminalProtocol(asyncio.Protocol):
         if not answered[0]:
             answered[0] = True
             self.listener.counters["deadline_answers"] += 1
-            self._write(switch_response(req, RC_INOPERATIVE), tpdu)
+            self._write(switch_response(req, RC_INOPERATIVE), tpdu, req)
             self._answered()
 
     def _done(self, resp, req, tpdu, answered, guard):
@@ -366,10 +397,10 @@ class TerminalProtocol(asyncio.Protocol):
         answered[0] = True
         if resp is None:
             resp = switch_response(req, RC_INOPERATIVE)
-        self._write(resp, tpdu)
+        self._write(resp, tpdu, req)
         self._answered()
 
-    def _write(self, resp: dict, tpdu: bytes | None) -> None:
+    def _write(self, resp: dict, tpdu: bytes | None, req: dict) -> None:
         """Queue ``resp`` for the terminal. Never raises: runs in the serving
         task and in the deadline guard, where an exception would leave the
         terminal without any answer."""
@@ -378,7 +409,7 @@ class TerminalProtocol(asyncio.Protocol):
             self.listener.counters["answers_lost"] += 1  # connection gone (invariant 1's exception)
             return
         try:
-            out = self._encode_answer(resp, tpdu)
+            out = self._encode_answer(resp, tpdu, req)
         except Exception as e:  # a bug in the encoder: still never out of the task
             # the type only: an unexpected exception's text may carry field data
             log.error("cannot encode any answer to MTI %s: %s", _mti_or_none(resp), type(e).__name__)
@@ -396,12 +427,14 @@ class TerminalProtocol(asyncio.Protocol):
         self._out.append(out)
         self.listener.counters["answered"] += 1
 
-    def _encode_answer(self, resp: dict, tpdu: bytes | None) -> bytes | None:
-        """The framed answer: ``resp``, else a minimal switch answer (MTI, DE11,
-        DE39 30/96 in this dialect's DE39 format, DE41), else None."""
+    def _encode_answer(self, resp: dict, tpdu: bytes | None, req: dict) -> bytes | None:
+        """The framed answer to ``req``: ``resp``, else a minimal switch answer
+        (MTI, DE11, DE39 30/96 in this dialect's DE39 format, DE41), else None."""
         if not self._defined.issuperset(resp):
             # the acquirer's dialect may carry fields this terminal's does not
             resp = {k: v for k, v in resp.items() if k in self._defined}
+        if self._header:
+            resp = {**resp, "h": req.get("h")}
         try:
             return self._frame(iso8583.encode(resp, self.spec)[0], tpdu)
         except (iso8583.EncodeError, framing.FrameError) as e:
@@ -412,12 +445,12 @@ class TerminalProtocol(asyncio.Protocol):
         mti = resp.get("t")
         minimal = {"t": mti if _mti_kind(mti) == "response" else response_mti(mti if isinstance(mti, str) else "0200"),
                    "39": self._rc_in_dialect(rc)}
-        for k in ("11", "41"):
+        for k in ("h", "11", "41"):
             if k in resp and k in self._defined:
                 minimal[k] = resp[k]
         for fields in (_MINIMAL_FIELDS, ("t", "11", "39")):
             try:
-                raw, _ = iso8583.encode({k: v for k, v in minimal.items() if k in fields}, self.spec)
+                raw, _ = iso8583.encode({k: v for k, v in minimal.items() if k in fields or k == "h"}, self.spec)
                 framed = self._frame(raw, tpdu)
             except (iso8583.EncodeError, framing.FrameError) as e:
                 log.error("cannot encode minimal response MTI %s: %s at field %s", _mti_or_none(minimal),

@@ -335,3 +335,77 @@ def test_undecodable_response_mti_is_dropped_not_answered(tmp_path):
             assert lst.counters["unanswerable_closed"] == 0
 
     run(go())
+
+
+def test_a_terminal_that_half_closes_still_gets_its_answers(tmp_path):
+    """A terminal that sends its requests and then shuts down its sending side
+    (a TCP half-close, still reading) is answered before the switch closes.
+    Old code took asyncio's default on the FIN and closed at once: the
+    acquirer approved both and the terminal heard nothing."""
+    async def go():
+        async with running_switch(tmp_path, {"acq-a": {"latency_ms": 300.0}}, listener=PLAIN) as sw:
+            lst = sw.listeners[0]
+            async with Raw.open(sw, tmp_path) as c:
+                c.send(*(c.encode(make_purchase(1000, stan=s)) for s in (51, 52)))
+                await c.writer.drain()
+                c.writer.write_eof()
+                answers = [await c.answer(), await c.answer()]
+                assert sorted((a["11"], a["39"]) for a in answers) == [("000051", "00"), ("000052", "00")]
+                assert await c.closed_without_answer(5.0)
+            assert lst.counters["half_closed"] == 1
+            assert lst.counters["answers_lost"] == 0
+            assert await _until(lambda: not lst.connections)
+
+    run(go())
+
+
+def test_a_terminal_that_closes_with_nothing_owed_is_closed_at_once(tmp_path):
+    """The ordinary goodbye (a FIN with every answer written) closes the
+    connection straight away, without the graceful-close path."""
+    async def go():
+        async with running_switch(tmp_path, {"acq-a": {}}, listener=PLAIN) as sw:
+            lst = sw.listeners[0]
+            async with Raw.open(sw, tmp_path) as c:
+                c.send(c.encode(make_purchase(1000, stan=53)))
+                assert (await c.answer())["39"] == "00"
+                c.writer.write_eof()
+                assert await c.closed_without_answer(1.0)
+            assert lst.counters["half_closed"] == 0
+            assert await _until(lambda: not lst.connections)
+
+    run(go())
+
+
+def test_a_dialect_with_a_message_header_answers_with_the_terminals_header(tmp_path):
+    """A listener dialect with a message header ("h", as BASE24 terminals
+    send "ISO025000070"): every answer carries the terminal's header back,
+    the acquirer's approval, the switch's own 0810 and its 30. Old code
+    could encode none of them (the header is required and nothing the flow
+    makes has one): the approval was reversed as undeliverable and the
+    connection closed without a single answer."""
+    import json
+    from pathlib import Path
+
+    spec = json.loads((Path(__file__).resolve().parent.parent / "codecs" / "default.json").read_text())
+    spec["h"] = dict(spec["h"], max_len=12)
+    spec["_meta"]["name"] = "headered"
+    path = tmp_path / "headered.json"
+    path.write_text(json.dumps(spec))
+
+    async def go():
+        async with running_switch(tmp_path, {"acq-a": {}}, listener={**PLAIN, "dialect": str(path)}) as sw:
+            lst = sw.listeners[0]
+            async with Raw.open(sw, tmp_path) as c:
+                c.spec = iso8583.load_dialect(str(path))  # the terminal's own layout, header included
+                docs = [make_purchase(1000, stan=61), make_echo(62), {"t": "0200", "11": "000063"}]
+                c.send(*(c.encode({**d, "h": f"ISO02500007{i}"}) for i, d in enumerate(docs)))
+                answers = {a["11"]: a for a in [await c.answer() for _ in docs]}
+            assert {k: (a["h"], a["t"], a["39"]) for k, a in answers.items()} == {
+                "000061": ("ISO025000070", "0210", "00"),
+                "000062": ("ISO025000071", "0810", "00"),
+                "000063": ("ISO025000072", "0210", "30"),
+            }
+            assert lst.counters["answers_unencodable"] == 0 and lst.counters["minimal_answers"] == 0
+            assert sw.flow.counters["answer_not_encodable"] == 0  # the approval was not reversed
+
+    run(go())

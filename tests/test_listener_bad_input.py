@@ -278,3 +278,42 @@ async def _until(pred, timeout=5.0):
             return True
         await asyncio.sleep(0.02)
     return pred()
+
+
+def test_a_steady_stream_whose_reads_end_mid_frame_is_not_a_slow_drip(tmp_path):
+    """A terminal sending a request every 0.25 s where every write finishes
+    one frame and starts the next (a concentrator cutting its writes at a
+    buffer size): each frame arrives well within frame_timeout (1 s here),
+    so nothing is cut off. Old code timed the partial frame from the first
+    read that left one and never restarted the clock while frames kept
+    completing: the connection was aborted after 1 s as a slow drip."""
+    async def go():
+        async with running_switch(tmp_path, {"acq-a": {}}, listener=LISTENER) as sw:
+            lst = sw.listeners[0]
+            spec = iso8583.load_dialect("default")
+            frames = []
+            for stan in range(1, 15):
+                raw, _ = iso8583.encode(make_purchase(1000, stan=stan), spec)
+                frames.append(struct.pack(">I", len(raw)) + raw)
+            stream = b"".join(frames)
+            # cut half-way through each frame: every write but the last ends mid-frame
+            cuts = [0] + [sum(map(len, frames[:k])) + len(frames[k]) // 2 for k in range(14)] + [len(stream)]
+            r, w = await asyncio.open_connection("127.0.0.1", lst.port)
+            for a, b in zip(cuts, cuts[1:]):
+                w.write(stream[a:b])
+                await asyncio.sleep(0.25)
+            answers, buf = [], b""
+            while len(answers) < 14:
+                data = await asyncio.wait_for(r.read(65536), 5)
+                assert data, f"closed after {len(answers)} answers; {dict(lst.counters)}"
+                buf += data
+                while len(buf) >= 4 and len(buf) >= 4 + struct.unpack(">I", buf[:4])[0]:
+                    n = struct.unpack(">I", buf[:4])[0]
+                    answers.append(iso8583.decode(buf[4:4 + n], spec)[0])
+                    buf = buf[4 + n:]
+            w.close()
+            assert sorted(int(a["11"]) for a in answers) == list(range(1, 15))
+            assert {a["39"] for a in answers} == {"00"}
+            assert lst.counters["frame_timeouts"] == 0
+
+    run(go())
