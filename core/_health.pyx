@@ -180,6 +180,14 @@ cdef class AcquirerHealth:
             return True
         return False
 
+    def release(self, now):
+        """Give back a trial slot ``allow_request(now)`` reserved for a request
+        that never went out for a reason that says nothing about the acquirer
+        (see the twin's docstring)."""
+        self._advance(_real(now, "now"))
+        if self._state == ST_HALF_OPEN and self._trials > 0:
+            self._trials -= 1
+
     def record_success(self, latency_s, now):
         cdef double lat = _real(latency_s, "latency_s")
         if not (0.0 <= lat < INFINITY):

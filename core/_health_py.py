@@ -12,7 +12,9 @@ Breaker states
     OPEN (1)       no requests until ``open_seconds`` after it opened.
     HALF_OPEN (2)  up to ``half_open_max`` trial requests, each reserved by
                    ``allow_request(now)``. A success closes the breaker; a
-                   failure opens it again with a fresh timer.
+                   failure opens it again with a fresh timer; ``release(now)``
+                   gives back the slot of a trial that never went out for a
+                   reason that is not the acquirer's.
 
     OPEN becomes HALF_OPEN lazily: every method that takes ``now`` first
     applies ``advance(now)``, which moves an OPEN breaker whose timer ran out
@@ -177,6 +179,17 @@ class AcquirerHealth:
             self._trials += 1
             return True
         return False
+
+    def release(self, now) -> None:
+        """Give back a trial slot ``allow_request(now)`` reserved for a request
+        that never went out for a reason that says nothing about the acquirer
+        (a retransmission the journal already holds, a journal failure).
+        Without it the slot stays taken: with no outcome ever recorded, a
+        HALF_OPEN breaker would refuse every request from then on. Records
+        nothing; does nothing outside HALF_OPEN or with no slot in use."""
+        self._advance(_real(now, "now"))
+        if self._state == HALF_OPEN and self._trials > 0:
+            self._trials -= 1
 
     def record_success(self, latency_s, now) -> None:
         latency_s = _real(latency_s, "latency_s")

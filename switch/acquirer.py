@@ -25,7 +25,14 @@ from typing import Callable
 from core import framing, iso8583
 from core.health import AcquirerHealth
 from switch.config import AcquirerConfig
-from switch.messages import is_response_to, mask_pan, spec_is_1993, switch_response, transmission_time
+from switch.messages import (
+    ACTION_CODES_1993,
+    is_response_to,
+    mask_pan,
+    spec_is_1993,
+    switch_response,
+    transmission_time,
+)
 
 log = logging.getLogger("isoswitch.acquirer")
 
@@ -177,12 +184,20 @@ class AcquirerLink:
         self.spec = iso8583.load_dialect(cfg.dialect)
         # ISO 8583:1993 hosts: 1804 network management with a DE24 function code
         self.v1993 = spec_is_1993(self.spec)
+        # "Try elsewhere" codes are configured as ISO 8583:1987 response codes;
+        # a 1993 host answers with the action codes they stand for (91 -> 907,
+        # 92 -> 908, 96 -> 909), which must fail over just the same
+        codes = frozenset(cfg.try_elsewhere_codes)
+        if self.v1993:
+            codes |= {ACTION_CODES_1993[c] for c in codes if c in ACTION_CODES_1993}
+        self.try_elsewhere = codes
         self.ssl_context = ssl_context
         self.on_late = on_late
         self.pending: dict[str, _Pending] = {}
         self._slot_waiters: collections.deque[asyncio.Future] = collections.deque()
         self._reserved: set[str] = set()  # STANs assigned, awaiting their journal write
-        self._late: collections.OrderedDict[str, float] = collections.OrderedDict()
+        # timed-out or lost STAN -> the MTI of the request that went out under it
+        self._late: collections.OrderedDict[str, str] = collections.OrderedDict()
         self._stan = random.randrange(1, 999_999)
         self._conns: list[_LinkProtocol | None] = [None] * max(1, cfg.connections)
         self._rr = 0
@@ -357,12 +372,14 @@ class AcquirerLink:
         """
         if self.draining and not draining_ok:
             raise NotSent(self.name, "draining")
-        if len(self.pending) >= self.cfg.max_in_flight:
+        # requests whose journal write is under way (_reserved) count: they go
+        # out the moment it is done, and the cap is what the host is promised
+        if len(self.pending) + len(self._reserved) >= self.cfg.max_in_flight:
             # Backpressure, not rejection: wait for a slot within half the
             # budget, then give up while there is still time to fail over.
             loop = asyncio.get_running_loop()
             deadline = loop.time() + timeout / 2
-            while len(self.pending) >= self.cfg.max_in_flight:
+            while len(self.pending) + len(self._reserved) >= self.cfg.max_in_flight:
                 waiter = loop.create_future()
                 self._slot_waiters.append(waiter)
                 try:
@@ -375,6 +392,7 @@ class AcquirerLink:
             timeout = max(0.001, timeout - (loop.time() - (deadline - timeout / 2)))
         conn = self._pick()
         if conn is None:
+            self._release_slot()  # a slot this request may have been woken for
             raise NotSent(self.name, "link down")
         return await self._send_on(conn, doc, timeout, before_write, stan)
 
@@ -406,18 +424,31 @@ class AcquirerLink:
             self._reserved.add(stan)
             try:
                 await before_write(stan, out)
-            finally:
+            except BaseException:
                 self._reserved.discard(stan)
+                self._release_slot()
+                raise
+            self._reserved.discard(stan)
             waited = time.monotonic() - t0
             if waited >= timeout:
                 self.counters["not_sent_late"] += 1
+                self._release_slot()
                 raise NotSent(self.name, NOT_SENT_LATE)
             timeout -= waited
+            if not conn.ready:
+                # it closed or the host signed off on it while the journal
+                # wrote: nothing went out, so another connection of the link
+                # takes it (a signed-off connection gets no new request)
+                conn = self._pick()
+                if conn is None:
+                    self._release_slot()
+                    raise NotSent(self.name, "link down")
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
         now = time.monotonic()
         p = _Pending(fut, conn, out["t"], now, out)
         if not conn.write(raw):
+            self._release_slot()
             raise NotSent(self.name, "connection closing")
         self.pending[stan] = p
         p.timer = loop.call_at(now + timeout, self._expire, stan)
@@ -436,13 +467,13 @@ class AcquirerLink:
             return
         self._release_slot()
         self.counters["timeouts"] += 1
-        self._remember_late(stan)
+        self._remember_late(stan, p.mti)
         if not p.future.done():
             p.future.set_exception(_Expired())
 
-    def _remember_late(self, stan: str) -> None:
+    def _remember_late(self, stan: str, mti: str) -> None:
         late = self._late
-        late[stan] = time.monotonic()
+        late[stan] = mti
         if len(late) > _LATE_MEMORY:
             late.popitem(last=False)
 
@@ -453,7 +484,7 @@ class AcquirerLink:
             self._release_slot()
             if p.timer is not None:
                 p.timer.cancel()
-            self._remember_late(stan)
+            self._remember_late(stan, p.mti)
             if not p.future.done():
                 p.future.set_exception(_Lost())
         if lost:
@@ -484,7 +515,14 @@ class AcquirerLink:
         stan = doc.get("11", "")
         p = self.pending.get(stan)
         if p is None or not is_response_to(p.mti, mti):
-            if stan in self._late:
+            late_mti = self._late.get(stan)
+            if late_mti is not None and not is_response_to(late_mti, mti):
+                late_mti = None  # not an answer to what went out under that number
+            if late_mti is not None and late_mti[1] == "8":
+                # the link's own echo or sign-on answered late: no transaction
+                # to journal it against, and not a late response (DESIGN.md #5)
+                self.counters["late_network"] += 1
+            elif late_mti is not None:
                 self.counters["late"] += 1
                 log.warning("acquirer %s: late response for link STAN %s (rc %s, pan %s)",
                             self.name, stan, doc.get("39"), mask_pan(doc.get("2")))

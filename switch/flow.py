@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from core import iso8583
 from switch.acquirer import (
+    CANNOT_ENCODE,
     HOST_NETWORK_OK,
     HOST_SIGN_OFF,
     HOST_SIGN_ON,
@@ -423,6 +424,7 @@ class TransactionFlow:
         last_answer = None
         v1993 = req["t"].startswith("1")
         speaks_version = False  # a candidate of the request's ISO 8583 version was seen
+        candidates = unencodable = 0  # ... and how many of those its dialect could not carry
         for name in ordered:
             link = self.links.get(name)
             if link is None:
@@ -431,6 +433,7 @@ class TransactionFlow:
                 self.counters["skipped_version"] += 1
                 continue
             speaks_version = True
+            candidates += 1
             now = time.monotonic()
             remaining = ctx.deadline - now - self.answer_margin
             if remaining <= 0:
@@ -457,9 +460,15 @@ class TransactionFlow:
             except NotSent as e:
                 # certainly not received: safe to try the next candidate
                 self.counters["failover_not_sent"] += 1
+                if e.reason.startswith(CANNOT_ENCODE):
+                    # the request's fault, not the acquirer's: counted as a
+                    # failure, a few such requests from one terminal would
+                    # open every breaker and turn everyone's traffic away
+                    unencodable += 1
+                    link.health.release(time.monotonic())
                 # the journal's slowness is not the acquirer's failure (but a
                 # half-open breaker's trial must end, so it counts there)
-                if e.reason != NOT_SENT_LATE or link.health.half_open_trials:
+                elif e.reason != NOT_SENT_LATE or link.health.half_open_trials:
                     link.health.record_failure("write" if e.reason != "link down" else "connect",
                                                time.monotonic())
                 log.info("not sent to %s (%s), trying next candidate", name, e.reason)
@@ -478,6 +487,14 @@ class TransactionFlow:
                 log.warning("outcome unknown at %s (%s) for pan %s: reversal queued",
                             name, e.reason, mask_pan(pan_of(req)))
                 return txn_id, switch_response(req, RC_INOPERATIVE), name, None
+            except BaseException:
+                # Nothing was sent, and not for the acquirer's sake (a
+                # retransmission the journal already holds, a journal failure):
+                # a half-open trial slot allow_request() took is given back, or
+                # with no outcome ever recorded the breaker would refuse this
+                # acquirer every request from now on.
+                link.health.release(time.monotonic())
+                raise
             if self.on_acquirer is not None:
                 self.on_acquirer(name, reply.latency)
             rc = reply.doc.get("39", "")
@@ -493,7 +510,7 @@ class TransactionFlow:
                 log.warning("answer from %s without a response code (MTI %s) for pan %s: reversal queued",
                             name, reply.doc.get("t"), mask_pan(pan_of(req)))
                 return txn_id, switch_response(req, RC_SYSTEM_ERROR), name, None
-            if rc in link.cfg.try_elsewhere_codes:
+            if rc in link.try_elsewhere:
                 link.health.record_failure("try_elsewhere", time.monotonic())
                 self.counters["failover_try_elsewhere"] += 1
                 last_answer = reply
@@ -509,6 +526,11 @@ class TransactionFlow:
         if not speaks_version and decision.ordered:
             self.counters["no_route"] += 1
             return txn_id, switch_response(req, RC_NO_ROUTE), "", None
+        if unencodable and unencodable == candidates:
+            # no candidate's dialect can carry it (a field too long, not hex):
+            # a format error, never sent anywhere (DESIGN.md #9)
+            self.counters["format_errors"] += 1
+            return txn_id, switch_response(req, RC_FORMAT_ERROR), "", None
         self.counters["no_acquirer"] += 1
         return txn_id, switch_response(req, RC_INOPERATIVE), "", None
 
@@ -571,14 +593,21 @@ class TransactionFlow:
         remaining = ctx.deadline - now - self.answer_margin
         if link.draining:
             reason = "acquirer drained"
+        elif remaining <= 0:  # (before allow_request, which may take a half-open trial slot)
+            reason = "no time left to send it"
         elif not link.health.allow_request(now):
             reason = "acquirer circuit open"
-        elif remaining <= 0:
-            reason = "no time left to send it"
         else:
             try:
                 reply = await link.request(acq_doc, min(link.cfg.timeout, remaining), journal_forwarding)
             except NotSent as e:
+                if e.reason.startswith(CANNOT_ENCODE):
+                    # never deliverable by its only acquirer: stored, it would be
+                    # parked at once while the terminal heard 00 (see _forward)
+                    link.health.release(time.monotonic())
+                    self.counters["format_errors"] += 1
+                    txn_id = journaled[0] if journaled else await journal.record_received(txn)
+                    return txn_id, switch_response(req, RC_FORMAT_ERROR), "", None
                 if e.reason != NOT_SENT_LATE or link.health.half_open_trials:
                     link.health.record_failure("write" if e.reason != "link down" else "connect",
                                                time.monotonic())
@@ -592,10 +621,20 @@ class TransactionFlow:
                 except Exception as exc:
                     log.error("txn %s: timeout not journaled (%s)", txn_id, exc)
                 return await self._store_advice(req, name, e.sent_doc, e.reason, txn_id)
+            except BaseException:  # not sent, not the acquirer's doing (see _forward)
+                link.health.release(time.monotonic())
+                raise
             else:
                 rc = reply.doc.get("39", "")
-                if rc.strip() and rc not in self.reversals.retry_codes:
+                # the breaker hears every answer, as in _forward (a half-open
+                # trial ends here, whatever the advice's fate)
+                if not rc.strip():
+                    link.health.record_failure("timeout", time.monotonic())
+                elif rc in link.try_elsewhere:
+                    link.health.record_failure("try_elsewhere", time.monotonic())
+                else:
                     link.health.record_success(reply.latency, time.monotonic())
+                if rc.strip() and rc not in self.reversals.retry_codes:
                     self.counters["answered"] += 1
                     return journaled[0], self._terminal_doc(reply.doc, req), name, None
                 return await self._store_advice(req, name, reply.sent_doc,
@@ -650,6 +689,7 @@ class TransactionFlow:
         # a terminal that sent no DE7 with its original is keyed by its local time (or date)
         times.append(_transmission_key(req))
         orig_mti = original_mti(orig_mti)
+        await self._original_settled(terminal, orig_stan, orig_mti, times, ctx, req["t"].startswith("1"))
         if not getattr(self.journal, "durable", True):
             return await self._reversal_unjournaled(req, orig_mti, orig_stan, times[0], txn_id)
         original = None
@@ -683,6 +723,38 @@ class TransactionFlow:
                                           original["txn_id"]):
             return switch_response(req, RC_NO_ROUTE), ""
         return resp, name
+
+    async def _original_settled(self, terminal, orig_stan, orig_mti: str, times: list, ctx: RequestContext,
+                                any_time: bool) -> None:
+        """Wait, within this reversal's own time, for its original to finish
+        when it is still in flight here (the terminal gave up on it first).
+        Queued now, the reversal could reach the acquirer before the original
+        is done there: the host answers 25 (original not found), which
+        acknowledges the reversal, then approves the original -- money moved
+        behind a reversed sale. Once the original's outcome is known it is
+        either reversed after it or already queued for reversal (a timeout)."""
+        in_flight = self._in_flight
+        if not in_flight:
+            return
+        prior = None
+        for t in times:
+            if t:
+                prior = in_flight.get((terminal, orig_stan, t, orig_mti))
+                if prior is not None:
+                    break
+        if prior is None and any_time:
+            # 1993's DE56 names no DE7: any original of that STAN in flight
+            prior = next((f for k, f in in_flight.items()
+                          if k[0] == terminal and k[1] == orig_stan and k[3] == orig_mti), None)
+        if prior is None:
+            return
+        self.counters["reversal_waited_for_original"] += 1
+        wait = ctx.deadline - time.monotonic() - self.answer_margin
+        if wait > 0:
+            try:
+                await asyncio.wait_for(asyncio.shield(prior), wait)
+            except asyncio.TimeoutError:
+                pass
 
     async def _reversal_unjournaled(self, req: dict, orig_mti: str, orig_stan, orig_time,
                                     txn_id: int) -> tuple[dict, str]:

@@ -41,8 +41,12 @@ def _amount(doc: dict) -> int | None:
 
 
 def rule_matches(rule: RouteRule, doc: dict, rec: BinRecord | None) -> bool:
-    if rule.mti and doc.get("t") not in rule.mti:
-        return False
+    if rule.mti:
+        # a repeat (0201, 0221) is its original again: routed as the original
+        # would be, or an advice's repeat could reach another acquirer
+        mti = doc.get("t")
+        if mti not in rule.mti and not (isinstance(mti, str) and mti[3:] == "1" and mti[:3] + "0" in rule.mti):
+            return False
     if rule.processing_code:
         pc = doc.get("3", "")
         if not any(pc.startswith(p) for p in rule.processing_code):
@@ -84,7 +88,9 @@ class Router:
             bins = BinTableHolder(BinTable.from_csv(str(cfg.bin_table or SAMPLE_BIN_TABLE)))
         self.bins = bins
         self.rng = rng or random.Random()
-        self.default = tuple(cfg.default_acquirers) if cfg.default_acquirers else tuple(healths)
+        # (the configuration fills in every acquirer when the key is absent: an
+        # explicit [] is "no route", 92, for whatever no rule matches)
+        self.default = tuple(cfg.default_acquirers)
 
     def reload_bins(self, path: str | Path | None = None) -> None:
         """Build the new table fully, then swap it in; a bad file keeps the old one."""

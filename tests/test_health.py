@@ -46,6 +46,26 @@ def test_half_open_trial_limit_and_close(impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+def test_release_gives_back_a_trial_slot_and_records_nothing(impl):
+    h = impl.AcquirerHealth("acq", failure_threshold=1, open_seconds=5.0, half_open_max=1)
+    h.release(0.0)  # CLOSED: nothing to give back
+    assert h.state == impl.CLOSED and h.half_open_trials == 0
+    h.record_failure("timeout", 0.0)
+    h.release(1.0)  # OPEN, not due: nothing
+    assert h.state == impl.OPEN and h.retry_at == 5.0
+    assert h.allow_request(5.0) and not h.allow_request(5.0)
+    before = (h.consecutive_failures, h.ewma_success, h.success_count, h.failure_counts)
+    h.release(5.1)  # the trial never went out (not the acquirer's doing)
+    assert (h.state, h.half_open_trials) == (impl.HALF_OPEN, 0)
+    assert (h.consecutive_failures, h.ewma_success, h.success_count, h.failure_counts) == before
+    h.release(5.2)  # never below zero
+    assert h.half_open_trials == 0
+    assert h.allow_request(5.3) and h.half_open_trials == 1
+    h.record_success(0.1, 5.4)
+    assert h.state == impl.CLOSED
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_half_open_failure_reopens_with_fresh_timer(impl):
     h = impl.AcquirerHealth("acq", failure_threshold=2, open_seconds=10.0)
     h.record_failure("timeout", 0.0)
@@ -232,6 +252,7 @@ event = st.one_of(
               st.floats(0, 5, allow_nan=False)),
     st.tuples(st.just("allow"), st.none(), st.floats(0, 5, allow_nan=False)),
     st.tuples(st.just("can"), st.none(), st.floats(0, 5, allow_nan=False)),
+    st.tuples(st.just("release"), st.none(), st.floats(0, 5, allow_nan=False)),
 )
 
 
@@ -259,6 +280,8 @@ def test_differential_event_sequences(threshold, open_s, half, alpha, events):
                 results.append(h.record_failure(arg, now))
             elif kind == "allow":
                 results.append(h.allow_request(now))
+            elif kind == "release":
+                results.append(h.release(now))
             else:
                 results.append(h.can_request(now))
             results.append(snapshot(h))
