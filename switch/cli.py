@@ -95,23 +95,28 @@ async def _run(args) -> int:
 async def _queue(args) -> int:
     """List or re-queue store-and-forward entries in the configured journal."""
     from switch.config import ConfigError, load_config
-    from switch.journal import make_journal
-    from switch.keys import KeyRing
+    from switch.journal import JournalError, make_journal
+    from switch.keys import KeyFileError, KeyRing
 
     try:
         cfg = load_config(args.config)
     except ConfigError as e:
         print(f"configuration error:\n{e}", file=sys.stderr)
         return 2
-    journal = make_journal(cfg.journal, KeyRing.load(cfg.security.key_file))
-    await journal.start()
+    try:
+        journal = make_journal(cfg.journal, KeyRing.load(cfg.security.key_file))
+        await journal.start()
+    except (OSError, JournalError, KeyFileError) as e:  # one line, as `run` says it
+        print(f"isoswitch: cannot open the journal: {e}", file=sys.stderr)
+        return 1
     try:
         if args.queue_command == "requeue":
             ok = await journal.sf_requeue(args.id)
             print(f"entry {args.id}: {'re-queued' if ok else 'not parked (nothing done)'}")
             return 0 if ok else 1
         parked = True if args.parked else None
-        entries = await journal.sf_list(parked=parked, acquirer=args.acquirer)
+        entries = await journal.sf_list(parked=parked, acquirer=args.acquirer,
+                                        acked=args.all and not args.parked)
         print(f"{'id':>8} {'acquirer':<16} {'kind':<9} {'state':<7} {'attempts':>8}  last error / reason")
         for e in entries:
             if e.state == "acked" and not args.all:
@@ -126,7 +131,7 @@ async def _queue(args) -> int:
 
 def _keys(args) -> int:
     from switch.config import ConfigError, load_config
-    from switch.keys import init_keys, rotate_keys
+    from switch.keys import KeyFileError, init_keys, rotate_keys
 
     try:
         path = load_config(args.config).security.key_file
@@ -141,7 +146,11 @@ def _keys(args) -> int:
         init_keys(path)
         print(f"created {path} (mode 0600)")
         return 0
-    kid = rotate_keys(path)
+    try:
+        kid = rotate_keys(path)
+    except KeyFileError as e:  # missing, unreadable, too permissive: nothing was changed
+        print(f"isoswitch: {e}", file=sys.stderr)
+        return 1
     print(f"{path}: new current data key {kid}; older keys kept so existing rows stay readable")
     return 0
 

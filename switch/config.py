@@ -692,7 +692,10 @@ class _Builder:
         dsn = t.str("dsn", None, secret=True)
         gc = t.number("group_commit_ms", 0.0, ge=0)
         retention = t.number("retention_days", 0.0, ge=0)
-        stale = t.number("stale_after_seconds", 30.0, gt=0)
+        # a heartbeat goes every third of it, but never more often than every
+        # 0.5 s: below 1.5 s a live process is found dead between heartbeats
+        # (and its requests in flight reversed by its peers)
+        stale = t.number("stale_after_seconds", 30.0, ge=1.5)
         if backend == "none" and t.has("retention_days") and retention:
             t.fail("retention_days", 'nothing is kept with backend = "none"')
         if backend == "sqlite":

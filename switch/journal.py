@@ -156,6 +156,11 @@ class SfEntry:
     # x221) is the same message as the one the acquirer may have seen
     wire_stan: str | None = None
     wire_time: str | None = None
+    # an operator's requeue (``sf_requeue``) gives a parked entry its limits
+    # afresh: its age counts from ``requeued_at``, its attempts on the wire
+    # from ``requeued_sent`` (``sent`` itself stays: it still goes as a repeat)
+    requeued_at: float | None = None
+    requeued_sent: int = 0
     payload: dict | None = field(default=None, repr=False)
 
     @property
@@ -169,6 +174,16 @@ class SfEntry:
     @property
     def parked(self) -> bool:
         return self.state == "parked"
+
+    @property
+    def limits_from(self) -> float:
+        """When the age limit started counting: queued, or last requeued."""
+        return self.created_at if self.requeued_at is None else float(self.requeued_at)
+
+    @property
+    def sent_since_requeue(self) -> int:
+        """Claims that may have reached the link since the limits last started counting."""
+        return self.sent - (self.requeued_sent or 0)
 
 
 # --------------------------------------------------------------------------
@@ -255,6 +270,15 @@ def _txn_tuple(txn: "TxnRecord") -> tuple:
     return (txn.listener, str(txn.terminal_id), str(txn.terminal_stan), str(txn.terminal_tx_time),
             str(txn.mti), txn.rrn, None if txn.amount is None else int(txn.amount), txn.currency,
             None if txn.pan is None else str(txn.pan), txn.proc_code, float(_ts(txn.received_at)))
+
+
+def _page(limit, offset) -> tuple[int, int]:
+    """LIMIT and OFFSET for a query, the same on both backends: SQLite reads a
+    negative LIMIT as none and a negative OFFSET as 0, PostgreSQL refuses them."""
+    limit, offset = int(limit), int(offset)
+    if limit < 0 or offset < 0:
+        raise ValueError(f"limit and offset must be >= 0, got {limit} and {offset}")
+    return limit, offset
 
 
 def _ts(v: Any) -> float | None:
@@ -345,7 +369,9 @@ CREATE TABLE IF NOT EXISTS sf_queue (
     sent INTEGER NOT NULL DEFAULT 0,
     lease_boot TEXT,
     wire_stan TEXT,
-    wire_time TEXT
+    wire_time TEXT,
+    requeued_at REAL,
+    requeued_sent INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS sf_due ON sf_queue (acquirer, id) WHERE state = 'queued';
 CREATE INDEX IF NOT EXISTS sf_parked ON sf_queue (id) WHERE state = 'parked';
@@ -415,6 +441,8 @@ SF_ADDED_COLUMNS = (
     ("lease_boot", "TEXT", None),
     ("wire_stan", "TEXT", None),
     ("wire_time", "TEXT", None),
+    ("requeued_at", "REAL", None),
+    ("requeued_sent", "INTEGER NOT NULL DEFAULT 0", None),
 )
 
 TXN_COLS = (
@@ -428,7 +456,7 @@ _TXN_SELECT = ("SELECT " + ", ".join(TXN_COLS)
                + ", reversal_fields IS NOT NULL AS has_reversal_fields FROM txn")
 SF_COLS = ("id", "acquirer", "kind", "txn_id", "state", "created_at", "next_at", "attempts", "claims",
            "last_error", "lease_owner", "lease_until", "parked_reason", "parked_at", "acked_at", "sent",
-           "lease_boot", "wire_stan", "wire_time")
+           "lease_boot", "wire_stan", "wire_time", "requeued_at", "requeued_sent")
 _SF_SELECT = "SELECT " + ", ".join(SF_COLS) + " FROM sf_queue"
 
 SQL_INSERT_TXN = (
@@ -459,10 +487,14 @@ SQL_FORWARDED = (
 )
 # Encrypted reversal fields are kept only while a reversal may still be needed
 # and is not queued yet (the queue entry holds its own copy).
+# Not on a row crash recovery reversed ('unknown'): a process taken for dead
+# (PostgreSQL: no fresh heartbeat) whose flow then answers would tell the
+# terminal what a peer's reversal is undoing; its write fails instead (the
+# flow answers 96, and its own reversal is the one already queued).
 SQL_OUTCOME = (
     "UPDATE txn SET state = 'done', response_code = ?, approval_code = ?, response_doc = ?, "
     "latency_ms = ?, completed_at = ?, reversal_fields = CASE WHEN timed_out_at IS NOT NULL "
-    "AND reversal_queued = 0 THEN reversal_fields ELSE NULL END WHERE id = ?"
+    "AND reversal_queued = 0 THEN reversal_fields ELSE NULL END WHERE id = ? AND state <> 'unknown'"
 )
 SQL_TIMEOUT = (
     "UPDATE txn SET state = CASE WHEN state = 'done' THEN state ELSE 'timeout' END, "
@@ -476,9 +508,20 @@ SQL_FIND_DUP = ("SELECT id, state, response_code, response_doc FROM txn WHERE te
                 "AND terminal_stan = ? AND terminal_tx_time = ? AND mti = ?")
 SQL_SF_INSERT = ("INSERT INTO sf_queue (acquirer, kind, txn_id, payload, state, created_at, next_at) "
                  "VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING id")
+# An answer journaled before its reversal was queued (journaled too late to
+# be delivered, or its write reported failed after all) is not what the
+# terminal heard, and it is being undone: a retransmission must not get it
+# replayed (94 instead). The 91 journaled after a timeout is what it heard.
 SQL_SF_MARK_TXN = ("UPDATE txn SET reversal_queued = 1, reversal_fields = NULL, "
                    "state = CASE WHEN state IN ('forwarded', 'timeout') AND response_code IS NULL "
-                   "THEN 'timeout' ELSE state END WHERE id = ?")
+                   "THEN 'timeout' ELSE state END, "
+                   "response_doc = CASE WHEN timed_out_at IS NULL THEN NULL ELSE response_doc END WHERE id = ?")
+# A transaction gets one store-and-forward entry of each kind: a second
+# reversal of it (a timeout after the terminal's own reversal that another
+# process queued, a peer's crash recovery, a held reversal whose first write
+# committed after all) is the queued one
+SQL_SF_TXN_ENTRY = "SELECT max(id) FROM sf_queue WHERE txn_id = ? AND kind = ?"
+SQL_SF_TXN_LOCK = "SELECT 1 FROM txn WHERE id = ? FOR UPDATE"  # PostgreSQL (SQLite has one writer)
 SQL_SF_ACK = ("UPDATE sf_queue SET state = 'acked', payload = NULL, acked_at = ?, lease_owner = NULL, "
               "lease_until = NULL, lease_boot = NULL WHERE id = ? AND state <> 'acked'")
 # sent: 1 when the attempt was written to the link (it may have arrived), else 0
@@ -489,8 +532,11 @@ SQL_SF_WIRE = ("UPDATE sf_queue SET wire_stan = COALESCE(wire_stan, ?), wire_tim
                "WHERE id = ? AND state = 'queued'")
 SQL_SF_PARK = ("UPDATE sf_queue SET state = 'parked', parked_reason = ?, parked_at = ?, sent = sent + ?, "
                "lease_owner = NULL, lease_until = NULL, lease_boot = NULL WHERE id = ? AND state = 'queued'")
+# A requeued entry's limits start again (a parked entry's ``sent`` is at its
+# limit: kept as it is, the next claim parked it again at once, unsent)
 SQL_SF_REQUEUE = ("UPDATE sf_queue SET state = 'queued', next_at = ?, attempts = 0, parked_reason = NULL, "
-                  "parked_at = NULL, last_error = ? WHERE id = ? AND state = 'parked'")
+                  "parked_at = NULL, last_error = ?, requeued_at = ?, requeued_sent = sent "
+                  "WHERE id = ? AND state = 'parked'")
 # FIFO per acquirer across processes (DESIGN.md #4): only the acquirer's
 # oldest queued entry is ever claimed. While it waits out its backoff, or
 # another process holds it (its lease, or on PostgreSQL its row lock: SKIP
@@ -538,6 +584,8 @@ SQL_API_SET = ("UPDATE api_txn SET doc = ?, status = ?, "
 # a payment that is reversed or fully refunded needs its card no more
 API_CARD_DONE = frozenset({"reversed", "refunded"})
 
+SQL_META_PUT_ONCE = "INSERT INTO journal_meta (k, v) VALUES (?, ?) ON CONFLICT (k) DO NOTHING"
+SQL_META_GET = "SELECT v FROM journal_meta WHERE k = ?"
 SQL_NODE_UPSERT = ("INSERT INTO journal_node (boot_id, node_id, started_at, heartbeat_at) VALUES (?, ?, ?, ?) "
                    "ON CONFLICT (boot_id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at")
 SQL_NODE_DELETE = "DELETE FROM journal_node WHERE boot_id = ?"
@@ -642,6 +690,11 @@ class Journal(abc.ABC):
 
     async def start(self) -> None:
         await self._start()
+        try:
+            await self._check_key_file()
+        except BaseException:
+            await self._close()
+            raise
         await self._heartbeat()
         self._started = True
         loop = asyncio.get_running_loop()
@@ -684,6 +737,23 @@ class Journal(abc.ABC):
                 raise
             except Exception:
                 log.warning("journal: heartbeat failed", exc_info=True)
+
+    async def _check_key_file(self) -> None:
+        """Refuse a key file that is not the one this journal was written with.
+
+        A missing key file is made anew at start (``keys.ensure_keys``): on a
+        journal that exists already, every pending reversal's fields and every
+        queued entry would then be undecryptable (parked, to be reversed by
+        hand) and every PAN fingerprint unlike the earlier ones -- and the new
+        rows unreadable once the right file is restored. The journal keeps
+        the key file's check value from its first start and compares it."""
+        check = self.keyring.check_value()
+        await self._exec(SQL_META_PUT_ONCE, ("key_check", check))
+        r = await self._fetchone(SQL_META_GET, ("key_check",))
+        if r is not None and not hmac.compare_digest(str(r[0]), check):
+            where = f" ({self.keyring.source})" if self.keyring.source is not None else ""
+            raise JournalError(f"the key file{where} is not the one this journal was written with: its "
+                               "card data cannot be decrypted with these keys; restore that key file")
 
     def problem(self) -> str | None:
         """Why the journal cannot take writes now (None when it can); /readyz reports it."""
@@ -785,7 +855,7 @@ class Journal(abc.ABC):
             n = await self._outcome_api(txn_id, response_code, approval_code, response_doc_for_replay or {}, lat,
                                         time.time(), attach)
         if n != 1:
-            raise JournalError(f"txn {txn_id}: unknown transaction")
+            raise JournalError(f"txn {txn_id}: unknown transaction, or reversed by crash recovery")
 
     async def record_timeout(self, txn_id: int) -> None:
         await self._exec(SQL_TIMEOUT, (time.time(), txn_id))
@@ -850,13 +920,13 @@ class Journal(abc.ABC):
         sql, params = _TXN_SELECT + " WHERE terminal_id = ?", [str(terminal_id)]
         sql, params = self._time_range(sql, params, since, until)
         rows = await self._fetchall(sql + " ORDER BY received_at, id LIMIT ? OFFSET ?",
-                                    (*params, int(limit), int(offset)))
+                                    (*params, *_page(limit, offset)))
         return [self._txn_row(r) for r in rows]
 
     async def by_time(self, since=None, until=None, limit: int = 100, offset: int = 0) -> list[dict]:
         sql, params = self._time_range(_TXN_SELECT + " WHERE 1 = 1", [], since, until)
         rows = await self._fetchall(sql + " ORDER BY received_at, id LIMIT ? OFFSET ?",
-                                    (*params, int(limit), int(offset)))
+                                    (*params, *_page(limit, offset)))
         return [self._txn_row(r) for r in rows]
 
     @staticmethod
@@ -872,12 +942,23 @@ class Journal(abc.ABC):
     # -- store-and-forward
 
     async def sf_enqueue(self, acquirer: str, kind: str, txn_id: int | None, payload_fields: dict,
-                         *, next_at: float | None = None) -> int:
+                         *, next_at: float | None = None) -> int | None:
+        """The id of the entry queued (``sf_enqueue_once``: of the one already
+        queued for ``txn_id``, if any)."""
+        return (await self.sf_enqueue_once(acquirer, kind, txn_id, payload_fields, next_at=next_at))[0]
+
+    async def sf_enqueue_once(self, acquirer: str, kind: str, txn_id: int | None, payload_fields: dict,
+                              *, next_at: float | None = None) -> tuple[int | None, bool]:
+        """(entry id, True) for a new entry. A transaction is reversed (or its
+        advice repeated) once: when an entry of this kind is queued for
+        ``txn_id`` already, nothing is queued and the result is (that entry's
+        id, False)."""
         if kind not in SF_KINDS:
             raise ValueError(f"store-and-forward kind must be one of {', '.join(SF_KINDS)}")
         blob = self.keyring.encrypt(_pack(sanitize_fields(payload_fields)), _sf_aad(acquirer, kind, txn_id))
         now = time.time()
-        return await self._sf_insert(acquirer, kind, txn_id, blob, now, now if next_at is None else next_at)
+        entry_id, new = await self._sf_insert(acquirer, kind, txn_id, blob, now, now if next_at is None else next_at)
+        return entry_id, bool(new)
 
     @staticmethod
     def _sf_entry(r) -> SfEntry:
@@ -932,22 +1013,26 @@ class Journal(abc.ABC):
         return await self._exec(SQL_SF_PARK, (str(reason)[:500], time.time(), 1 if sent else 0, entry_id)) == 1
 
     async def sf_requeue(self, entry_id: int) -> bool:
-        return await self._exec(SQL_SF_REQUEUE, (time.time(), "requeued by operator", entry_id)) == 1
+        now = time.time()
+        return await self._exec(SQL_SF_REQUEUE, (now, "requeued by operator", now, entry_id)) == 1
 
     async def sf_get(self, entry_id: int) -> SfEntry | None:
         r = await self._fetchone(_SF_SELECT + " WHERE id = ?", (entry_id,))
         return None if r is None else self._sf_entry(r)
 
     async def sf_list(self, parked: bool | None = None, acquirer: str | None = None,
-                      limit: int = 1000) -> list[SfEntry]:
-        """Entries not yet acknowledged (payload never included), oldest first."""
+                      limit: int = 1000, acked: bool = False) -> list[SfEntry]:
+        """Entries not yet acknowledged (payload never included), oldest first;
+        ``acked``: acknowledged ones too (with ``parked`` None)."""
         states = {None: ("queued", "parked"), True: ("parked",), False: ("queued",)}[parked]
+        if acked and parked is None:
+            states += ("acked",)
         sql = _SF_SELECT + " WHERE state IN (" + ", ".join("?" * len(states)) + ")"
         params: list = list(states)
         if acquirer is not None:
             sql += " AND acquirer = ?"
             params.append(acquirer)
-        rows = await self._fetchall(sql + " ORDER BY id LIMIT ?", (*params, int(limit)))
+        rows = await self._fetchall(sql + " ORDER BY id LIMIT ?", (*params, _page(limit, 0)[0]))
         return [self._sf_entry(r) for r in rows]
 
     async def sf_depth(self, acquirer: str | None = None) -> int:
@@ -1080,7 +1165,7 @@ class Journal(abc.ABC):
             sql += " AND created_ts < ?"
             params.append(float(filters["until"]))
         rows = await self._fetchall(sql + " ORDER BY created_ts DESC, id DESC LIMIT ? OFFSET ?",
-                                    (*params, int(limit), int(offset)))
+                                    (*params, *_page(limit, offset)))
         return [_unpack(r[0]) for r in rows]
 
     @abc.abstractmethod
@@ -1088,8 +1173,12 @@ class Journal(abc.ABC):
 
     # -- crash recovery
 
-    def _dead_params(self) -> tuple:
-        return (self.boot_id, time.time() - self.stale_after, self.node_id)
+    def _dead_params(self, now: float | None = None) -> tuple:
+        return (self.boot_id, (time.time() if now is None else now) - self.stale_after, self.node_id)
+
+    async def _dead_params_now(self) -> tuple:
+        """``_dead_params`` on the clock the heartbeats are written with."""
+        return self._dead_params()
 
     def _decrypt_reversal(self, txn_id: int, blob, key: tuple | None = None) -> dict | None:
         if blob is None:
@@ -1129,7 +1218,7 @@ class Journal(abc.ABC):
         Read only: ``[(txn_id, acquirer, link_stan, reversal_fields)]`` (fields
         None when missing or undecryptable). Prefer :meth:`recover_and_enqueue`.
         """
-        rows = await self._fetchall(SQL_RECOVER_SELECT, self._dead_params())
+        rows = await self._fetchall(SQL_RECOVER_SELECT, await self._dead_params_now())
         return [(r[0], r[1], r[2], self._decrypt_reversal(r[0], r[3], tuple(r[4:8]))) for r in rows]
 
     async def recover_and_enqueue(self) -> int:
@@ -1187,7 +1276,7 @@ class Journal(abc.ABC):
     async def _late_response(self, acquirer: str, link_stan: str, rc: str | None, now: float) -> int | None: ...
 
     @abc.abstractmethod
-    async def _sf_insert(self, acquirer, kind, txn_id, blob, now, next_at) -> int: ...
+    async def _sf_insert(self, acquirer, kind, txn_id, blob, now, next_at) -> tuple[int | None, bool]: ...
 
     @abc.abstractmethod
     async def _sf_claim(self, acquirer: str, worker: str, now: float, lease_until: float, boot: str): ...
@@ -1473,6 +1562,8 @@ class PostgresJournal(Journal):
                     "WHERE table_schema = current_schema() AND table_name = 'sf_queue'")}
                 for col, decl, backfill in SF_ADDED_COLUMNS:
                     if col not in have:
+                        # (PostgreSQL's REAL is single precision: epoch seconds need double)
+                        decl = re.sub(r"\bREAL\b", "DOUBLE PRECISION", decl)
                         await c.execute(f"ALTER TABLE sf_queue ADD COLUMN {col} {decl}")
                         if backfill:
                             await c.execute(backfill)
@@ -1489,9 +1580,21 @@ class PostgresJournal(Journal):
             raise JournalError("journal is closed")
         return self._pool
 
+    # Heartbeats and the test for a dead peer run on the database's clock:
+    # the processes sharing it may run on hosts whose clocks disagree, and a
+    # peer whose clock ran ahead by more than stale_after minus the heartbeat
+    # period took a live process for dead, reversing its requests in flight.
+    _DB_NOW = "extract(epoch FROM clock_timestamp())::float8"
+
     async def _heartbeat(self) -> None:
-        now = time.time()
-        await self._p().execute(self._q(SQL_NODE_UPSERT), self.boot_id, self.node_id, now, now)
+        await self._p().execute(
+            "INSERT INTO journal_node (boot_id, node_id, started_at, heartbeat_at) VALUES "
+            f"($1, $2, {self._DB_NOW}, {self._DB_NOW}) "
+            "ON CONFLICT (boot_id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at", self.boot_id, self.node_id)
+
+    async def _dead_params_now(self, c=None) -> tuple:
+        now = await (c or self._p()).fetchval("SELECT " + self._DB_NOW)
+        return self._dead_params(float(now))
 
     async def _node_gone(self) -> None:
         await self._p().execute(self._q(SQL_NODE_DELETE), self.boot_id)
@@ -1594,22 +1697,29 @@ class PostgresJournal(Journal):
     async def api_lock_release(self, api_id: str, owner: str) -> None:
         await self._p().execute("DELETE FROM api_lock WHERE id = $1 AND owner = $2", str(api_id), str(owner))
 
-    async def _sf_insert(self, acquirer, kind, txn_id, blob, now, next_at) -> int:
+    async def _sf_insert(self, acquirer, kind, txn_id, blob, now, next_at) -> tuple[int | None, bool]:
         async with self._p().acquire() as c:
             async with c.transaction():
+                if txn_id is not None:
+                    # the row lock orders this against another process's
+                    # enqueue or crash recovery of the same transaction
+                    await c.execute(self._q(SQL_SF_TXN_LOCK), txn_id)
+                    queued = await c.fetchval(self._q(SQL_SF_TXN_ENTRY), txn_id, kind)
+                    if queued is not None:
+                        return queued, False
                 entry_id = await c.fetchval(self._q(SQL_SF_INSERT), acquirer, kind, txn_id, blob,
                                             "queued", now, next_at)
                 if txn_id is not None:  # the transaction's unknown outcome is this entry's now
                     await c.execute(self._q(SQL_SF_MARK_TXN), txn_id)
-                return entry_id
+                return entry_id, True
 
     async def _sf_claim(self, acquirer, worker, now, lease_until, boot):
         r = await self._p().fetchrow(self._q(SQL_SF_CLAIM_PG), acquirer, now, now, worker, lease_until, boot)
         return None if r is None else tuple(r.values())
 
     async def _recover(self) -> int:
-        dead = self._dead_params()
         async with self._p().acquire() as c:
+            dead = await self._dead_params_now(c)
             async with c.transaction():
                 released = self._count(await c.execute(self._q(SQL_SF_RELEASE_DEAD), *dead))
                 rows = await c.fetch(self._q(SQL_RECOVER_SELECT + " FOR UPDATE OF t SKIP LOCKED"), *dead)
@@ -1700,12 +1810,15 @@ class NullJournal:
         return 0
 
     async def sf_enqueue(self, acquirer, kind, txn_id, payload_fields, *, next_at=None) -> int:
+        return (await self.sf_enqueue_once(acquirer, kind, txn_id, payload_fields, next_at=next_at))[0]
+
+    async def sf_enqueue_once(self, acquirer, kind, txn_id, payload_fields, *, next_at=None) -> tuple[int, bool]:
         self._ids += 1
         now = time.time()
         self._sf[self._ids] = SfEntry(self._ids, acquirer, kind, txn_id, "queued", now,
                                       now if next_at is None else next_at, 0, 0)
         self._payloads[self._ids] = dict(payload_fields)
-        return self._ids
+        return self._ids, True
 
     async def sf_claim(self, acquirer, worker_id, lease_s=30.0):
         now = time.time()
@@ -1747,13 +1860,14 @@ class NullJournal:
         e = self._sf.get(entry_id)
         if e is not None and e.state == "parked":
             e.state, e.attempts, e.next_at = "queued", 0, time.time()
+            e.requeued_at, e.requeued_sent = e.next_at, e.sent
             return True
         return False
 
     async def sf_get(self, entry_id):
         return self._sf.get(entry_id)
 
-    async def sf_list(self, parked=None, acquirer=None, **k):
+    async def sf_list(self, parked=None, acquirer=None, **k):  # (acknowledged entries are not kept)
         return [e for e in self._sf.values()
                 if (parked is None or (e.state == "parked") == parked)
                 and (acquirer is None or e.acquirer == acquirer)]

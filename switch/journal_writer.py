@@ -146,11 +146,16 @@ class WriterCore:
         return txn_id
 
     def op_sf_insert(self, acquirer, kind, txn_id, blob, now, next_at):
+        """[entry id, True], or [the transaction's queued entry's id, False] (``Journal.sf_enqueue_once``)."""
         J, c = self.J, self.conn
+        if txn_id is not None:
+            queued = c.execute(J.SQL_SF_TXN_ENTRY, (txn_id, kind)).fetchone()[0]
+            if queued is not None:
+                return [queued, False]
         entry_id = c.execute(J.SQL_SF_INSERT, (acquirer, kind, txn_id, blob, "queued", now, next_at)).fetchone()[0]
         if txn_id is not None:  # the transaction's unknown outcome is this entry's now
             c.execute(J.SQL_SF_MARK_TXN, (txn_id,))
-        return entry_id
+        return [entry_id, True]
 
     def op_api_put(self, params, idem_params):
         c, J = self.conn, self.J

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import hmac
 import json
 import os
 import re
@@ -334,6 +335,8 @@ class KeyRing:
         if len(blob) < hlen + NONCE_LEN + 16:
             raise DecryptError(f"ciphertext too short (key id {kid})")
         aead = self._aeads.get(kid)
+        if aead is None and self._add_rotated_keys():
+            aead = self._aeads.get(kid)
         if aead is None:
             raise DecryptError(f"unknown data key id {kid!r} (key file has {', '.join(self.key_ids)})")
         header, nonce, ct = blob[:hlen], blob[hlen:hlen + NONCE_LEN], blob[hlen + NONCE_LEN:]
@@ -342,6 +345,35 @@ class KeyRing:
         except InvalidTag:
             raise DecryptError(f"ciphertext failed authentication (key id {kid}): wrong key, "
                                "wrong associated data or tampered") from None
+
+    def _add_rotated_keys(self) -> bool:
+        """Take the data keys a rotation added to the key file since it was
+        loaded; True when there were any. Switch processes sharing a
+        PostgreSQL journal are restarted one by one after ``isoswitch keys
+        rotate``: until then a process still running on the old file met the
+        restarted ones' ciphertext (their reversals, their unknown outcomes)
+        as undecryptable and parked it. Only a file with the same
+        fingerprint key (the same lineage) is trusted; the current key stays."""
+        if self.source is None:
+            return False
+        try:
+            other = KeyRing.load(self.source)
+        except KeyFileError:
+            return False
+        if not hmac.compare_digest(other._fp_key, self._fp_key):
+            return False
+        added = [kid for kid in other._raw if kid not in self._raw]
+        for kid in added:
+            self._raw[kid] = other._raw[kid]
+            self._aeads[kid] = other._aeads[kid]
+        return bool(added)
+
+    def check_value(self) -> str:
+        """A value that tells this key file's lineage from another's (a keyed
+        digest of a constant under the fingerprint key, which no rotation
+        changes; it reveals nothing about the key): the journal keeps the one
+        it was first written with and refuses to start on another."""
+        return self._fp_mac.digest(b"isoswitch/key-check").hex()[:32]
 
     # -- PAN fingerprint
 

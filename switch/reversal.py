@@ -208,12 +208,19 @@ class ReversalQueue:
         return list(self._parked)
 
     async def enqueue(self, acquirer: str, original: dict, reason: str, txn_id: int | None = None,
-                      kind: str = "reversal") -> int:
+                      kind: str = "reversal") -> int | None:
         """Queue the reversal of ``original`` (the request as sent), or with
         ``kind="advice"`` the advice ``original`` itself, for ``acquirer``."""
         advice = kind == "advice"
         payload = advice_payload(original) if advice else reversal_payload(original)
-        entry_id = await self.journal.sf_enqueue(acquirer, kind, txn_id, payload)
+        entry_id, new = await self.journal.sf_enqueue_once(acquirer, kind, txn_id, payload)
+        if not new:
+            # already queued for this transaction (the terminal's own reversal
+            # came first, a peer's crash recovery): it goes out once
+            self.counters["already_queued"] += 1
+            log.info("%s for transaction %s already queued (entry %s); not queued again (%s)",
+                     kind, txn_id, entry_id, reason)
+            return entry_id
         self.counters["advices_queued" if advice else "queued"] += 1
         self._depth[acquirer] = self._depth.get(acquirer, 0) + 1
         log.warning("%s %d queued for %s (%s)", kind, entry_id, acquirer, reason)
@@ -341,10 +348,16 @@ class ReversalQueue:
             except asyncio.TimeoutError:
                 pass
             return
+        if entry.requeued_at is not None and any(p.id == entry.id for p in self._parked):
+            # requeued from elsewhere (`isoswitch queue requeue`, a peer's admin
+            # API): the parked list, and the parked metric read from it, still
+            # showed it
+            await self.refresh()
         # the attempt limit counts attempts that reached the link: an acquirer
         # that was unreachable for a while gets its reversals once it is back
-        # (the age limit still parks what waits too long)
-        if entry.sent >= self.max_attempts or time.time() - entry.created_at > self.max_age:
+        # (the age limit still parks what waits too long); both count from an
+        # operator's requeue, if any
+        if entry.sent_since_requeue >= self.max_attempts or time.time() - entry.limits_from > self.max_age:
             # parked before this claim's attempt: it did not send anything
             await self.journal.sf_park(entry.id, f"gave up after {entry.attempts} attempts "
                                        f"({entry.sent} sent)", sent=False)
@@ -397,7 +410,9 @@ class ReversalQueue:
                 self.counters["retry_codes"] += 1
                 problem = f"answered {rc or 'without a response code'}: not applied"
         if problem is not None:
-            delay = min(self.backoff_min * (2 ** entry.attempts), self.backoff_max)
+            # (the exponent is capped: an acquirer down for hours runs up over
+            # a thousand attempts, and 2.0 ** 1024 overflows a float)
+            delay = min(self.backoff_min * (2.0 ** min(entry.attempts, 64)), self.backoff_max)
             # NotSent still counts toward max_attempts (and backs off), never toward repeats
             await self.journal.sf_retry(entry.id, time.time() + delay, problem, sent=written)
             self.counters["retries"] += 1

@@ -128,3 +128,43 @@ def test_run_reports_a_journal_that_is_not_a_database_without_a_traceback(tmp_pa
     assert r.returncode == 1
     assert "cannot open the journal" in r.stderr and "Traceback" not in r.stderr
     assert bad.read_bytes().startswith(b"this is not an SQLite database")  # left as it was
+
+
+def test_queue_and_keys_commands_report_a_missing_key_file_and_list_acknowledged_entries(tmp_path):
+    """`isoswitch queue ...` and `keys rotate` without a key file said so with a
+    traceback; `queue list --all` ("include acknowledged entries") listed none."""
+    import asyncio
+
+    from switch.config import load_config
+    from switch.journal import make_journal
+    from switch.keys import KeyRing
+
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[switch]\nstate_dir = "{tmp_path / "state"}"\n')
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]))
+
+    def cli(*args):
+        return subprocess.run(_cli(*args, "--config", str(cfg)), capture_output=True, text=True,
+                              env=env, timeout=60)
+
+    for args in (("queue", "list"), ("queue", "requeue", "1"), ("keys", "rotate")):
+        r = cli(*args)
+        assert r.returncode == 1 and "key file does not exist" in r.stderr, (args, r.stderr)
+        assert "Traceback" not in r.stderr, (args, r.stderr)
+    assert not (tmp_path / "state" / "keys.json").exists()
+    assert cli("keys", "init").returncode == 0
+
+    async def ack_one():
+        c = load_config(cfg)
+        j = make_journal(c.journal, KeyRing.load(c.security.key_file))
+        await j.start()
+        eid = await j.sf_enqueue("acq-a", "reversal", None, {"t": "0200", "11": "000001"})
+        e = await j.sf_claim("acq-a", "w", 30)
+        assert e.id == eid and await j.sf_ack(eid)
+        await j.close()
+        return eid
+
+    eid = asyncio.run(ack_one())
+    assert f"{eid:>8} acq-a" not in cli("queue", "list").stdout
+    r = cli("queue", "list", "--all")
+    assert r.returncode == 0 and f"{eid:>8} acq-a" in r.stdout and "acked" in r.stdout, r.stdout

@@ -235,6 +235,9 @@ BAD = [
     ("postgres-needs-dsn",
      '[journal]\nbackend = "postgres"\n',
      'journal.dsn: required when backend = "postgres"'),
+    ("journal-stale-after",  # heartbeats go every 0.5 s at most: a live process would count as dead
+     '[journal]\nstale_after_seconds = 0.4\n',
+     "journal.stale_after_seconds: must be a number >= 1.5, got 0.4"),
     ("journal-backend",
      '[journal]\nbackend = "mysql"\n',
      'journal.backend: unknown journal backend "mysql" (expected one of sqlite, postgres, memory, none)'),

@@ -700,7 +700,10 @@ def test_recovery_parks_undecryptable(backend):
         tid = await a.record_received(txn())
         await a.record_forwarded(tid, "acq-a", "000031", {"11": "000031"})
         await a.close()
-        b = backend.make(KeyRing.generate(), node_id="n2")  # the key file was lost
+        # the data key its fields were written with is gone (the key file was
+        # edited, a backup without the latest rotation): same fingerprint key
+        lost = KeyRing({"k9": os.urandom(32)}, "k9", backend.keyring._fp_key)
+        b = backend.make(lost, node_id="n2")
         await b.start()
         try:
             assert await b.recover_and_enqueue() == 1
@@ -922,8 +925,10 @@ def test_sqlite_writer_death_fails_writes_and_is_reported(tmp_path):
     (the flow answers 96), problem() says why (/readyz turns 503); nothing hangs;
     a new writer process is started and writes work again."""
     import signal as _signal
+    keys = KeyRing.generate()
+
     async def go():
-        j = SqliteJournal(tmp_path / "d.db", KeyRing.generate())
+        j = SqliteJournal(tmp_path / "d.db", keys)
         await j.start()
         try:
             assert j.problem() is None
@@ -947,7 +952,7 @@ def test_sqlite_writer_death_fails_writes_and_is_reported(tmp_path):
         finally:
             await j.close()
         # the next start on the same file works (a restarted switch)
-        j2 = SqliteJournal(tmp_path / "d.db", KeyRing.generate())
+        j2 = SqliteJournal(tmp_path / "d.db", keys)
         await j2.start()
         try:
             assert (await j2.get(tid)) is not None
@@ -1239,7 +1244,7 @@ def test_a_reversal_the_journal_refuses_is_held_and_queued_exactly_once(tmp_path
                                                     {"t": "0200", "11": "000007", "4": "000000001000"})
             rq = ReversalQueue(j, poll_s=0.05)
             rq._ensure_worker = lambda acquirer: None  # no sender: the queue itself is what is checked
-            real, calls = j.sf_enqueue, []
+            real, calls = j.sf_enqueue_once, []
 
             async def flaky(*a, **k):
                 calls.append(a)
@@ -1249,7 +1254,7 @@ def test_a_reversal_the_journal_refuses_is_held_and_queued_exactly_once(tmp_path
                     raise JournalError("journal writer has stopped")
                 return await real(*a, **k)
 
-            j.sf_enqueue = flaky
+            j.sf_enqueue_once = flaky
             await rq.enqueue_or_hold("acq-a", {"t": "0200", "11": "000007", "4": "000000001000", "2": "4111111111111111"},
                                      "test", tid)
             assert rq.held == 1 and rq.counters["held"] == 1
