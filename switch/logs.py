@@ -8,10 +8,12 @@ its %-args, ``extra=`` fields and exception text alike:
 * a run of 13-19 digits (optionally grouped by single spaces or dashes, as
   people type card numbers) that passes the Luhn check is replaced by its
   masked form (BIN + last 4, ``switch.messages.mask_pan``);
-* track 2 equivalents (``;PAN=YYMM...`` or ``PAN D YYMM...``) are removed;
+* track 2 equivalents (``;PAN=YYMM...`` or ``PAN D YYMM...``) and track 1
+  (``%BPAN^NAME^YYMM...``) are removed;
 * a 16-hex-digit value in a field named like a PIN block (``pin``,
   ``pin_block``, ``52``) is removed, as are values of fields named
-  ``cvv``/``cvc``/``cvv2``/``track2``/``35``/``45``/``55``.
+  ``cvv``/``cvc``/``cvv2``/``track2``/``35``/``45``/``55``, in ``extra=``
+  values and in text alike (``str(doc)`` or JSON of an ISO document).
 
 Non-Luhn digit runs (trace numbers, RRNs, amounts) pass through unchanged, so
 logs stay useful.
@@ -41,6 +43,16 @@ _TRACK2 = re.compile(r";?\b\d{12,19}[=Dd]\d{4,}[0-9A-Fa-f]*\??")
 _PAN = re.compile(r"(?<![0-9])(?:\d{13,19}|\d{4}(?:[ -]\d{4}){2}[ -]\d{1,7}|\d{4}[ -]\d{6}[ -]\d{5})"
                   r"(?![0-9])")
 _HEX16 = re.compile(r"\b[0-9A-Fa-f]{16}\b")
+# Track 1 (DE45): [%]B PAN ^ NAME ^ YYMM + service code + discretionary data
+# [?]. Masking its PAN alone left the name, expiry and discretionary data
+# (CVV1/iCVV) in clear; the whole track goes.
+_TRACK1 = re.compile(r"%?[Bb]\d{12,19}\^[^^\r\n]{0,26}\^[^\s\"',}?]*\??")
+# A quoted key of card data with a quoted value: what str() or json.dumps()
+# of an ISO document (or a dict naming track or ICC data) puts in a log line.
+# ``'52': 'ABCDEF0123456789'`` or ``"55": b'\x9f...'`` kept the PIN block
+# and ICC data in clear, since neither looks like a PAN.
+_CARD_KEY_IN_TEXT = re.compile(r"""(["'](?:35|36|45|52|55|track[12]?|icc|emv)["']\s*:\s*)b?(["'])"""
+                               r"""(?:\\.|(?!\2)[^\\])*\2""", re.IGNORECASE)
 # A verification code or PIN named in text (a JSON body or a query string
 # quoted in an exception): ``"cvv": "987"``, ``cvc=123``. PCI DSS 3.3.1.
 _SECRET_IN_TEXT = re.compile(r"""(?i)(["']?\b(?:cvv2?|cvc2?|cid|pin(?:_?block)?)["']?\s*[:=]\s*)(["']?)[^"',&}\s]+\2""")
@@ -60,9 +72,18 @@ _PIN_FIELDS = frozenset({"pin", "pin_block", "pinblock", "52"})
 def _mask_pan_match(m: re.Match) -> str:
     raw = m.group(0)
     digits = raw.replace(" ", "").replace("-", "")
+    if not digits.isascii():
+        # \d matched other scripts' digits (fullwidth, Arabic-Indic): the same
+        # card number to a reader, so judged as its ASCII digits
+        digits = "".join(str(int(c)) for c in digits)
     if len(digits) < 13 or not luhn_ok(digits):
         return raw
     return mask_pan(digits)
+
+
+def _card_key_removed(m: re.Match) -> str:
+    name = m.group(1).strip("\"' :\t").lower()
+    return m.group(1) + m.group(2) + (PIN_REMOVED if name == "52" else SECRET_REMOVED) + m.group(2)
 
 
 def mask_text(text: str) -> str:
@@ -75,6 +96,8 @@ def mask_text(text: str) -> str:
     if not any(c.isdigit() for c in text):
         return text
     text = _SECRET_IN_TEXT.sub(lambda m: m.group(1) + m.group(2) + SECRET_REMOVED + m.group(2), text)
+    text = _CARD_KEY_IN_TEXT.sub(_card_key_removed, text)
+    text = _TRACK1.sub(TRACK_REMOVED, text)
     text = _TRACK2.sub(TRACK_REMOVED, text)
     return _PAN.sub(_mask_pan_match, text)
 

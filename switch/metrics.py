@@ -14,7 +14,8 @@ Label values are bounded: acquirer and listener names come from the
 configuration (anything else is "other"), MTIs from a fixed allowlist,
 response codes from the two-character ISO 8583:1987 set (plus the
 three-digit 1993 action codes), API routes are route templates, never raw
-paths. No label or sample ever carries card data.
+paths, and HTTP methods the standard ones (else "other"). No label or sample
+ever carries card data.
 
 ``LiveStats`` keeps the last minute of per-second counts and latency
 buckets for the dashboard's TPS and percentiles; it reuses the histogram's
@@ -44,6 +45,8 @@ MTI_ALLOWLIST = frozenset({
 })
 _RC = re.compile(r"^(?:[0-9A-Z]{2}|[0-9]{3})$")
 OTHER = "other"
+# HTTP methods as labels: any token is a method to aiohttp's pure-Python parser
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH", "TRACE", "CONNECT"})
 
 # The acquirer a request went to, handed from the link wrapper to the flow
 # wrapper (see Metrics.instrument): a per-task holder list.
@@ -242,7 +245,8 @@ class Metrics:
     def observe_api(self, route: str, method: str, status: int, seconds: float) -> None:
         children = self._api_children.get((route, method, status))
         if children is None:
-            children = (self.api_requests.labels(route, method, str(status)), self.api_latency.labels(route))
+            children = (self.api_requests.labels(route, method if method in HTTP_METHODS else OTHER, str(status)),
+                        self.api_latency.labels(route))
             if len(self._api_children) < 1024:  # label values are bounded; the cache is too
                 self._api_children[(route, method, status)] = children
         children[0].inc()

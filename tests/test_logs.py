@@ -93,6 +93,38 @@ def test_mask_text_removes_verification_codes_pins_and_api_key_secrets():
     assert mask_text("the pinned version 12; spin: 3") == "the pinned version 12; spin: 3"
 
 
+def test_mask_text_removes_card_data_of_a_logged_iso_document():
+    """``log.info("req %s", doc)``, the careless call the layer exists for: the
+    PAN was masked but the PIN block, track 1 and ICC data stayed in clear."""
+    track1 = f"%B{TEST_PAN}^DOE/JOHN^2912101000000123000000?"
+    doc = {"t": "0200", "2": TEST_PAN, "4": "000000001000", "35": TRACK2, "45": track1[1:-1],
+           "52": PIN_BLOCK, "55": "9F2608A1B2C3D4E5F60718", "11": "000123"}
+    for text in (str(doc), json.dumps(doc), str({**doc, "52": bytes.fromhex(PIN_BLOCK), "55": b"\x9f'\"x"})):
+        out = mask_text(text)
+        assert_clean(out)
+        for secret in ("DOE/JOHN", "2912101000000123", "9F2608A1B2C3D4E5F60718", "x9f"):
+            assert secret not in out, (secret, out)
+        assert mask_pan(TEST_PAN) in out and "000000001000" in out and "000123" in out
+        assert "[pin block removed]" in out
+    # track 1 on its own, with and without sentinels, and a name padded with spaces
+    for t1 in (track1, track1[1:-1], f"B{TEST_PAN}^DOE/JOHN{' ' * 18}^29121010000000000123"):
+        out = mask_text(f"read {t1} ok")
+        assert out == "read [track data removed] ok", out
+    # prose that merely mentions the fields is left alone
+    assert mask_text("field 52: 3 digits; DE45 absent") == "field 52: 3 digits; DE45 absent"
+
+
+def test_mask_text_masks_a_pan_written_in_other_digits():
+    """Fullwidth or Arabic-Indic digits are the same card number to a reader
+    (and the REST shim echoes an unknown field's name through mask_text)."""
+    for zero in (0xFF10, 0x660):
+        other = "".join(chr(zero + int(c)) for c in TEST_PAN)
+        assert mask_text(f"field {other}") == f"field {mask_pan(TEST_PAN)}"
+    # a non-Luhn run in other digits is still not a card number
+    bad = "".join(chr(0xFF10 + int(c)) for c in TEST_PAN[:-1] + str((int(TEST_PAN[-1]) + 1) % 10))
+    assert mask_text(bad) == bad
+
+
 def test_message_args_extra_and_exceptions_masked(captured):
     log = logging.getLogger("isoswitch.test")
     log.info("oops %s", TEST_PAN)

@@ -36,6 +36,57 @@ def test_verify_signature_rules():
     assert verify_signature("old-secret-xxxxxxxxxxx", header + "," + other, body, now=now)
 
 
+def test_verify_signature_refuses_non_ascii_instead_of_raising():
+    """hmac.compare_digest raises TypeError on non-ASCII text: a forged header
+    crashed the receiver's handler (a 500) instead of being refused."""
+    body = b'{"id":"evt_1"}'
+    now = time.time()
+    good = sign(SECRET, body, int(now))
+    for header in (f"t={int(now)},v1=\u00e9", f"t={int(now)},v1=\udcff", good + ",v1=\u00e9",
+                   "t=" + "".join(chr(0x660 + int(c)) for c in str(int(now))) + "," + good.split(",")[1]):
+        assert verify_signature(SECRET, header, body, now=now) is (header.startswith(good))
+
+
+def test_a_redirect_is_not_an_acknowledgement(tmp_path):
+    """The sender followed redirects: a 302 became a GET without the event,
+    whose 200 marked the event delivered (lost), and the signed event went to
+    wherever the Location pointed. A 3xx is a failed attempt, retried."""
+    async def main():
+        hits = {"hook": 0, "elsewhere": 0}
+
+        async def hook(request):
+            await request.read()
+            hits["hook"] += 1
+            if hits["hook"] <= 2:
+                raise web.HTTPFound("/elsewhere") if hits["hook"] == 1 else web.HTTPTemporaryRedirect("/elsewhere")
+            return web.Response(status=204)
+
+        async def elsewhere(request):
+            hits["elsewhere"] += 1
+            return web.Response(status=200)
+
+        app = web.Application()
+        app.router.add_post("/hook", hook)
+        app.router.add_route("*", "/elsewhere", elsewhere)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        port = runner.addresses[0][1]
+        sender = await WebhookSender(tmp_path / "wh.sqlite", f"http://127.0.0.1:{port}/hook", SECRET,
+                                     backoff_min=0.02, backoff_max=0.05, poll_interval=0.05).start()
+        try:
+            await sender.enqueue("txn_r", "purchase.approved", {"n": 1})
+            assert await sender.wait_idle(10)
+            stats = await sender.stats()
+        finally:
+            await sender.stop()
+            await runner.cleanup()
+        assert hits == {"hook": 3, "elsewhere": 0}
+        assert stats["delivered"] == 1 and stats["failed_attempts"] == 2
+
+    run(main(), timeout=30)
+
+
 class FlakyReceiver:
     """Fails the first attempts of each event (500s and stalls past the sender's timeout)."""
 

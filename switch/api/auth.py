@@ -25,6 +25,10 @@ Command line (the clear key is printed once)::
         --merchant-id SHOP00000000001
     python -m switch.api.auth list --file state/api_keys.json
     python -m switch.api.auth revoke --file state/api_keys.json --name shop1
+
+A running switch reads the file again when it changes (``ApiKeyStore.refresh``,
+checked every second), so a key revoked there stops working at once, not at
+the next restart.
 """
 from __future__ import annotations
 
@@ -109,12 +113,21 @@ class ApiKeyStore:
         self._mac: tuple[bytes, HmacSha256] | None = None  # for the current salt
         self._keys: dict[str, ApiKey] = {}
         self._buckets: dict[str, TokenBucket] = {}
+        self._stamp: tuple | None = None  # the key file as last read (or written) here
         if self.path is not None and self.path.exists():
             self._load()
 
     # -- persistence -------------------------------------------------------
 
+    def _file_stamp(self) -> tuple | None:
+        try:
+            st = self.path.stat()
+        except FileNotFoundError:
+            return None
+        return st.st_mtime_ns, st.st_size, st.st_ino
+
     def _load(self) -> None:
+        self._stamp = self._file_stamp()
         try:
             st = self.path.stat()
             if st.st_mode & 0o077:
@@ -122,14 +135,34 @@ class ApiKeyStore:
             doc = json.loads(self.path.read_text("utf-8"))
             if doc.get("version") != FILE_VERSION:
                 raise ApiKeyError(f"{self.path}: unsupported version {doc.get('version')!r}")
-            self._salt = bytes.fromhex(doc["salt"])
+            salt = bytes.fromhex(doc["salt"])
+            keys = {}
             for k in doc.get("keys", []):
                 key = ApiKey(**{**k, "scopes": tuple(k["scopes"])})
-                self._keys[key.id] = key
+                keys[key.id] = key
         except (OSError, ValueError, KeyError, TypeError) as e:
             if isinstance(e, ApiKeyError):
                 raise
             raise ApiKeyError(f"{self.path}: cannot read API key file ({type(e).__name__})") from None
+        # all or nothing: a file that does not read keeps the keys in force
+        self._salt, self._keys = salt, keys
+        for kid in [kid for kid in self._buckets if kid not in keys]:
+            del self._buckets[kid]
+
+    def refresh(self) -> bool:
+        """Read the key file again if it changed since this store last read or
+        wrote it: keys created or revoked with the command line while the
+        switch runs take effect without a restart (a revoked key that kept
+        working until then could go on charging cards). True when it was
+        read; raises ApiKeyError, once per change, for a file that does not
+        read (the keys read before stay in force)."""
+        if self.path is None:
+            return False
+        stamp = self._file_stamp()
+        if stamp is None or stamp == self._stamp:
+            return False
+        self._load()
+        return True
 
     def save(self) -> None:
         if self.path is None:
@@ -145,6 +178,7 @@ class ApiKeyStore:
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, self.path)
+            self._stamp = self._file_stamp()
         except BaseException:
             try:
                 os.unlink(tmp)

@@ -413,6 +413,7 @@ class ApiState:
         # a random start: STAN + DE7 must not repeat a pre-restart request's key
         self._stan = itertools.count(random.randrange(999_999))
         self._locks: dict[str, asyncio.Lock] = {}
+        self.running_on: set[asyncio.Task] = set()  # requests answered as pending, still running
         self.started = time.time()
         self.openapi = OPENAPI_PATH.read_bytes()
         self.dashboard = DASHBOARD_PATH.read_bytes()
@@ -599,15 +600,33 @@ async def _journaled_reply(st: ApiState, key: ApiKey, idem: str, fp: str) -> tup
     return Reply(201, _dumps(view), headers={"Idempotent-Replayed": "true"}), float(rec["created_ts"])
 
 
+# How long after the flow's own deadline (ApiSettings.timeout) a POST waits for
+# its answer before it is told the outcome is pending: the flow answers well
+# within its deadline unless the journal stalls (a hung disk or database).
+PENDING_MARGIN = 0.5
+
+
+def _outcome_pending() -> Problem:
+    return Problem(503, "Outcome pending", "this request's outcome is not known yet; retry it with the same "
+                   "Idempotency-Key to get it", slug="outcome-pending", headers={"Retry-After": "1"})
+
+
 async def idempotent(st: ApiState, key: ApiKey, idem: str, method: str, path: str, body: bytes, run,
                      fp: str | None = None, journaled=None) -> Reply:
     """``run()``'s reply, once per (API key, Idempotency-Key): a repeat with the
     same request gets the stored reply (waiting for the first if it is still
     running), one with another request 422. ``journaled()``: (the reply
     journaled for this key by an earlier life of the switch, the key's first
-    use), or None."""
+    use), or None.
+
+    No answer waits longer than the flow's deadline (plus PENDING_MARGIN):
+    past it the client gets 503 "outcome pending" and the request runs on to
+    its outcome, which a retry with the same key then gets. (With the journal
+    stalled, a payment hung for as long as the journal did, and so did every
+    retry, while terminals got their 91 at their deadline.)"""
     if fp is None:
         fp = IdempotencyCache.fingerprint(method, path, body)
+    limit = st.settings.timeout + PENDING_MARGIN
     while True:
         try:
             rec, new = st.idempotency.begin(key.id, idem, fp)
@@ -615,29 +634,77 @@ async def idempotent(st: ApiState, key: ApiKey, idem: str, method: str, path: st
             raise _idempotency_conflict() from None
         if new:
             break
-        await asyncio.shield(rec.done)
+        if not rec.done.done():
+            try:
+                await asyncio.wait_for(asyncio.shield(rec.done), limit)
+            except asyncio.TimeoutError:
+                return _outcome_pending().reply()
         if rec.status:
             return Reply(rec.status, rec.body, rec.content_type, {"Idempotent-Replayed": "true"})
         # the first attempt died without an answer: run this one
-    replay = None
+    loop = asyncio.get_running_loop()
+    answer = loop.create_future()
+    # a task of its own, as the listener serves a request: the answer can be
+    # given at the limit while the request runs on to its outcome
+    work = loop.create_task(_first_attempt(st, key, idem, rec, run, journaled, answer))
+    guard = loop.call_later(limit, _answer_pending, st, answer, work)
     try:
+        return await answer
+    finally:
+        guard.cancel()
+
+
+def _answer_pending(st: ApiState, answer: asyncio.Future, work: asyncio.Task) -> None:
+    if not answer.done():
+        answer.set_result(_outcome_pending().reply())
+        # nobody awaits it any more: held until it ends
+        st.running_on.add(work)
+        work.add_done_callback(st.running_on.discard)
+
+
+async def _first_attempt(st: ApiState, key: ApiKey, idem: str, rec, run, journaled,
+                         answer: asyncio.Future) -> None:
+    """The first request with an Idempotency-Key: its reply is stored (or the
+    key let go) whether or not its client is still waiting, and given to
+    ``answer`` unless that was answered already (as pending)."""
+    try:
+        replay = None
         try:
             found = None if journaled is None else await journaled()
         except Problem as p:
             # decided by another request's claim (in progress elsewhere, or the
             # key used with another body): not this key's answer for good
             st.idempotency.abandon(key.id, idem, rec)
-            return p.reply()
-        if found is not None:
-            replay, rec.created = found  # its window counts from the key's first use, here too
-        try:
-            reply = replay if replay is not None else await run()
-        except Problem as p:
-            reply = p.reply()
-    except BaseException:
+            found, reply = None, p.reply()
+        else:
+            if found is not None:
+                replay, rec.created = found  # its window counts from the key's first use, here too
+            try:
+                reply = replay if replay is not None else await run()
+            except Problem as p:
+                reply = p.reply()
+            reply = await _settle(st, key, idem, rec, reply, journaled is not None and replay is None)
+    except BaseException as exc:
         st.idempotency.abandon(key.id, idem, rec)
-        raise
-    if journaled is not None and replay is None and reply.status != 201:
+        cancelled = isinstance(exc, asyncio.CancelledError)
+        if not answer.done():
+            if cancelled:
+                answer.cancel()
+            else:
+                answer.set_exception(exc)
+        elif not cancelled:
+            log.error("API request failed after it was answered as pending", exc_info=exc)
+        if cancelled:
+            raise
+        return
+    if not answer.done():
+        answer.set_result(reply)
+
+
+async def _settle(st: ApiState, key: ApiKey, idem: str, rec, reply: Reply, claimed: bool) -> Reply:
+    """Store ``reply`` for the key; ``claimed``: the key was claimed in the
+    journal for this run (let go unless a payment was made)."""
+    if claimed and reply.status != 201:
         release = getattr(st.store, "idem_release", None)
         if release is not None:  # no payment was made: the key's claim (PostgreSQL) is let go
             try:
@@ -655,7 +722,10 @@ async def idempotent(st: ApiState, key: ApiKey, idem: str, method: str, path: st
 
 @web.middleware
 async def idempotency_middleware(request: web.Request, handler):
-    if request.method != "POST" or not request.path.startswith("/v1/"):
+    if request.method != "POST" or not request.path.startswith("/v1/") \
+            or getattr(request.match_info, "http_exception", None) is not None:
+        # no POST route here: the answer is its 404 or 405 (with Allow), not a
+        # demand for an Idempotency-Key, nor a 404 remembered under one
         return await handler(request)
     idem = idempotency_key(request.headers.get)
     st = _state(request)
@@ -1237,7 +1307,9 @@ def _query_int(q, name: str, default: int, lo: int, hi: int, errors: list[dict])
     v = q.get(name)
     if v is None:
         return default
-    if not v.isascii() or not v.lstrip("-").isdigit() or len(v) > 12 or not lo <= int(v) <= hi:
+    # one optional sign only: "--5" passed a strip of every "-" and int() raised (a 500)
+    digits = v[1:] if v[:1] == "-" else v
+    if not v.isascii() or not digits.isdigit() or len(v) > 12 or not lo <= int(v) <= hi:
         errors.append({"field": name, "problem": f"must be an integer from {lo} to {hi}"})
         return default
     return int(v)
@@ -1541,6 +1613,13 @@ async def start_api(switch, api_cfg=None, *, keys: ApiKeyStore, store: Transacti
             pruning.cancel()
             await asyncio.gather(pruning, return_exceptions=True)
         app.on_cleanup.append(stop_pruning)
+    if getattr(keys, "path", None) is not None:
+        watching = asyncio.get_running_loop().create_task(_watch_keys(keys), name="api-key-file-watch")
+
+        async def stop_watching(_app) -> None:
+            watching.cancel()
+            await asyncio.gather(watching, return_exceptions=True)
+        app.on_cleanup.append(stop_watching)
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
     st: ApiState = app[API_STATE]
@@ -1553,6 +1632,24 @@ async def start_api(switch, api_cfg=None, *, keys: ApiKeyStore, store: Transacti
     log.info("REST API listening on %s:%d (%s)", api_cfg.host, bound_port(server),
              "https" if ssl_context is not None else "http")
     return server
+
+
+KEY_FILE_CHECK_S = 1.0  # how soon a key created or revoked with the command line takes effect
+
+
+async def _watch_keys(keys: ApiKeyStore) -> None:
+    """The API key file is read again whenever it changes (one stat a second):
+    ``python -m switch.api.auth revoke`` ends a key in the running switch, not
+    at its next restart, and a key just created works at once."""
+    while True:
+        await asyncio.sleep(KEY_FILE_CHECK_S)
+        try:
+            if keys.refresh():
+                log.warning("REST API: API key file changed; %d keys in force", len(keys.keys()))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # ApiKeyError names the file and the problem, never a key
+            log.error("REST API: API key file not reloaded, the keys read before stay in force: %s", exc)
 
 
 async def _prune_keys(store, window: float) -> None:

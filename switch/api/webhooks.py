@@ -8,6 +8,9 @@ is parked ("dead") and stays in the table for an operator. Delivery is at
 least once: a receiver dedupes by the event id (``X-Isoswitch-Event-Id`` and
 the body's ``id``).
 
+Only a 2xx acknowledges an event; anything else, a redirect included (it is
+never followed), is a failed attempt.
+
 Order per transaction: an event is not sent while an earlier event of the
 same transaction is undelivered, so a receiver sees "approved" before
 "reversed" for one payment. Events of different transactions go in parallel.
@@ -89,9 +92,11 @@ def verify_signature(secret: str | bytes, header: str | None, body: bytes | str,
     sigs = []
     for part in header.split(","):
         k, _, v = part.strip().partition("=")
-        if k == "t" and v.isdigit():
+        # ASCII only: compare_digest raises TypeError on other text, which
+        # made a forged header a crash (a 500) in the receiver instead of False
+        if k == "t" and v.isascii() and v.isdigit():
             ts = int(v)
-        elif k == "v1" and v:
+        elif k == "v1" and v and v.isascii():
             sigs.append(v)
     if ts is None or not sigs:
         return False
@@ -308,7 +313,10 @@ class WebhookSender:
         }
         error = None
         try:
-            async with self._session.post(self.endpoint.url, data=raw, headers=headers,
+            # a redirect is not an acknowledgement: followed, a 302/303 became a
+            # GET without the event whose 2xx marked it delivered, and a 307
+            # re-posted the signed event to wherever the Location named
+            async with self._session.post(self.endpoint.url, data=raw, headers=headers, allow_redirects=False,
                                           ssl=self.ssl if self.ssl is not None else True) as resp:
                 await resp.read()
                 if 200 <= resp.status < 300:
