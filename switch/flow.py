@@ -81,9 +81,14 @@ _REVERSAL_LOOKBACK_S = 86_400.0
 _DUP_POLL_S = 0.05
 
 
-# response fields a terminal never gets back: card data the acquirer echoed, and
-# the bitmaps (re-encoded anyway)
-_NOT_TO_TERMINAL = NEVER_ECHO | {"p", "1"}
+# response fields a terminal never gets back: track data and PIN blocks an
+# acquirer echoed, its message header (the listener puts the terminal's own
+# on), and the bitmaps (re-encoded anyway). DE55 is not among them: in an
+# answer it is the issuer's EMV response data (tag 91 issuer authentication
+# data, 71/72 scripts), which the card needs for its second GENERATE AC; a
+# chip terminal without it fails issuer authentication. It is never
+# journaled (journal.NEVER_STORED), so a replay from the journal lacks it.
+_NOT_TO_TERMINAL = (NEVER_ECHO - {"55"}) | {"p", "1", "h"}
 
 @dataclass(slots=True)
 class RequestContext:

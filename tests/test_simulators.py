@@ -63,8 +63,11 @@ def test_purchase_approved_with_auth_code_and_echoes():
             assert re.fullmatch(r"A\d{5}", resp["38"])
             for f in ("2", "3", "4", "7", "11", "12", "13", "37", "41", "42", "49"):
                 assert resp[f] == req[f], f
-            for f in ("35", "52", "55", "14", "43"):
+            for f in ("35", "52", "14", "43"):
                 assert f not in resp, f
+            # the issuer's EMV response data, never the card's own ICC data echoed
+            assert resp["55"] == sim.issuer_icc(req, "00") != req["55"]
+            assert resp["55"].startswith("910A") and resp["55"].endswith("8A023030")
             # deterministic approval code for the same request
             again = await c.request(dict(req))
             assert again["38"] == resp["38"]

@@ -313,3 +313,33 @@ def test_different_dialects_round_trip(tmp_path, term_dialect, acq_dialect):
             assert sep in got["35"]
 
     run(go())
+
+
+def test_a_chip_terminal_gets_the_issuers_icc_response_data_which_is_never_journaled(tmp_path):
+    """EMV: the issuer's DE55 (tag 91 issuer authentication data, 8A) reaches the
+    terminal, which the card needs for its second GENERATE AC; the terminal's
+    own ICC data, track 2 and PIN block never come back, and none of it is
+    journaled."""
+    icc = "9F2608C2C12B098F3DA6E39F2701809F100706011203A4A802"
+
+    async def go():
+        async with running_switch(tmp_path, sims={"acq-a": {}}) as sw:
+            a = sw.sims["acq-a"]
+            async with terminal(sw, tmp_path) as t:
+                req = make_purchase(1000, pan=PAN_VISA, stan=7, pin_block="0123456789ABCDEF", icc=icc)
+                r = await t.request(dict(req))
+                again = await t.request(dict(req))  # a retransmission once it completed: replayed
+            sent = financial(a)
+            assert len(sent) == 1
+            assert r["39"] == "00"
+            issuer = a.issuer_icc(sent[0], "00")
+            assert r["55"] == issuer and issuer.startswith("910A") and icc not in r["55"]
+            assert "35" not in r and "52" not in r
+            assert (again["39"], again["38"]) == (r["39"], r["38"])
+            return issuer
+
+    issuer = run(go())
+    stored = b"".join(p.read_bytes() for p in (tmp_path / "state").glob("journal.db*"))
+    assert stored, "the journal files were not found"
+    for blob in (issuer, icc, "0123456789ABCDEF"):
+        assert blob.encode() not in stored and bytes.fromhex(blob) not in stored

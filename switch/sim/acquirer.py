@@ -86,8 +86,8 @@ __all__ = [
 ECHO_FIELDS = ("2", "3", "4", "7", "11", "12", "13", "32", "33", "37", "41", "42", "49")
 ECHO_REVERSAL = ECHO_FIELDS + ("90", "95")
 ECHO_NETWORK = ("7", "11", "24", "32", "33", "70")
-# Never sent back: full track data, PIN block, ICC data.
-NEVER_ECHO = frozenset(("35", "45", "52", "55"))
+# Track data, PIN blocks and the terminal's ICC data are never echoed: an
+# approved chip request gets the issuer's own DE55 instead (issuer_icc).
 
 APPROVED_CODES = frozenset(("00", "08", "10", "11", "000", "001", "003", "800"))
 NETWORK_CODES_OK = frozenset(("001", "002", "201", "202", "301"))
@@ -808,6 +808,17 @@ class AcquirerSimulator:
         n = 6 - len(self.approve_code_prefix)
         return self.approve_code_prefix + str(zlib.crc32(key) % (10 ** n)).zfill(n)
 
+    def issuer_icc(self, req: dict, rc: str) -> str:
+        """The issuer's EMV response data (DE55, hex) for a chip request: tag 91
+        issuer authentication data (an 8-byte ARPC, deterministic from the
+        request's ICC data, and the 2-byte ARC) and tag 8A, the ARC alone, as
+        an issuer host answers so the card can check the issuer (EMV Book 3,
+        6.5.10: the terminal's second GENERATE AC carries them)."""
+        arc = (rc if len(rc) == 2 else ("00" if rc in APPROVED_CODES else "05")).encode().hex().upper()
+        icc = str(req.get("55", "")).encode()
+        arpc = f"{zlib.crc32(icc):08X}{zlib.crc32(icc[::-1]):08X}"
+        return f"910A{arpc}{arc}8A02{arc}"
+
     @staticmethod
     def make_rrn(req: dict) -> str:
         """YDDDhh + STAN, the usual 12-character RRN layout."""
@@ -861,6 +872,8 @@ class AcquirerSimulator:
         resp["39"] = rc
         if rc in APPROVED_CODES and cls in "12" and func == "0" and "38" in spec:
             resp["38"] = self.approval_code(req)
+        if req.get("55") and cls in "12" and func == "0" and "55" in spec:
+            resp["55"] = self.issuer_icc(req, rc)
         if "37" not in resp and "37" in spec:
             resp["37"] = self.make_rrn(req)
         for f in fault.omit_fields:
