@@ -126,8 +126,12 @@ class Switch:
                 from switch.api.webhooks import WebhookSender
 
                 secret = cfg.api.webhook_secret_file.read_text().strip()
+                # a receiver on a private CA is verified against it (TLS 1.2+),
+                # else against the system's CAs
+                hook_ssl = None if cfg.api.webhook_ca is None else certs.client_context(cfg.api.webhook_ca)
                 self.webhooks = await WebhookSender(cfg.switch.state_dir / "webhooks.sqlite",
-                                                    cfg.api.webhook_url, secret).start()
+                                                    cfg.api.webhook_url, secret, ssl=hook_ssl,
+                                                    metrics=self.metrics).start()
             # API transactions and their (encrypted) cards survive a restart in the
             # journal; only the measuring-only "none" journal keeps them in memory
             store = (JournalTransactionStore(self.journal) if getattr(self.journal, "durable", True)

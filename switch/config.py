@@ -258,6 +258,7 @@ class ApiConfig:
     dev_pki: bool = False
     webhook_url: str = ""  # "" = no webhooks; else transaction outcomes are POSTed here
     webhook_secret_file: Path | None = None  # HMAC-SHA256 signing secret (>= 16 chars)
+    webhook_ca: Path | None = None  # CA file the https receiver's certificate is checked against (None: system CAs)
     idempotency_hours: float = 24.0  # how long an Idempotency-Key is remembered
 
 
@@ -1008,9 +1009,12 @@ class _Builder:
             t.fail("webhook_url", f"must be an http:// or https:// URL, got {webhook_url!r}")
         if webhook_url and secret_file is None and "webhook_secret_file" not in t.bad:
             t.fail("webhook_secret_file", "is required when webhook_url is set")
+        webhook_ca = t.path("webhook_ca")
+        if webhook_ca is not None and not webhook_url.startswith("https://"):
+            t.fail("webhook_ca", "only used with an https:// webhook_url")
         out = dict(enabled=t.bool("enabled", False), host=t.str("host", "127.0.0.1"),
                    port=t.port("port", 8443), tls=tls, cert=cert, key=key, client_ca=client_ca,
-                   dev_pki=dev_pki, webhook_url=webhook_url, webhook_secret_file=secret_file,
+                   dev_pki=dev_pki, webhook_url=webhook_url, webhook_secret_file=secret_file, webhook_ca=webhook_ca,
                    idempotency_hours=t.number("idempotency_hours", 24.0, gt=0))
         t.finish()
         return None if t.bad else ApiConfig(**out)

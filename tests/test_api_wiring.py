@@ -100,6 +100,58 @@ def test_config_starts_api_and_signed_webhooks(tmp_path):
     run(go())
 
 
+def test_webhooks_to_an_https_receiver_on_a_private_ca_are_delivered_and_counted(tmp_path):
+    """[api] webhook_ca: the receiver's certificate is checked against that CA;
+    each delivery is counted in isoswitch_webhook_deliveries at /metrics."""
+    secret = "s3cret-s3cret-s3cret"
+    (tmp_path / "hook.secret").write_text(secret)
+    pki = certs.ensure_dev_pki(tmp_path / "state")  # the receiver's certificate and its CA
+    events = []
+
+    async def hook(request):
+        raw = await request.read()
+        assert verify_signature(secret, request.headers.get("X-Isoswitch-Signature"), raw, tolerance_s=300)
+        events.append(json.loads(raw))
+        return web.Response(status=204)
+
+    async def go():
+        app = web.Application()
+        app.router.add_post("/hook", hook)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0,
+                           ssl_context=certs.server_context(pki.server_cert, pki.server_key, None))
+        await site.start()
+        hook_port = site._server.sockets[0].getsockname()[1]
+        api = f"""
+        [api]
+        enabled = true
+        port = 0
+        webhook_url = "https://localhost:{hook_port}/hook"
+        webhook_secret_file = "{tmp_path / 'hook.secret'}"
+        webhook_ca = "{pki.ca_cert}"
+        """
+        try:
+            auth = _payments_auth(tmp_path)
+            async with running_switch(tmp_path, {"acq-a": {}}, routing=api) as sw:
+                session, base = _session(sw, tmp_path)
+                async with session as s:
+                    r = await s.post(f"{base}/v1/payments", json=_purchase(4321),
+                                     headers={**auth, "Idempotency-Key": "o-tls"})
+                    assert r.status == 201
+                    for _ in range(100):
+                        if events:
+                            break
+                        await asyncio.sleep(0.05)
+                    assert events and events[0]["data"]["amount"] == 4321
+                    m = await (await s.get(f"{base}/metrics")).text()
+                assert 'isoswitch_webhook_deliveries_total{result="delivered"} 1.0' in m
+        finally:
+            await runner.cleanup()
+
+    run(go())
+
+
 def test_api_transactions_and_cards_survive_a_restart_in_the_journal(tmp_path):
     """The config-started API keeps its records in the journal: after a restart a
     payment is still listed and readable, and it can still be refunded (its card
