@@ -1,5 +1,6 @@
 """`[api]` in the config starts the REST shim, metrics and signed webhooks with the switch."""
 import asyncio
+import contextlib
 import json
 import ssl
 import subprocess
@@ -49,33 +50,56 @@ def _session(sw, tmp_path) -> tuple[ClientSession, str]:
     return ClientSession(connector=TCPConnector(ssl=ctx)), f"https://localhost:{bound_port(sw.api_runner)}"
 
 
-def test_config_starts_api_and_signed_webhooks(tmp_path):
-    secret = "s3cret-s3cret-s3cret"
-    (tmp_path / "hook.secret").write_text(secret)
+WEBHOOK_SECRET = "s3cret-s3cret-s3cret"
+
+
+@contextlib.asynccontextmanager
+async def _webhook_receiver(tmp_path, ssl_context=None, host="127.0.0.1"):
+    """A receiver that verifies every signature; yields (the ``[api]`` block
+    that sends webhooks to it, the events it received)."""
+    (tmp_path / "hook.secret").write_text(WEBHOOK_SECRET)
     events = []
 
     async def hook(request):
         raw = await request.read()
-        assert verify_signature(secret, request.headers.get("X-Isoswitch-Signature"), raw, tolerance_s=300)
+        assert verify_signature(WEBHOOK_SECRET, request.headers.get("X-Isoswitch-Signature"), raw,
+                                tolerance_s=300)
         events.append(json.loads(raw))
         return web.Response(status=204)
 
+    app = web.Application()
+    app.router.add_post("/hook", hook)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ssl_context)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    scheme = "http" if ssl_context is None else "https"
+    api = f"""
+    [api]
+    enabled = true
+    port = 0
+    webhook_url = "{scheme}://{host}:{port}/hook"
+    webhook_secret_file = "{tmp_path / 'hook.secret'}"
+    """
+    try:
+        yield api, events
+    finally:
+        await runner.cleanup()
+
+
+async def _first_event(events: list) -> dict:
+    for _ in range(100):
+        if events:
+            break
+        await asyncio.sleep(0.05)
+    assert events, "no webhook event arrived"
+    return events[0]
+
+
+def test_config_starts_api_and_signed_webhooks(tmp_path):
     async def go():
-        app = web.Application()
-        app.router.add_post("/hook", hook)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        hook_port = site._server.sockets[0].getsockname()[1]
-        api = f"""
-        [api]
-        enabled = true
-        port = 0
-        webhook_url = "http://127.0.0.1:{hook_port}/hook"
-        webhook_secret_file = "{tmp_path / 'hook.secret'}"
-        """
-        try:
+        async with _webhook_receiver(tmp_path) as (api, events):
             key = _payments_key(tmp_path)
             async with running_switch(tmp_path, {"acq-a": {}}, routing=api) as sw:
                 session, base = _session(sw, tmp_path)
@@ -88,14 +112,8 @@ def test_config_starts_api_and_signed_webhooks(tmp_path):
                     assert r.status == 201 and body["approved"] and body["masked_pan"] == "476173******0010"
                     m = await (await s.get(f"{base}/metrics")).text()
                     assert "isoswitch_transactions_total" in m and TEST_PAN not in m
-                for _ in range(100):
-                    if events:
-                        break
-                    await asyncio.sleep(0.05)
-                assert events and events[0]["data"]["amount"] == 1234
+                assert (await _first_event(events))["data"]["amount"] == 1234
                 assert TEST_PAN not in json.dumps(events)
-        finally:
-            await runner.cleanup()
 
     run(go())
 
@@ -103,35 +121,12 @@ def test_config_starts_api_and_signed_webhooks(tmp_path):
 def test_webhooks_to_an_https_receiver_on_a_private_ca_are_delivered_and_counted(tmp_path):
     """[api] webhook_ca: the receiver's certificate is checked against that CA;
     each delivery is counted in isoswitch_webhook_deliveries at /metrics."""
-    secret = "s3cret-s3cret-s3cret"
-    (tmp_path / "hook.secret").write_text(secret)
     pki = certs.ensure_dev_pki(tmp_path / "state")  # the receiver's certificate and its CA
-    events = []
-
-    async def hook(request):
-        raw = await request.read()
-        assert verify_signature(secret, request.headers.get("X-Isoswitch-Signature"), raw, tolerance_s=300)
-        events.append(json.loads(raw))
-        return web.Response(status=204)
 
     async def go():
-        app = web.Application()
-        app.router.add_post("/hook", hook)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0,
-                           ssl_context=certs.server_context(pki.server_cert, pki.server_key, None))
-        await site.start()
-        hook_port = site._server.sockets[0].getsockname()[1]
-        api = f"""
-        [api]
-        enabled = true
-        port = 0
-        webhook_url = "https://localhost:{hook_port}/hook"
-        webhook_secret_file = "{tmp_path / 'hook.secret'}"
-        webhook_ca = "{pki.ca_cert}"
-        """
-        try:
+        tls = certs.server_context(pki.server_cert, pki.server_key, None)
+        async with _webhook_receiver(tmp_path, tls, host="localhost") as (api, events):
+            api += f'webhook_ca = "{pki.ca_cert}"\n'
             auth = _payments_auth(tmp_path)
             async with running_switch(tmp_path, {"acq-a": {}}, routing=api) as sw:
                 session, base = _session(sw, tmp_path)
@@ -139,15 +134,9 @@ def test_webhooks_to_an_https_receiver_on_a_private_ca_are_delivered_and_counted
                     r = await s.post(f"{base}/v1/payments", json=_purchase(4321),
                                      headers={**auth, "Idempotency-Key": "o-tls"})
                     assert r.status == 201
-                    for _ in range(100):
-                        if events:
-                            break
-                        await asyncio.sleep(0.05)
-                    assert events and events[0]["data"]["amount"] == 4321
+                    assert (await _first_event(events))["data"]["amount"] == 4321
                     m = await (await s.get(f"{base}/metrics")).text()
                 assert 'isoswitch_webhook_deliveries_total{result="delivered"} 1.0' in m
-        finally:
-            await runner.cleanup()
 
     run(go())
 
