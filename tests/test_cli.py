@@ -62,6 +62,18 @@ def test_run_with_no_arguments_then_sim_terminal(tmp_path):
     assert "4761739001010010" not in rest
 
 
+def _state_dir_cli(tmp_path, cfg):
+    """``cli(*args)``: the isoswitch command line on a config (written to ``cfg``)
+    that names only a state directory under ``tmp_path``."""
+    cfg.write_text(f'[switch]\nstate_dir = "{tmp_path / "state"}"\n')
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]))
+
+    def cli(*args):
+        return subprocess.run(_cli(*args, "--config", str(cfg)), capture_output=True, text=True,
+                              env=env, timeout=60)
+    return cli
+
+
 def test_keys_and_queue_commands(tmp_path):
     import asyncio
 
@@ -70,12 +82,7 @@ def test_keys_and_queue_commands(tmp_path):
     from switch.keys import KeyRing
 
     cfg = tmp_path / "c.toml"
-    cfg.write_text(f'[switch]\nstate_dir = "{tmp_path / "state"}"\n')
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]))
-
-    def cli(*args):
-        return subprocess.run(_cli(*args, "--config", str(cfg)), capture_output=True, text=True,
-                              env=env, timeout=60)
+    cli = _state_dir_cli(tmp_path, cfg)
 
     r = cli("keys", "init")
     assert r.returncode == 0 and (tmp_path / "state" / "keys.json").stat().st_mode & 0o077 == 0
@@ -140,12 +147,7 @@ def test_queue_and_keys_commands_report_a_missing_key_file_and_list_acknowledged
     from switch.keys import KeyRing
 
     cfg = tmp_path / "c.toml"
-    cfg.write_text(f'[switch]\nstate_dir = "{tmp_path / "state"}"\n')
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]))
-
-    def cli(*args):
-        return subprocess.run(_cli(*args, "--config", str(cfg)), capture_output=True, text=True,
-                              env=env, timeout=60)
+    cli = _state_dir_cli(tmp_path, cfg)
 
     for args in (("queue", "list"), ("queue", "requeue", "1"), ("keys", "rotate")):
         r = cli(*args)
