@@ -27,7 +27,7 @@ from switch.acquirer import (
     NotSent,
     OutcomeUnknown,
 )
-from switch.journal import DuplicateTransaction, Journal, TxnRecord
+from switch.journal import SF_CANCELLED, DuplicateTransaction, Journal, OutcomeTooLate, TxnRecord
 from switch.messages import (
     FINANCIAL_REQUESTS,
     NETWORK_REQUESTS,
@@ -110,7 +110,8 @@ class RequestContext:
     # transaction.
     before_outcome: Callable[[dict], tuple | None] | None = None
     # Set by the flow: its outcome (and whatever was attached to it) could not
-    # be journaled, so the answer became 96 and the acquirer's is reversed.
+    # be journaled, so the answer became 96 (91 when the journal refused it as
+    # too late for the terminal) and the acquirer's is reversed.
     outcome_failed: bool = False
     # A follow-up of an earlier request of this terminal (a channel's capture
     # or refund): (its MTI, DE11, DE7). It goes to the acquirer that had that
@@ -281,13 +282,30 @@ class TransactionFlow:
                 attach = ctx.before_outcome(resp)
             except Exception:  # the channel's problem; the outcome is journaled regardless
                 log.exception("before_outcome hook failed")
-        # the outcome is durable before the terminal hears it (invariant 2)
+        # The outcome is durable before the terminal hears it (invariant 2).
+        # An acquirer's answer is journaled only while the terminal can still
+        # get it (deliver_by, on the wall clock the journal judges it by):
+        # journaled later, the reversal queued next in a second write left a
+        # crash between the two with money moved behind the 91 the terminal
+        # got, and no restart reverses a row with an outcome.
+        deliver_by = None if sent is None else time.time() + (ctx.deadline - LATE_LEAD - time.monotonic())
+        refused = False
         try:
             if attach is None:
-                await self.journal.record_outcome(txn_id, resp.get("39"), resp.get("38"), resp, elapsed * 1000.0)
+                await self.journal.record_outcome(txn_id, resp.get("39"), resp.get("38"), resp, elapsed * 1000.0,
+                                                  deliver_by=deliver_by)
             else:
                 await self.journal.record_outcome(txn_id, resp.get("39"), resp.get("38"), resp, elapsed * 1000.0,
-                                                  attach)
+                                                  attach, deliver_by=deliver_by)
+        except OutcomeTooLate:
+            # Nothing journaled (nor the channel's record): the row stays
+            # without an outcome, so a crash before the reversal below is
+            # journaled leaves it to start-up recovery (DESIGN.md #7).
+            ctx.outcome_failed = refused = True
+            self.counters["outcome_too_late"] += 1
+            await self.reversals.enqueue_or_hold(acquirer, sent, "answer too late: journaling outlasted "
+                                                 "the terminal's deadline", txn_id)
+            resp = switch_response(req, RC_INOPERATIVE)
         except Exception:
             ctx.outcome_failed = True
             if sent is not None:
@@ -299,10 +317,11 @@ class TransactionFlow:
                 await self.reversals.enqueue_or_hold(acquirer, sent, "answer not delivered: its outcome could "
                                                      "not be journaled", txn_id)
             raise
-        if time.monotonic() >= ctx.deadline - LATE_LEAD:
+        if not refused and time.monotonic() >= ctx.deadline - LATE_LEAD:
             # Journaling outlasted the terminal's time (a stalled disk or
             # database): the listener's guard answers 91, so whatever the
-            # acquirer approved must not stand.
+            # acquirer approved must not stand. (An acquirer's answer lands
+            # here only when its write ran in time and its commit did not.)
             self.counters["outcome_too_late"] += 1
             if sent is not None:
                 await self.reversals.enqueue_or_hold(acquirer, sent, "answer too late: journaling outlasted "
@@ -650,9 +669,15 @@ class TransactionFlow:
 
     async def _store_advice(self, req: dict, name: str, sent: dict, reason: str, txn_id: int, *,
                             was_sent: bool = True) -> tuple[int, dict, str, None]:
-        if was_sent:  # it may have arrived: every delivery from the queue is a repeat (x121/x221)
+        wire = None
+        if was_sent:
+            # it may have arrived: every delivery from the queue is a repeat
+            # (x121/x221) of that message, with its DE11 and DE7, so that the
+            # acquirer holds one message whichever arrived, and a void of it
+            # names that one
             sent = dict(sent, t=sent["t"][:3] + "1")
-        await self.reversals.enqueue_or_hold(name, sent, reason, txn_id, kind="advice")
+            wire = (sent.get("11"), sent.get("7"))
+        await self.reversals.enqueue_or_hold(name, sent, reason, txn_id, kind="advice", wire=wire)
         self.counters["advices_stored"] += 1
         return txn_id, switch_response(req, RC_APPROVED), name, None
 
@@ -672,6 +697,8 @@ class TransactionFlow:
           one) is not queued again;
         * journaled but never forwarded (answered 91/92 by the switch, or
           declined before it left): nothing moved, nothing to send, 00;
+        * an advice the switch stored to forward (its acquirer could not take
+          it then): see _void_stored_advice;
         * unknown: 25 (unable to locate the original), nothing sent -- a
           terminal's trace numbers are not the link's, and sending them on
           could name another terminal's transaction at the acquirer.
@@ -713,6 +740,11 @@ class TransactionFlow:
             log.warning("terminal reversal (MTI %s) names no request this switch journaled for the "
                         "terminal: answered 25, nothing sent", req["t"])
             return switch_response(req, "25") | {"t": resp["t"]}, ""
+        if original.get("reversal_queued") and is_advice_mti(original.get("mti")):
+            # (its queued advice set the mark: it says nothing of a reversal)
+            entry = await self.journal.sf_for_txn(original["txn_id"], "advice")
+            if entry is not None:
+                return await self._void_stored_advice(req, resp, original, entry)
         name = original.get("acquirer")
         if not name or not original.get("link_stan") or original.get("forwarded_at") is None:
             self.counters["reversal_not_forwarded"] += 1
@@ -727,6 +759,44 @@ class TransactionFlow:
         if not await self._queue_reversal(req, name, original.get("mti") or orig_mti, original["link_stan"], de7,
                                           original["txn_id"]):
             return switch_response(req, RC_NO_ROUTE), ""
+        return resp, name
+
+    async def _void_stored_advice(self, req: dict, resp: dict, original: dict, entry) -> tuple[dict, str]:
+        """A terminal's void (0420/1420) of an advice the switch stored and
+        forwards (``entry``): answered 00 either way, and the advice must not
+        stand -- it was delivered after the void, charging the customer.
+
+        * no attempt of it can have reached the acquirer (the flow never
+          wrote it, the queue has not, and is not sending it right now): the
+          entry is ended, nothing is sent;
+        * otherwise it is reversed at its acquirer behind it (FIFO), naming it
+          as it went out (the queue fills in the DE11/DE7 of its first
+          attempt when the reversal goes: NAMES_ADVICE); a parked one is ended
+          too, so that no requeue delivers it after the void.
+        """
+        name = entry.acquirer
+        if entry.state == "acked" and (entry.last_error or "").startswith(SF_CANCELLED):
+            self.counters["advice_void_not_needed"] += 1  # (voided before: nothing went out)
+            return resp, name
+        if original.get("forwarded_at") is None and await self.journal.sf_cancel_unsent(
+                entry.id, f"voided by the terminal ({req['t']}) before it was sent"):
+            self.counters["advices_voided_unsent"] += 1
+            log.info("advice %d for %s voided by the terminal before it was sent: ended, nothing sent",
+                     entry.id, name)
+            return resp, name
+        stan = de7 = None
+        if original.get("forwarded_at") is not None and original.get("link_stan"):
+            # the flow's own attempt (the queue names the first of its own
+            # when the advice has no such record)
+            stan = original["link_stan"]
+            key_time = original.get("terminal_tx_time") or ""
+            de7 = key_time if key_time[:1].isdigit() else transmission_time(original["received_at"])
+        if not await self._queue_reversal(req, name, original.get("mti") or original_mti(req["t"]), stan, de7,
+                                          original["txn_id"], names_advice=entry.id):
+            return switch_response(req, RC_NO_ROUTE), ""
+        self.counters["advices_voided"] += 1
+        if entry.state == "parked":
+            await self.journal.sf_cancel_parked(entry.id, f"voided by the terminal ({req['t']}); reversed")
         return resp, name
 
     async def _original_settled(self, terminal, orig_stan, orig_mti: str, times: list, ctx: RequestContext,
@@ -771,7 +841,8 @@ class TransactionFlow:
         resp["t"] = response_mti(req["t"])
         return resp, name
 
-    async def _queue_reversal(self, req: dict, name: str, orig_mti: str, stan, de7, txn_id) -> bool:
+    async def _queue_reversal(self, req: dict, name: str, orig_mti: str, stan, de7, txn_id, *,
+                              names_advice: int | None = None) -> bool:
         """Queue the reversal a terminal asked for at acquirer ``name``, naming
         the original as that acquirer knows it (MTI, DE11, DE7, which the queue
         turns into DE90/DE56). False when there is no such link."""
@@ -784,7 +855,9 @@ class TransactionFlow:
         sent["11"] = stan
         sent.pop("90", None)
         sent.pop("56", None)
-        await self.reversals.enqueue(name, sent, "terminal reversal", txn_id)
+        if stan is None and names_advice is not None:  # named when it goes
+            del sent["7"], sent["11"]
+        await self.reversals.enqueue(name, sent, "terminal reversal", txn_id, names_advice=names_advice)
         self.counters["terminal_reversals"] += 1
         return True
 

@@ -75,6 +75,7 @@ __all__ = [
     "DuplicateTransaction",
     "Journal",
     "JournalError",
+    "OutcomeTooLate",
     "PostgresJournal",
     "SfEntry",
     "SqliteJournal",
@@ -92,12 +93,19 @@ NOT_REPLAYED = NEVER_STORED | {"14"}
 
 TXN_STATES = ("received", "forwarded", "timeout", "done", "unknown", "abandoned")
 SF_KINDS = ("reversal", "advice")
+# last_error of an entry ended unsent (sf_cancel_unsent, sf_cancel_parked)
+SF_CANCELLED = "cancelled: "
 
 DEFAULT_STALE_AFTER = 30.0  # seconds without heartbeat before a node counts as dead
 
 
 class JournalError(Exception):
     """The journal could not do what was asked (closed, storage failure, unknown row)."""
+
+
+class OutcomeTooLate(JournalError):
+    """``record_outcome`` with ``deliver_by``: the write would have landed after it, so
+    nothing was journaled (neither the outcome nor what was attached to it)."""
 
 
 class DuplicateTransaction(JournalError):
@@ -416,7 +424,9 @@ CREATE TABLE IF NOT EXISTS late_response (
     link_stan TEXT NOT NULL,
     response_code TEXT,
     txn_id BIGINT,
-    received_at REAL NOT NULL
+    received_at REAL NOT NULL,
+    sf_id BIGINT,
+    mti TEXT
 );
 """
 
@@ -443,6 +453,17 @@ SF_ADDED_COLUMNS = (
     ("wire_time", "TEXT", None),
     ("requeued_at", "REAL", None),
     ("requeued_sent", "INTEGER NOT NULL DEFAULT 0", None),
+)
+# late_response: the store-and-forward entry a late answer is to, and its MTI
+LATE_ADDED_COLUMNS = (
+    ("sf_id", "BIGINT", None),
+    ("mti", "TEXT", None),
+)
+ADDED_COLUMNS = (("sf_queue", SF_ADDED_COLUMNS), ("late_response", LATE_ADDED_COLUMNS))
+# Run once the added columns exist (an older journal lacks them when the schema runs)
+SCHEMA_AFTER_COLUMNS = (
+    # a late answer to a queued reversal or advice is found by the trace number it went out under
+    "CREATE INDEX IF NOT EXISTS sf_wire ON sf_queue (acquirer, wire_stan) WHERE wire_stan IS NOT NULL",
 )
 
 TXN_COLS = (
@@ -496,18 +517,64 @@ SQL_OUTCOME = (
     "latency_ms = ?, completed_at = ?, reversal_fields = CASE WHEN timed_out_at IS NOT NULL "
     "AND reversal_queued = 0 THEN reversal_fields ELSE NULL END WHERE id = ? AND state <> 'unknown'"
 )
+# PostgreSQL's SQL_OUTCOME with a deadline (SQLite's writer checks its own
+# clock): -1, nothing written, when it runs at or after $7 -- judged on the
+# caller's clock ($5, read as the statement is sent) plus the time the
+# statement spent in the server (lock waits), so the database's own clock,
+# which may disagree with the switch host's, never decides.
+SQL_OUTCOME_BY_PG = (
+    "WITH late AS (SELECT $7::float8 <= $5::float8 + extract(epoch FROM clock_timestamp() - "
+    "statement_timestamp())::float8 AS v), "
+    "u AS (UPDATE txn SET state = 'done', response_code = $1, approval_code = $2, response_doc = $3, "
+    "latency_ms = $4, completed_at = $5, reversal_fields = CASE WHEN timed_out_at IS NOT NULL "
+    "AND reversal_queued = 0 THEN reversal_fields ELSE NULL END WHERE id = $6 AND state <> 'unknown' "
+    "AND NOT (SELECT v FROM late) RETURNING 1) "
+    "SELECT CASE WHEN (SELECT v FROM late) THEN -1 ELSE (SELECT count(*) FROM u)::int END"
+)
 SQL_TIMEOUT = (
     "UPDATE txn SET state = CASE WHEN state = 'done' THEN state ELSE 'timeout' END, "
     "timed_out_at = ? WHERE id = ? AND timed_out_at IS NULL"
 )
-SQL_LATE_FIND = "SELECT id FROM txn WHERE acquirer = ? AND link_stan = ? ORDER BY id DESC LIMIT 1"
+# A late answer belongs to what this process last sent under that link STAN
+# (a link's memory of timed-out STANs is its own, and each process numbers
+# its links itself): a store-and-forward entry's attempt (reversal, advice
+# repeat: the queue's own trace numbers) or a transaction this boot forwarded
+# recently. The newest row with that STAN alone named an unrelated
+# transaction -- a queued reversal's STAN, another process's, or one from
+# before the STANs wrapped (every 999,999 messages).
+SQL_LATE_FIND = ("SELECT id FROM txn WHERE acquirer = ? AND link_stan = ? AND boot_id = ? AND forwarded_at >= ? "
+                 "ORDER BY id DESC LIMIT 1")
+SQL_LATE_FIND_SF = ("SELECT id, txn_id, kind FROM sf_queue WHERE acquirer = ? AND wire_stan = ? AND kind IN (?, ?) "
+                    "AND (state <> 'acked' OR acked_at >= ?) ORDER BY id DESC LIMIT 1")
 SQL_LATE_TXN = "UPDATE txn SET late_response_code = ?, late_response_at = ? WHERE id = ?"
-SQL_LATE_INSERT = ("INSERT INTO late_response (acquirer, link_stan, response_code, txn_id, received_at) "
-                   "VALUES (?, ?, ?, ?, ?)")
+SQL_LATE_INSERT = ("INSERT INTO late_response (acquirer, link_stan, response_code, txn_id, received_at, sf_id, mti) "
+                   "VALUES (?, ?, ?, ?, ?, ?, ?)")
+# How long after its forwarding (or its entry's acknowledgement) a late answer
+# can still be matched: hosts answer late within seconds or minutes, and a
+# row older than this can only share the STAN by a wrap-around.
+LATE_MATCH_WINDOW_S = 3600.0
+
+
+def late_match_kinds(mti: str | None) -> tuple[tuple[str, ...], bool]:
+    """(store-and-forward kinds a late answer of response MTI ``mti`` may be to,
+    whether it may be to a forwarded transaction). A reversal's answer (x4xx)
+    is to a queue entry only (a terminal's reversal is sent by the queue); an
+    advice's (x130/x230) to a queued advice first; anything else to a
+    forwarding. Without an MTI: a queue entry first (its trace number is
+    newer than any forwarding's that could share it)."""
+    if not mti or len(mti) != 4:
+        return SF_KINDS, True
+    if mti[1] == "4":
+        return ("reversal",), False
+    if mti[2] == "3":
+        return ("advice",), True
+    return (), True
 SQL_FIND_DUP = ("SELECT id, state, response_code, response_doc FROM txn WHERE terminal_id = ? "
                 "AND terminal_stan = ? AND terminal_tx_time = ? AND mti = ?")
-SQL_SF_INSERT = ("INSERT INTO sf_queue (acquirer, kind, txn_id, payload, state, created_at, next_at) "
-                 "VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING id")
+# wire_stan/wire_time given when an attempt before the queue's may have
+# reached the acquirer (an advice the flow sent): its repeats carry them again
+SQL_SF_INSERT = ("INSERT INTO sf_queue (acquirer, kind, txn_id, payload, state, created_at, next_at, wire_stan, "
+                 "wire_time) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id")
 # An answer journaled before its reversal was queued (journaled too late to
 # be delivered, or its write reported failed after all) is not what the
 # terminal heard, and it is being undone: a retransmission must not get it
@@ -524,6 +591,17 @@ SQL_SF_TXN_ENTRY = "SELECT max(id) FROM sf_queue WHERE txn_id = ? AND kind = ?"
 SQL_SF_TXN_LOCK = "SELECT 1 FROM txn WHERE id = ? FOR UPDATE"  # PostgreSQL (SQLite has one writer)
 SQL_SF_ACK = ("UPDATE sf_queue SET state = 'acked', payload = NULL, acked_at = ?, lease_owner = NULL, "
               "lease_until = NULL, lease_boot = NULL WHERE id = ? AND state <> 'acked'")
+# A terminal's void of an advice still waiting in the queue (DESIGN.md #4: it
+# ends with a reason, never dropped silently): only when no attempt of it can
+# have reached the link (never written, not claimed right now); otherwise it
+# is delivered and then reversed. A parked one is ended whatever was sent:
+# the reversal queued with the void covers it, and a requeue after that
+# reversal went would deliver the advice behind the void.
+_SF_CANCEL = ("UPDATE sf_queue SET state = 'acked', payload = NULL, acked_at = ?, last_error = ?, lease_owner = NULL, "
+              "lease_until = NULL, lease_boot = NULL WHERE id = ? AND ")
+SQL_SF_CANCEL_UNSENT = _SF_CANCEL + "state IN ('queued', 'parked') AND sent = 0 AND lease_owner IS NULL"
+SQL_SF_CANCEL_PARKED = _SF_CANCEL + "state = 'parked'"
+SQL_SF_FOR_TXN = _SF_SELECT + " WHERE txn_id = ? AND kind = ? ORDER BY id DESC LIMIT 1"
 # sent: 1 when the attempt was written to the link (it may have arrived), else 0
 SQL_SF_RETRY = ("UPDATE sf_queue SET attempts = attempts + 1, sent = sent + ?, next_at = ?, last_error = ?, "
                 "lease_owner = NULL, lease_until = NULL, lease_boot = NULL WHERE id = ? AND state = 'queued'")
@@ -841,29 +919,48 @@ class Journal(abc.ABC):
 
     async def record_outcome(self, txn_id: int, response_code: str | None, approval_code: str | None,
                              response_doc_for_replay: dict | None, latency_ms: float | None,
-                             attach: tuple | None = None) -> None:
+                             attach: tuple | None = None, *, deliver_by: float | None = None) -> None:
         """Journal the answer the terminal gets (kept sanitized for replay); call BEFORE answering.
         ``attach``: an API record (``api_put_params``), optionally followed by
         the changes a follow-up makes to its payment's record (``api_parent_params``),
         journaled in the same transaction, so no crash can leave one without
-        the others."""
+        the others (a refused outcome writes none of them).
+
+        ``deliver_by`` (epoch seconds): the latest time at which the answer
+        can still reach the terminal. A write that would land later writes
+        nothing and raises :class:`OutcomeTooLate`: an acquirer's approval
+        journaled then, with the reversal the caller queues next, left a
+        crash between the two with an approval no restart reverses behind
+        the 91 the terminal got. Refused, the row has no outcome, and crash
+        recovery reverses it (DESIGN.md #7)."""
         lat = None if latency_ms is None else float(latency_ms)
         if attach is None:
             n = await self._outcome(txn_id, response_code, approval_code, response_doc_for_replay or {}, lat,
-                                    time.time())
+                                    time.time(), deliver_by)
         else:
             n = await self._outcome_api(txn_id, response_code, approval_code, response_doc_for_replay or {}, lat,
-                                        time.time(), attach)
+                                        time.time(), attach, deliver_by)
         if n != 1:
+            if n == -1:
+                raise OutcomeTooLate(f"txn {txn_id}: outcome not journaled: its terminal's deadline had passed")
             raise JournalError(f"txn {txn_id}: unknown transaction, or reversed by crash recovery")
 
     async def record_timeout(self, txn_id: int) -> None:
         await self._exec(SQL_TIMEOUT, (time.time(), txn_id))
 
-    async def record_late_response(self, acquirer: str, link_stan: str,
-                                   response_code: str | None) -> int | None:
-        """Journal a response that came after its request timed out; returns the txn_id matched."""
-        return await self._late_response(acquirer, str(link_stan), response_code, time.time())
+    async def record_late_response(self, acquirer: str, link_stan: str, response_code: str | None,
+                                   mti: str | None = None) -> int | None:
+        """Journal a response that came after its request timed out (``mti``: the
+        response's, telling a reversal's answer from a forwarding's).
+
+        It is matched to what this process last sent under that link STAN: a
+        store-and-forward entry's attempt (``late_response.sf_id``; an
+        advice's answer also marks its transaction, a reversal's does not:
+        it is not the original's answer), else a transaction this boot
+        forwarded within ``LATE_MATCH_WINDOW_S``; else it is kept unmatched.
+        Returns the txn_id whose late answer it is, if any."""
+        return await self._late_response(acquirer, str(link_stan), response_code, time.time(),
+                                         None if mti is None else str(mti))
 
     async def find_duplicate(self, terminal_id: str, terminal_stan: str, terminal_tx_time: str,
                              mti: str) -> tuple[str | None, dict | None]:
@@ -942,22 +1039,27 @@ class Journal(abc.ABC):
     # -- store-and-forward
 
     async def sf_enqueue(self, acquirer: str, kind: str, txn_id: int | None, payload_fields: dict,
-                         *, next_at: float | None = None) -> int | None:
+                         *, next_at: float | None = None, wire: tuple | None = None) -> int | None:
         """The id of the entry queued (``sf_enqueue_once``: of the one already
         queued for ``txn_id``, if any)."""
-        return (await self.sf_enqueue_once(acquirer, kind, txn_id, payload_fields, next_at=next_at))[0]
+        return (await self.sf_enqueue_once(acquirer, kind, txn_id, payload_fields, next_at=next_at,
+                                           wire=wire))[0]
 
     async def sf_enqueue_once(self, acquirer: str, kind: str, txn_id: int | None, payload_fields: dict,
-                              *, next_at: float | None = None) -> tuple[int | None, bool]:
+                              *, next_at: float | None = None, wire: tuple | None = None) -> tuple[int | None, bool]:
         """(entry id, True) for a new entry. A transaction is reversed (or its
         advice repeated) once: when an entry of this kind is queued for
         ``txn_id`` already, nothing is queued and the result is (that entry's
-        id, False)."""
+        id, False). ``wire``: (DE11, DE7) an earlier attempt went out with
+        (an advice the flow sent): every attempt of the entry carries them."""
         if kind not in SF_KINDS:
             raise ValueError(f"store-and-forward kind must be one of {', '.join(SF_KINDS)}")
         blob = self.keyring.encrypt(_pack(sanitize_fields(payload_fields)), _sf_aad(acquirer, kind, txn_id))
         now = time.time()
-        entry_id, new = await self._sf_insert(acquirer, kind, txn_id, blob, now, now if next_at is None else next_at)
+        stan, tx_time = (None, None) if wire is None else wire
+        entry_id, new = await self._sf_insert(acquirer, kind, txn_id, blob, now, now if next_at is None else next_at,
+                                              None if stan is None else str(stan),
+                                              None if tx_time is None else str(tx_time))
         return entry_id, bool(new)
 
     @staticmethod
@@ -1006,6 +1108,22 @@ class Journal(abc.ABC):
         finds them). Only the first attempt's are kept: repeats reuse them."""
         return await self._exec(SQL_SF_WIRE, (str(stan), None if tx_time is None else str(tx_time),
                                               entry_id)) == 1
+
+    async def sf_cancel_unsent(self, entry_id: int, reason: str) -> bool:
+        """End a queued or parked entry no attempt of which can have reached its
+        acquirer (none written, none under way): True when it was ended."""
+        return await self._exec(SQL_SF_CANCEL_UNSENT, (time.time(), SF_CANCELLED + str(reason)[:480],
+                                                       entry_id)) == 1
+
+    async def sf_cancel_parked(self, entry_id: int, reason: str) -> bool:
+        """End a parked entry (whatever was sent of it): True when it was ended."""
+        return await self._exec(SQL_SF_CANCEL_PARKED, (time.time(), SF_CANCELLED + str(reason)[:480],
+                                                       entry_id)) == 1
+
+    async def sf_for_txn(self, txn_id: int, kind: str) -> SfEntry | None:
+        """The newest entry of ``kind`` for transaction ``txn_id`` (any state)."""
+        r = await self._fetchone(SQL_SF_FOR_TXN, (txn_id, kind))
+        return None if r is None else self._sf_entry(r)
 
     async def sf_park(self, entry_id: int, reason: str, *, sent: bool = True) -> bool:
         """Park a claimed entry. ``sent``: this claim may have sent it (the
@@ -1195,21 +1313,26 @@ class Journal(abc.ABC):
         return None
 
     def _recovery_plan(self, rows) -> list[tuple]:
-        """(txn_id, acquirer, sf kind, sf state, payload blob, parked reason) for each
-        unresolved row: an advice (x120/x220) is repeated, anything else reversed."""
+        """(txn_id, acquirer, sf kind, sf state, payload blob, parked reason, wire
+        DE11, wire DE7) for each unresolved row: an advice (x120/x220) is
+        repeated, anything else reversed."""
         plan = []
         for txn_id, acquirer, link_stan, blob, *key in rows:
             fields = self._decrypt_reversal(txn_id, blob, tuple(key))
             kind = "advice" if is_advice_mti(key[3] if len(key) > 3 else "") else "reversal"
             reason = None
+            wire = (None, None)
             if fields is not None and kind == "advice" and str(fields.get("t", ""))[:3]:
                 fields["t"] = str(fields["t"])[:3] + "1"  # it may have arrived: a repeat
+                # ... of the message the acquirer may hold: the same DE11 and DE7
+                # (a reversal of it then names one message, whichever arrived)
+                wire = (link_stan, None if fields.get("7") is None else str(fields["7"]))
             if fields is None:
                 fields = {"11": link_stan}
                 reason = (f"{kind} fields missing or undecryptable at recovery; "
                           + ("send it again manually" if kind == "advice" else "reverse manually"))
             payload = self.keyring.encrypt(_pack(fields), _sf_aad(acquirer, kind, txn_id))
-            plan.append((txn_id, acquirer, kind, "parked" if reason else "queued", payload, reason))
+            plan.append((txn_id, acquirer, kind, "parked" if reason else "queued", payload, reason, *wire))
         return plan
 
     async def recover_unknown_outcomes(self) -> list[tuple[int, str, str, dict | None]]:
@@ -1256,12 +1379,14 @@ class Journal(abc.ABC):
     @abc.abstractmethod
     async def _insert_txn(self, params: tuple) -> int | None: ...
 
-    async def _outcome(self, txn_id, response_code, approval_code, doc, latency_ms, now) -> int:
-        packed = _pack(sanitize_replay(doc))
-        return await self._exec(SQL_OUTCOME, (response_code, approval_code, packed, latency_ms, now, txn_id))
+    async def _outcome(self, txn_id, response_code, approval_code, doc, latency_ms, now, deliver_by=None) -> int:
+        """1 when written, 0 for an unknown or recovered row, -1 past ``deliver_by``."""
+        raise NotImplementedError
 
-    async def _outcome_api(self, txn_id, response_code, approval_code, doc, latency_ms, now, attach) -> int:
-        """The outcome, then the attached API record (``api_put_params``), in one transaction."""
+    async def _outcome_api(self, txn_id, response_code, approval_code, doc, latency_ms, now, attach,
+                           deliver_by=None) -> int:
+        """The outcome, then the attached API record (``api_put_params``), in one
+        transaction; nothing of the attachment when the outcome is not written."""
         raise NotImplementedError
 
     @abc.abstractmethod
@@ -1273,10 +1398,12 @@ class Journal(abc.ABC):
         """Run one write statement durably; returns the number of rows changed."""
 
     @abc.abstractmethod
-    async def _late_response(self, acquirer: str, link_stan: str, rc: str | None, now: float) -> int | None: ...
+    async def _late_response(self, acquirer: str, link_stan: str, rc: str | None, now: float,
+                             mti: str | None) -> int | None: ...
 
     @abc.abstractmethod
-    async def _sf_insert(self, acquirer, kind, txn_id, blob, now, next_at) -> tuple[int | None, bool]: ...
+    async def _sf_insert(self, acquirer, kind, txn_id, blob, now, next_at, wire_stan=None,
+                         wire_time=None) -> tuple[int | None, bool]: ...
 
     @abc.abstractmethod
     async def _sf_claim(self, acquirer: str, worker: str, now: float, lease_until: float, boot: str): ...
@@ -1430,20 +1557,22 @@ class SqliteJournal(Journal):
         # under REST load, against a few for a write's round trip).
         return self._submit("idem_get", params)
 
-    def _outcome(self, txn_id, response_code, approval_code, doc, latency_ms, now):
+    def _outcome(self, txn_id, response_code, approval_code, doc, latency_ms, now, deliver_by=None):
+        # the writer judges deliver_by on its own clock as it runs the write
+        # (this host's: the same wall clock as the caller's)
         return self._submit("outcome", txn_id, response_code, approval_code, _pack_on_loop(sanitize_replay(doc)),
-                            latency_ms, now)
+                            latency_ms, now, deliver_by)
 
-    def _outcome_api(self, txn_id, response_code, approval_code, doc, latency_ms, now, attach):
+    def _outcome_api(self, txn_id, response_code, approval_code, doc, latency_ms, now, attach, deliver_by=None):
         # one message, so one group and one COMMIT: a crash keeps both or neither
         return self._submit("outcome_api", txn_id, response_code, approval_code,
-                            _pack_on_loop(sanitize_replay(doc)), latency_ms, now, *attach)
+                            _pack_on_loop(sanitize_replay(doc)), latency_ms, now, deliver_by, *attach)
 
-    def _late_response(self, acquirer, link_stan, rc, now):
-        return self._submit("late", acquirer, link_stan, rc, now)
+    def _late_response(self, acquirer, link_stan, rc, now, mti=None):
+        return self._submit("late", acquirer, link_stan, rc, now, mti)
 
-    def _sf_insert(self, acquirer, kind, txn_id, blob, now, next_at):
-        return self._submit("sf_insert", acquirer, kind, txn_id, blob, now, next_at)
+    def _sf_insert(self, acquirer, kind, txn_id, blob, now, next_at, wire_stan=None, wire_time=None):
+        return self._submit("sf_insert", acquirer, kind, txn_id, blob, now, next_at, wire_stan, wire_time)
 
     def _sf_claim(self, acquirer, worker, now, lease_until, boot):
         return self._submit("sf_claim", (worker, lease_until, boot, acquirer, now, now))
@@ -1557,16 +1686,19 @@ class PostgresJournal(Journal):
                 # one instance at a time creates the schema
                 await c.execute("SELECT pg_advisory_xact_lock(8583008583)")
                 await c.execute(_pg_schema())
-                have = {r[0] for r in await c.fetch(
-                    "SELECT column_name FROM information_schema.columns "
-                    "WHERE table_schema = current_schema() AND table_name = 'sf_queue'")}
-                for col, decl, backfill in SF_ADDED_COLUMNS:
-                    if col not in have:
-                        # (PostgreSQL's REAL is single precision: epoch seconds need double)
-                        decl = re.sub(r"\bREAL\b", "DOUBLE PRECISION", decl)
-                        await c.execute(f"ALTER TABLE sf_queue ADD COLUMN {col} {decl}")
-                        if backfill:
-                            await c.execute(backfill)
+                for table, added in ADDED_COLUMNS:
+                    have = {r[0] for r in await c.fetch(
+                        "SELECT column_name FROM information_schema.columns "
+                        "WHERE table_schema = current_schema() AND table_name = $1", table)}
+                    for col, decl, backfill in added:
+                        if col not in have:
+                            # (PostgreSQL's REAL is single precision: epoch seconds need double)
+                            decl = re.sub(r"\bREAL\b", "DOUBLE PRECISION", decl)
+                            await c.execute(f"ALTER TABLE {table} ADD COLUMN {col} {decl}")
+                            if backfill:
+                                await c.execute(backfill)
+                for stmt in SCHEMA_AFTER_COLUMNS:
+                    await c.execute(stmt)
                 await c.execute("INSERT INTO journal_meta (k, v) VALUES ('schema_version', $1) "
                                 "ON CONFLICT (k) DO NOTHING", SCHEMA_VERSION)
 
@@ -1630,28 +1762,55 @@ class PostgresJournal(Journal):
         new_doc, status, drop_card = api_merge(doc, _unpack(changes_packed))
         return self._count(await c.execute(self._q(SQL_API_SET), new_doc, status, drop_card, api_id))
 
-    async def _late_response(self, acquirer, link_stan, rc, now):
+    async def _late_response(self, acquirer, link_stan, rc, now, mti=None):
+        kinds, txn_ok = late_match_kinds(mti)
+        since = now - LATE_MATCH_WINDOW_S
         async with self._p().acquire() as c:
             async with c.transaction():
-                txn_id = await c.fetchval(self._q(SQL_LATE_FIND), acquirer, link_stan)
-                if txn_id is not None:
-                    await c.execute(self._q(SQL_LATE_TXN), rc, now, txn_id)
-                await c.execute(self._q(SQL_LATE_INSERT), acquirer, link_stan, rc, txn_id, now)
-                return txn_id
+                txn_id = sf_id = marked = None
+                if kinds:
+                    r = await c.fetchrow(self._q(SQL_LATE_FIND_SF), acquirer, link_stan, kinds[0], kinds[-1], since)
+                    if r is not None:
+                        sf_id, txn_id = r[0], r[1]
+                        if r[2] == "advice":  # a repeat of the transaction's own advice
+                            marked = txn_id
+                if sf_id is None and txn_ok:
+                    txn_id = marked = await c.fetchval(self._q(SQL_LATE_FIND), acquirer, link_stan, self.boot_id,
+                                                       since)
+                if marked is not None:
+                    await c.execute(self._q(SQL_LATE_TXN), rc, now, marked)
+                await c.execute(self._q(SQL_LATE_INSERT), acquirer, link_stan, rc, txn_id, now, sf_id, mti)
+                return marked
 
-    async def _outcome_api(self, txn_id, response_code, approval_code, doc, latency_ms, now, attach) -> int:
+    async def _outcome(self, txn_id, response_code, approval_code, doc, latency_ms, now, deliver_by=None) -> int:
+        packed = _pack(sanitize_replay(doc))
+        if deliver_by is None:
+            return await self._exec(SQL_OUTCOME, (response_code, approval_code, packed, latency_ms, now, txn_id))
+        async with self._p().acquire() as c:
+            # the time it is sent, after any wait for a pooled connection
+            return await c.fetchval(SQL_OUTCOME_BY_PG, response_code, approval_code, packed, latency_ms,
+                                    time.time(), txn_id, float(deliver_by))
+
+    async def _outcome_api(self, txn_id, response_code, approval_code, doc, latency_ms, now, attach,
+                           deliver_by=None) -> int:
         packed = _pack(sanitize_replay(doc))
         params, idem_params, *parent = attach
         async with self._p().acquire() as c:
             async with c.transaction():
-                status = await c.execute(self._q(SQL_OUTCOME), response_code, approval_code, packed, latency_ms,
-                                         now, txn_id)
+                if deliver_by is None:
+                    n = self._count(await c.execute(self._q(SQL_OUTCOME), response_code, approval_code, packed,
+                                                    latency_ms, now, txn_id))
+                else:
+                    n = await c.fetchval(SQL_OUTCOME_BY_PG, response_code, approval_code, packed, latency_ms,
+                                         time.time(), txn_id, float(deliver_by))
+                if n != 1:  # no record of an answer that is not the one given
+                    return n
                 if idem_params is not None:
                     await c.execute(self._q(SQL_API_IDEM_PUT), *idem_params)
                 await c.execute(self._q(SQL_API_INSERT), *params)
                 if parent and parent[0] is not None:
                     await self._api_update_on(c, *parent[0])
-        return self._count(status)
+        return n
 
     async def _api_put_idem(self, params: tuple, idem_params: tuple):
         async with self._p().acquire() as c:
@@ -1697,7 +1856,8 @@ class PostgresJournal(Journal):
     async def api_lock_release(self, api_id: str, owner: str) -> None:
         await self._p().execute("DELETE FROM api_lock WHERE id = $1 AND owner = $2", str(api_id), str(owner))
 
-    async def _sf_insert(self, acquirer, kind, txn_id, blob, now, next_at) -> tuple[int | None, bool]:
+    async def _sf_insert(self, acquirer, kind, txn_id, blob, now, next_at, wire_stan=None,
+                         wire_time=None) -> tuple[int | None, bool]:
         async with self._p().acquire() as c:
             async with c.transaction():
                 if txn_id is not None:
@@ -1708,7 +1868,7 @@ class PostgresJournal(Journal):
                     if queued is not None:
                         return queued, False
                 entry_id = await c.fetchval(self._q(SQL_SF_INSERT), acquirer, kind, txn_id, blob,
-                                            "queued", now, next_at)
+                                            "queued", now, next_at, wire_stan, wire_time)
                 if txn_id is not None:  # the transaction's unknown outcome is this entry's now
                     await c.execute(self._q(SQL_SF_MARK_TXN), txn_id)
                 return entry_id, True
@@ -1725,9 +1885,9 @@ class PostgresJournal(Journal):
                 rows = await c.fetch(self._q(SQL_RECOVER_SELECT + " FOR UPDATE OF t SKIP LOCKED"), *dead)
                 plan = self._recovery_plan([tuple(r.values()) for r in rows])
                 now = time.time()
-                for txn_id, acquirer, kind, state, payload, reason in plan:
+                for txn_id, acquirer, kind, state, payload, reason, wire_stan, wire_time in plan:
                     entry_id = await c.fetchval(self._q(SQL_SF_INSERT), acquirer, kind, txn_id, payload,
-                                                state, now, now)
+                                                state, now, now, wire_stan, wire_time)
                     if reason:
                         await c.execute("UPDATE sf_queue SET parked_reason = $1, parked_at = $2 WHERE id = $3",
                                         reason, now, entry_id)
@@ -1809,16 +1969,32 @@ class NullJournal:
     async def recover_and_enqueue(self) -> int:
         return 0
 
-    async def sf_enqueue(self, acquirer, kind, txn_id, payload_fields, *, next_at=None) -> int:
-        return (await self.sf_enqueue_once(acquirer, kind, txn_id, payload_fields, next_at=next_at))[0]
+    async def sf_enqueue(self, acquirer, kind, txn_id, payload_fields, *, next_at=None, wire=None) -> int:
+        return (await self.sf_enqueue_once(acquirer, kind, txn_id, payload_fields, next_at=next_at, wire=wire))[0]
 
-    async def sf_enqueue_once(self, acquirer, kind, txn_id, payload_fields, *, next_at=None) -> tuple[int, bool]:
+    async def sf_enqueue_once(self, acquirer, kind, txn_id, payload_fields, *, next_at=None,
+                              wire=None) -> tuple[int, bool]:
         self._ids += 1
         now = time.time()
-        self._sf[self._ids] = SfEntry(self._ids, acquirer, kind, txn_id, "queued", now,
-                                      now if next_at is None else next_at, 0, 0)
+        e = self._sf[self._ids] = SfEntry(self._ids, acquirer, kind, txn_id, "queued", now,
+                                          now if next_at is None else next_at, 0, 0)
+        if wire is not None:
+            e.wire_stan, e.wire_time = wire
         self._payloads[self._ids] = dict(payload_fields)
         return self._ids, True
+
+    async def sf_cancel_unsent(self, entry_id, reason) -> bool:
+        e = self._sf.get(entry_id)
+        if e is None or e.sent or e.lease_owner is not None:
+            return False
+        return await self.sf_ack(entry_id)  # (acknowledged entries are not kept)
+
+    async def sf_cancel_parked(self, entry_id, reason) -> bool:
+        e = self._sf.get(entry_id)
+        return e is not None and e.state == "parked" and await self.sf_ack(entry_id)
+
+    async def sf_for_txn(self, txn_id, kind):
+        return next((e for e in reversed(self._sf.values()) if e.txn_id == txn_id and e.kind == kind), None)
 
     async def sf_claim(self, acquirer, worker_id, lease_s=30.0):
         now = time.time()

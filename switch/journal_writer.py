@@ -126,33 +126,48 @@ class WriterCore:
         return None if r is None else r[0]
 
     @staticmethod
-    def _outcome_row(txn_id, response_code, approval_code, packed, latency_ms, now) -> tuple:
+    def _outcome_row(txn_id, response_code, approval_code, packed, latency_ms, now, deliver_by=None) -> tuple:
         """``packed``: msgpack of the response as kept for replay (journal.sanitize_replay)."""
         return (response_code, approval_code, packed, latency_ms, now, txn_id)
 
     def op_outcome(self, *args):
+        if len(args) > 6 and args[6] is not None and time.time() >= args[6]:
+            return -1  # past its deliver_by (Journal.record_outcome): nothing written
         return self.conn.execute(self.J.SQL_OUTCOME, self._outcome_row(*args)).rowcount
 
     def op_exec(self, sql, params):
         return self.conn.execute(sql, params).rowcount
 
-    def op_late(self, acquirer, link_stan, rc, now):
+    def op_late(self, acquirer, link_stan, rc, now, mti=None):
+        """``Journal.record_late_response``: the txn_id whose late answer it is, or None."""
         J, c = self.J, self.conn
-        r = c.execute(J.SQL_LATE_FIND, (acquirer, link_stan)).fetchone()
-        txn_id = None if r is None else r[0]
-        if txn_id is not None:
-            c.execute(J.SQL_LATE_TXN, (rc, now, txn_id))
-        c.execute(J.SQL_LATE_INSERT, (acquirer, link_stan, rc, txn_id, now))
-        return txn_id
+        kinds, txn_ok = J.late_match_kinds(mti)
+        since = now - J.LATE_MATCH_WINDOW_S
+        txn_id = sf_id = marked = None
+        if kinds:
+            r = c.execute(J.SQL_LATE_FIND_SF, (acquirer, link_stan, kinds[0], kinds[-1], since)).fetchone()
+            if r is not None:
+                sf_id, txn_id = r[0], r[1]
+                if r[2] == "advice":  # a repeat of the transaction's own advice
+                    marked = txn_id
+        if sf_id is None and txn_ok:
+            r = c.execute(J.SQL_LATE_FIND, (acquirer, link_stan, self.boot_id, since)).fetchone()
+            if r is not None:
+                txn_id = marked = r[0]
+        if marked is not None:
+            c.execute(J.SQL_LATE_TXN, (rc, now, marked))
+        c.execute(J.SQL_LATE_INSERT, (acquirer, link_stan, rc, txn_id, now, sf_id, mti))
+        return marked
 
-    def op_sf_insert(self, acquirer, kind, txn_id, blob, now, next_at):
+    def op_sf_insert(self, acquirer, kind, txn_id, blob, now, next_at, wire_stan=None, wire_time=None):
         """[entry id, True], or [the transaction's queued entry's id, False] (``Journal.sf_enqueue_once``)."""
         J, c = self.J, self.conn
         if txn_id is not None:
             queued = c.execute(J.SQL_SF_TXN_ENTRY, (txn_id, kind)).fetchone()[0]
             if queued is not None:
                 return [queued, False]
-        entry_id = c.execute(J.SQL_SF_INSERT, (acquirer, kind, txn_id, blob, "queued", now, next_at)).fetchone()[0]
+        entry_id = c.execute(J.SQL_SF_INSERT, (acquirer, kind, txn_id, blob, "queued", now, next_at, wire_stan,
+                                               wire_time)).fetchone()[0]
         if txn_id is not None:  # the transaction's unknown outcome is this entry's now
             c.execute(J.SQL_SF_MARK_TXN, (txn_id,))
         return [entry_id, True]
@@ -163,15 +178,18 @@ class WriterCore:
         c.execute(J.SQL_API_INSERT, params)
         return 1
 
-    def op_outcome_api(self, txn_id, response_code, approval_code, packed, latency_ms, now, params, idem_params,
-                       parent=None):
+    def op_outcome_api(self, txn_id, response_code, approval_code, packed, latency_ms, now, deliver_by, params,
+                       idem_params, parent=None):
         """The outcome, then the API record it answers, then (a follow-up's)
         the changes to its payment's record, ``(api id, packed changes)`` (one
-        message: one group). No savepoint: whichever fails, the flow answers
-        96 and reverses, and the API rewrites both records to say so."""
+        message: one group). Nothing of the API's when the outcome is not
+        written (a record saying approved behind an outcome refused as too
+        late would outlive a crash). No savepoint: whichever fails, the flow
+        answers 96 (91) and reverses, and the API rewrites its records to say so."""
         c, J = self.conn, self.J
-        n = c.execute(J.SQL_OUTCOME, self._outcome_row(txn_id, response_code, approval_code, packed, latency_ms,
-                                                        now)).rowcount
+        n = self.op_outcome(txn_id, response_code, approval_code, packed, latency_ms, now, deliver_by)
+        if n != 1:
+            return n
         if idem_params is not None:
             c.execute(J.SQL_API_IDEM_PUT_SQLITE, idem_params)
         c.execute(J.SQL_API_INSERT, params)
@@ -200,9 +218,9 @@ class WriterCore:
         rows = c.execute(J.SQL_RECOVER_SELECT, dead).fetchall()
         plan = self._recovery_plan(rows)
         now = time.time()
-        for txn_id, acquirer, kind, state, payload, reason in plan:
+        for txn_id, acquirer, kind, state, payload, reason, wire_stan, wire_time in plan:
             entry_id = c.execute(J.SQL_SF_INSERT, (acquirer, kind, txn_id, payload, state, now,
-                                                   now)).fetchone()[0]
+                                                   now, wire_stan, wire_time)).fetchone()[0]
             if reason:
                 c.execute("UPDATE sf_queue SET parked_reason = ?, parked_at = ? WHERE id = ?",
                           (reason, now, entry_id))
@@ -226,8 +244,15 @@ class WriterCore:
         """
         conn, J = self.conn, self.J
         fwd_seqs, fwd_rows, out_seqs, out_rows = [], [], [], []
+        now = None
         for seq, name, args in segment:
             fwd = name == "fwd"
+            if not fwd and len(args) > 6 and args[6] is not None:
+                if now is None:
+                    now = time.time()
+                if now >= args[6]:  # past its deliver_by: refused, as op_outcome
+                    results.append((seq, True, -1))
+                    continue
             try:
                 row = self._fwd_row(*args) if fwd else self._outcome_row(*args)
             except Exception as exc:
@@ -367,16 +392,19 @@ def open_writer_connection(path: str, synchronous: str) -> sqlite3.Connection:
 
 
 def _add_missing_columns(conn: sqlite3.Connection) -> None:
-    """Bring a journal written by an earlier version up to date (``journal.SF_ADDED_COLUMNS``)."""
+    """Bring a journal written by an earlier version up to date (``journal.ADDED_COLUMNS``)."""
     from switch import journal as J
     conn.execute("BEGIN IMMEDIATE")
     try:
-        have = {r[1] for r in conn.execute("PRAGMA table_info(sf_queue)")}
-        for col, decl, backfill in J.SF_ADDED_COLUMNS:
-            if col not in have:
-                conn.execute(f"ALTER TABLE sf_queue ADD COLUMN {col} {decl}")
-                if backfill:
-                    conn.execute(backfill)
+        for table, added in J.ADDED_COLUMNS:
+            have = {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}
+            for col, decl, backfill in added:
+                if col not in have:
+                    conn.execute(f"ALTER TABLE {table} ADD COLUMN {col} {decl}")
+                    if backfill:
+                        conn.execute(backfill)
+        for stmt in J.SCHEMA_AFTER_COLUMNS:
+            conn.execute(stmt)
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")

@@ -12,7 +12,10 @@ the limits but leaves the next send an 0400. An answer with a retry code
 
 Advices (x120/x220) go through the same queue when their acquirer cannot
 take them at once (``kind="advice"``): repeated as x121/x221 until
-acknowledged, never reversed.
+acknowledged, never reversed by the switch. A terminal's void of one (its
+0420/1420) ends it while no attempt of it can have reached the acquirer
+(``Journal.sf_cancel_unsent``); otherwise a reversal is queued behind it
+that names it as it went out (``NAMES_ADVICE``).
 
 Entries live in the journal database (switch/journal.py), so they survive
 a crash and several processes sharing a PostgreSQL journal drain one queue.
@@ -25,6 +28,7 @@ import logging
 import time
 
 from switch.config import DEFAULT_SF_RETRY_CODES
+from switch.journal import SF_CANCELLED
 from switch.messages import transmission_time
 
 log = logging.getLogger("isoswitch.reversal")
@@ -36,6 +40,13 @@ REVERSAL_FIELDS = ("2", "3", "4", "12", "13", "14", "22", "32", "33", "37", "41"
 
 # Acknowledgements that did not apply the reversal (config's [store_and_forward] retry_codes default)
 DEFAULT_RETRY_CODES = DEFAULT_SF_RETRY_CODES
+
+# A reversal payload's reference to the queued advice it reverses (its entry
+# id): the DE11/DE7 that advice went out with are known only once its first
+# attempt is about to be written, which may be after the void was queued
+# (the advice was being sent right then); it is ahead in the acquirer's FIFO
+# queue, so it is settled by the time the reversal goes.
+NAMES_ADVICE = "advice_entry"
 
 
 def _track2_pan_expiry(t2) -> tuple[str | None, str | None]:
@@ -179,7 +190,8 @@ class ReversalQueue:
         self._wake: dict[str, asyncio.Event] = {}
         self._tasks: dict[str, asyncio.Task] = {}
         self._depth: dict[str, int] = {}
-        self._parked: list = []
+        self._parked: list = []  # (the first 1,000, for the admin API)
+        self._parked_count = 0
         self._held: collections.deque = collections.deque()  # reversals the journal could not take yet
         self._held_task: asyncio.Task | None = None
         self._stopping = False
@@ -197,6 +209,8 @@ class ReversalQueue:
         for name in self.links:
             self._depth[name] = await self.journal.sf_depth(name)
         self._parked = await self.journal.sf_list(parked=True)
+        # counted, not the list's length: the list stops at its page size
+        self._parked_count = await self.journal.sf_parked_count()
 
     def depth(self, acquirer: str | None = None) -> int:
         if acquirer is not None:
@@ -207,13 +221,24 @@ class ReversalQueue:
     def parked(self) -> list:
         return list(self._parked)
 
+    @property
+    def parked_count(self) -> int:
+        """Entries parked (all of them; ``parked`` lists the first 1,000)."""
+        return self._parked_count
+
     async def enqueue(self, acquirer: str, original: dict, reason: str, txn_id: int | None = None,
-                      kind: str = "reversal") -> int | None:
+                      kind: str = "reversal", *, wire: tuple | None = None,
+                      names_advice: int | None = None) -> int | None:
         """Queue the reversal of ``original`` (the request as sent), or with
-        ``kind="advice"`` the advice ``original`` itself, for ``acquirer``."""
+        ``kind="advice"`` the advice ``original`` itself, for ``acquirer``.
+        ``wire``: (DE11, DE7) the advice went out with already (its repeats
+        carry them). ``names_advice``: the queued advice entry the reversal
+        reverses (it names that advice as it went out; see NAMES_ADVICE)."""
         advice = kind == "advice"
         payload = advice_payload(original) if advice else reversal_payload(original)
-        entry_id, new = await self.journal.sf_enqueue_once(acquirer, kind, txn_id, payload)
+        if names_advice is not None:
+            payload[NAMES_ADVICE] = int(names_advice)
+        entry_id, new = await self.journal.sf_enqueue_once(acquirer, kind, txn_id, payload, wire=wire)
         if not new:
             # already queued for this transaction (the terminal's own reversal
             # came first, a peer's crash recovery): it goes out once
@@ -229,17 +254,17 @@ class ReversalQueue:
         return entry_id
 
     async def enqueue_or_hold(self, acquirer: str, original: dict, reason: str, txn_id: int | None = None,
-                              kind: str = "reversal") -> None:
+                              kind: str = "reversal", *, wire: tuple | None = None) -> None:
         """``enqueue``, or when the journal refuses the write (writer down, disk
         full): keep the reversal in memory and offer it again every second
         until the journal takes it. Never dropped while the process lives; if
         the process ends first, start-up recovery (DESIGN.md #7) queues every
         forwarded request whose outcome is not journaled."""
         try:
-            await self.enqueue(acquirer, original, reason, txn_id, kind)
+            await self.enqueue(acquirer, original, reason, txn_id, kind, wire=wire)
         except Exception as exc:
             payload = advice_payload(original) if kind == "advice" else reversal_payload(original)
-            self._held.append((acquirer, payload, reason, txn_id, kind))
+            self._held.append((acquirer, payload, reason, txn_id, kind, wire))
             self.counters["held"] += 1
             log.critical("reversal for %s (%s) not journaled (%s); held in memory (%d held), retried every second",
                          acquirer, reason, exc, len(self._held))
@@ -254,12 +279,13 @@ class ReversalQueue:
     async def _offer_first_held(self) -> None:
         """Journal the oldest held reversal (raises while the journal refuses).
         A refused write may still have committed (the writer died between its
-        COMMIT and the reply): a transaction already marked as reversed is not
-        queued twice."""
-        acquirer, payload, reason, txn_id, kind = self._held[0]
-        row = await self.journal.get(txn_id) if txn_id is not None else None
-        if row is None or not row.get("reversal_queued"):
-            await self.enqueue(acquirer, payload, reason, txn_id, kind)
+        COMMIT and the reply): a transaction that has an entry of this kind
+        already is not queued again. (Its ``reversal_queued`` mark does not
+        tell: a queued advice sets it too, and the held void of that advice
+        was then dropped.)"""
+        acquirer, payload, reason, txn_id, kind, wire = self._held[0]
+        if txn_id is None or await self.journal.sf_for_txn(txn_id, kind) is None:
+            await self.enqueue(acquirer, payload, reason, txn_id, kind, wire=wire)
         self._held.popleft()
         self.counters["held_journaled"] += 1
 
@@ -329,6 +355,46 @@ class ReversalQueue:
                 log.exception("store-and-forward sender for %s failed; going on", acquirer)
                 await asyncio.sleep(self.poll_s)
 
+    async def _name_advice(self, entry) -> bool:
+        """Name the queued advice a terminal's void reverses as it went out (its
+        first attempt's DE11 and DE7, recorded before the first byte) in
+        ``entry.payload``. False when ``entry`` was dealt with here instead:
+        acknowledged without sending when none of the advice ever went out
+        (it is ended, so it never goes), parked when it cannot be named."""
+        p = entry.payload
+        adv = await self.journal.sf_get(int(p[NAMES_ADVICE]))
+        if adv is not None and adv.wire_stan is not None:
+            p["11"] = adv.wire_stan
+            if adv.wire_time is not None:
+                p["7"] = adv.wire_time
+            return True
+        if p.get("11"):  # the flow's own attempt, journaled with its transaction
+            return True
+        if adv is not None and adv.state == "queued":
+            # ahead of this entry in FIFO order (requeued meanwhile): it goes first
+            await self.journal.sf_retry(entry.id, time.time() + self.poll_s, "waiting for the advice it reverses",
+                                        sent=False)
+            return False
+        never_sent = adv is not None and (
+            (adv.state == "parked" and adv.sent == 0)
+            or (adv.state == "acked" and (adv.last_error or "").startswith(SF_CANCELLED)))
+        if never_sent:
+            if adv.state == "parked":
+                await self.journal.sf_cancel_parked(adv.id, "voided by the terminal; never sent")
+            await self.journal.sf_ack(entry.id)
+            self.counters["reversals_not_needed"] += 1
+            self._depth[entry.acquirer] = max(0, self._depth.get(entry.acquirer, 1) - 1)
+            log.info("reversal %d for %s not sent: the advice %d it voids never went out (ended)",
+                     entry.id, entry.acquirer, adv.id)
+            await self.refresh()
+            return False
+        await self.journal.sf_park(entry.id, "the advice it reverses left no record of the DE11/DE7 it went "
+                                   "out with; reverse it by hand if it was delivered", sent=False)
+        self.counters["parked"] += 1
+        log.error("reversal %d for %s parked: cannot name the advice it reverses", entry.id, entry.acquirer)
+        await self.refresh()
+        return False
+
     async def _send_next(self, acquirer: str, wake: asyncio.Event) -> None:
         from switch.acquirer import CANNOT_ENCODE, NotSent, OutcomeUnknown
 
@@ -342,6 +408,8 @@ class ReversalQueue:
             return
         if entry is None:
             self._depth[acquirer] = await self.journal.sf_depth(acquirer)
+            # (other processes on a shared journal park and requeue too)
+            self._parked_count = await self.journal.sf_parked_count()
             wake.clear()
             try:
                 await asyncio.wait_for(wake.wait(), self.poll_s)
@@ -367,6 +435,8 @@ class ReversalQueue:
             return
         link = self.links.get(acquirer)
         advice = entry.kind == "advice"
+        if not advice and entry.payload.get(NAMES_ADVICE) is not None and not await self._name_advice(entry):
+            return
         # a repeat only once an attempt may have reached the acquirer: one
         # that never left the switch (NotSent) leaves the next a 0400
         repeat = entry.repeat

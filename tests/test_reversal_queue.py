@@ -169,14 +169,19 @@ _OLD_SF_COLUMNS = ("    sent INTEGER NOT NULL DEFAULT 0,\n", "    lease_boot TEX
 
 
 def _old_schema(schema: str) -> str:
-    """The schema as released before ``sent``, ``lease_boot`` and ``wire_*`` existed."""
+    """The schema as released before ``sent``, ``lease_boot`` and ``wire_*`` existed
+    (and late_response's ``sf_id`` and ``mti``)."""
     s = schema
     for line in _OLD_SF_COLUMNS:
         assert line in s or "requeued_at" in line  # (REAL in SQLite, DOUBLE PRECISION in PostgreSQL)
         s = s.replace(line, "")
     s = s.replace("    acked_at REAL,\n);", "    acked_at REAL\n);")
     s = s.replace("    acked_at DOUBLE PRECISION,\n);", "    acked_at DOUBLE PRECISION\n);")
+    for real in ("REAL", "DOUBLE PRECISION"):
+        s = s.replace(f"    received_at {real} NOT NULL,\n    sf_id BIGINT,\n    mti TEXT\n);",
+                      f"    received_at {real} NOT NULL\n);")
     assert "lease_boot" not in s and " sent " not in s and "wire_" not in s and "requeued_" not in s
+    assert "sf_id" not in s
     return s
 
 
@@ -244,10 +249,17 @@ def test_an_existing_journal_gets_the_new_columns(backend):
                 assert (await j.sf_get(2)).lease_owner == "old:1"
         finally:
             await j.close()
-        # a second start finds the columns in place
+        # a second start finds the columns in place; late answers are journaled
+        # with the entry they answer (the columns added to late_response)
         j = backend.make()
         await j.start()
-        await j.close()
+        try:
+            assert await j._exec("UPDATE sf_queue SET wire_stan = '000333' WHERE id = 3", ()) == 1
+            await j.record_late_response("acq-a", "000333", "00", "0410")
+            late = await j._fetchall("SELECT link_stan, sf_id, mti FROM late_response", ())
+            assert [tuple(r) for r in late] == [("000333", 3, "0410")]
+        finally:
+            await j.close()
 
     run(go())
 
