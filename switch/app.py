@@ -149,7 +149,7 @@ class Switch:
         # terminal; the reversal queued at the timeout still goes out.
         self.late_responses += 1
         task = asyncio.get_running_loop().create_task(
-            self.journal.record_late_response(acquirer, doc.get("11", ""), doc.get("39")))
+            self.journal.record_late_response(acquirer, doc.get("11", ""), doc.get("39"), doc.get("t")))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 

@@ -422,7 +422,8 @@ class SwitchCollector:
         yield from (up, draining, circuit, acq_in_flight, success, latency, depth, link_events)
 
         parked = GaugeMetricFamily("isoswitch_reversals_parked", "Reversals parked past their limits")
-        parked.add_metric([], len(reversals.parked) if reversals is not None else 0)
+        # counted by the journal (the parked list is one page of them)
+        parked.add_metric([], reversals.parked_count if reversals is not None else 0)
         yield parked
         held = GaugeMetricFamily("isoswitch_reversals_held",
                                  "Reversals held in memory because the journal refused them (retried every second)")

@@ -1501,7 +1501,7 @@ async def admin_stats(request: web.Request) -> web.Response:
         **snap,
         "acquirers": [acquirer_view(st, n, l) for n, l in sw.links.items()],
         "listeners": [{"name": l.cfg.name, "in_flight": l.in_flight} for l in sw.listeners],
-        "parked": len(sw.reversals.parked),
+        "parked": sw.reversals.parked_count,
         "late_responses": getattr(sw, "late_responses", 0),
         "flow": {k: v for k, v in (flow.counters.items() if flow is not None else ())},
         "recent": recent,
