@@ -41,7 +41,7 @@ from switch.sim.acquirer import AcquirerSimulator, Fault
 from switch.sim.terminal import TerminalClient, dev_client_context, make_purchase, make_reversal
 from tests.pg import pg_dsn, pg_server  # noqa: F401  (pytest fixtures)
 from tests.switch_harness import run, running_switch, terminal
-from tests.test_durability import SwitchProcess, _alive, _children, write_config
+from tests.test_durability import SwitchProcess, _alive, _children, wait_until, write_config
 from tests.test_journal import acq_fields, backend, response_doc, txn  # noqa: F401  (backend: a fixture)
 from tests.test_reversal_queue import ScriptedLink, _drain_until, payload
 
@@ -56,15 +56,6 @@ def financial(sim):
 
 def reversals(sim):
     return [d for d in sim.received if d.get("t") in ("0400", "0401")]
-
-
-async def wait_until(pred, timeout=15.0, step=0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        await asyncio.sleep(step)
-    return pred()
 
 
 # --------------------------------------------------------------------------

@@ -37,6 +37,7 @@ from switch.sim.acquirer import Fault
 from switch.sim.terminal import make_purchase, make_reversal
 from tests.pg import pg_dsn, pg_server  # noqa: F401  (pytest fixtures)
 from tests.switch_harness import run, running_switch, terminal
+from tests.test_durability import wait_until
 from tests.test_journal import acq_fields, backend, response_doc, txn  # noqa: F401  (backend: a fixture)
 from tests.test_reversal_queue import ScriptedLink, _drain_until
 
@@ -50,15 +51,6 @@ default_acquirers = ["acq-a"]
 backoff_min = 0.05
 backoff_max = 0.2
 """
-
-
-async def wait_until(pred, timeout=15.0, step=0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        await asyncio.sleep(step)
-    return pred()
 
 
 def _v93(dialect: str) -> bool:
