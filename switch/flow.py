@@ -853,6 +853,13 @@ class TransactionFlow:
         sent["t"] = orig_mti
         sent["7"] = de7
         sent["11"] = stan
+        de56 = req.get("56", "")
+        if orig_mti.startswith("1") and len(de56) >= 22 and de56[10:22].isdigit():
+            # 1993's DE56 names the original by its local date and time (DE12),
+            # which the switch forwarded as the terminal sent it; the 1420's
+            # own DE12 is the reversal's time, and an acquirer matching on it
+            # finds no original (25), which acknowledges the reversal
+            sent["12"] = de56[10:22]
         sent.pop("90", None)
         sent.pop("56", None)
         if stan is None and names_advice is not None:  # named when it goes

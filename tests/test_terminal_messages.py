@@ -213,13 +213,16 @@ def test_a_1993_terminal_reversal_finds_its_original_without_a_transmission_time
                 sale = make_purchase(8500, stan=91, dialect="iso93ascii")
                 assert (await t.request(sale))["39"] == "000"
                 await asyncio.sleep(1.1)  # the reversal's own DE7 is another second's
-                r = await t.request(make_reversal(sale, stan=92, dialect="iso93ascii"))
+                rev_req = make_reversal(sale, stan=92, dialect="iso93ascii")
+                rev_req["12"] = "991231235959"  # the reversal's own local time: DE56 names the sale's
+                r = await t.request(rev_req)
             # ISO 8583:1993 accepts a reversal with action code 400 (4xx: reversal class)
             assert r["t"] == "1430" and r["39"] == "400" and r["11"] == "000092"
             await _settled(sw, a, 1)
             sent = [d for d in a.received if d["t"] == "1200"][0]
             (rev,) = reversals(a)
-            assert rev["56"][:10] == "1200" + sent["11"]
+            # the original as the acquirer saw it: its MTI, STAN and local date and time
+            assert rev["56"][:22] == "1200" + sent["11"] + sent["12"]
 
     run(go())
 
