@@ -280,6 +280,18 @@ def _txn_tuple(txn: "TxnRecord") -> tuple:
             None if txn.pan is None else str(txn.pan), txn.proc_code, float(_ts(txn.received_at)))
 
 
+def owner_only_file(path: Path) -> None:
+    """Create the SQLite file ``path`` (empty: a valid empty database) readable
+    by its owner only, unless it exists. SQLite gives its -wal and -shm files
+    the database file's permissions. The journal holds no card data in clear
+    (ciphertext, HMAC fingerprints, masked PANs); owner-only all the same, as
+    the key file is, rather than the umask's world-readable default."""
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    except FileExistsError:
+        pass
+
+
 def _page(limit, offset) -> tuple[int, int]:
     """LIMIT and OFFSET for a query, the same on both backends: SQLite reads a
     negative LIMIT as none and a negative OFFSET as 0, PostgreSQL refuses them."""
@@ -1477,6 +1489,7 @@ class SqliteJournal(Journal):
             self.synchronous = "OFF"
         else:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            owner_only_file(self.path)
         self._writer = ProcessWriter(self.path, self.synchronous, self.keyring, self.node_id, self.boot_id,
                                      self.group_commit_s, self.stats)
         try:

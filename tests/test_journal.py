@@ -1394,3 +1394,27 @@ def test_idempotency_keys_past_their_window_are_new_again_and_pruned(backend):
             await j.close()
 
     run(go())
+
+
+def test_a_new_sqlite_journal_and_its_wal_are_owner_only(tmp_path):
+    """No card data is in the journal in clear; its files are owner-only all
+    the same (a umask's 0644 made them world-readable)."""
+    modes = {}
+
+    async def go():
+        j = make_journal(JournalConfig(backend="sqlite", path=tmp_path / "j" / "journal.db"), KeyRing.generate())
+        await j.start()
+        try:
+            await j.record_received_forwarded(txn(), "acq-a", "000001", acq_fields("4111111111111111", "000001"))
+            for f in (tmp_path / "j").glob("journal.db*"):  # while open: the WAL and its index exist
+                modes[f.name] = stat.S_IMODE(f.stat().st_mode)
+        finally:
+            await j.close()
+
+    old = os.umask(0o022)
+    try:
+        asyncio.run(go())
+    finally:
+        os.umask(old)
+    assert {"journal.db", "journal.db-wal"} <= set(modes)
+    assert set(modes.values()) == {0o600}, modes
