@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import random
+import socket
 import ssl as _ssl
+import struct
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -93,6 +96,19 @@ class _Pending:
         self.sent_at = sent_at
         self.timer = None
         self.doc = doc
+
+
+def _connected_to_itself(transport: asyncio.BaseTransport) -> bool:
+    local = transport.get_extra_info("sockname")
+    return local is not None and local == transport.get_extra_info("peername")
+
+
+def _close_with_reset(transport: asyncio.BaseTransport) -> None:
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()
 
 
 class _LinkProtocol(asyncio.Protocol):
@@ -247,7 +263,7 @@ class AcquirerLink:
         loop = asyncio.get_running_loop()
         while not self._stopping:
             try:
-                _, proto = await asyncio.wait_for(
+                transport, proto = await asyncio.wait_for(
                     loop.create_connection(
                         lambda: _LinkProtocol(self, i),
                         cfg.host,
@@ -257,6 +273,16 @@ class AcquirerLink:
                     ),
                     timeout=max(cfg.timeout, 1.0),
                 )
+                if _connected_to_itself(transport):
+                    # TCP simultaneous open: with nothing listening on a
+                    # local acquirer port that lies in the ephemeral range,
+                    # a retry can draw that very port as its source and
+                    # connect to itself. Such a "link" would swallow
+                    # requests (and sign on to itself), and it holds the
+                    # port the acquirer needs to listen again: closed with a
+                    # reset, not into TIME_WAIT, which would hold it a minute.
+                    _close_with_reset(transport)
+                    raise ConnectionRefusedError("connected to itself: nothing listens on the acquirer port")
             except asyncio.CancelledError:
                 raise
             except (OSError, asyncio.TimeoutError, _ssl.SSLError) as e:

@@ -399,6 +399,36 @@ def test_refuse_and_reopen_on_same_port(loop):
     run(main(), loop)
 
 
+def test_reopen_waits_for_a_port_still_held_then_listens():
+    """Reopening finds the port held for a moment (a client socket that drew
+    it as its own source port, until it lets go): the simulator keeps trying
+    to bind instead of failing the fault assignment, and listens once free."""
+    import socket
+
+    async def main():
+        sim, c = await _pair()
+        port = sim.port
+        try:
+            await c.close()
+            sim.fault = Fault(refuse=True)
+            holder = socket.socket()
+            holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            holder.bind(("127.0.0.1", port))
+            holder.listen()
+            sim.fault = Fault()  # no OSError: the bind is retried
+            await asyncio.sleep(0.3)
+            holder.close()
+            await sim.set_fault(sim.fault)
+            assert sim.listening and sim.port == port
+            c2 = await TerminalClient("127.0.0.1", port).connect(timeout=2)
+            assert (await c2.request(make_purchase(1, stan=5)))["39"] == "00"
+            await c2.close()
+        finally:
+            await sim.stop()
+
+    run(main())
+
+
 def test_garbage_does_not_hurt_other_clients():
     async def main():
         sim = await AcquirerSimulator().start()

@@ -265,3 +265,50 @@ def test_bind_terminal_id_refuses_a_certificate_used_for_another_terminal(tmp_pa
             assert sw.listeners[0].counters["identity_mismatch"] == 1
 
     run(go())
+
+
+def test_a_link_that_connects_to_itself_drops_it_and_frees_the_port():
+    """With nothing listening on a local acquirer port in the ephemeral range,
+    a reconnect can draw that port as its source and connect to itself (TCP
+    simultaneous open). That is no link: without sign-on it would swallow
+    requests, and it holds the port the acquirer needs to listen again. Here
+    every attempt is made to draw that source port, so every one connects to
+    itself."""
+    import socket
+
+    from switch.acquirer import AcquirerLink
+    from switch.config import AcquirerConfig
+
+    async def go():
+        probe = socket.create_server(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+        probe.close()
+        loop = asyncio.get_running_loop()
+        real = loop.create_connection
+        made = []
+
+        async def from_the_same_port(*a, **kw):
+            transport, proto = await real(*a, local_addr=("127.0.0.1", port), **kw)
+            made.append(transport.get_extra_info("peername"))
+            return transport, proto
+
+        loop.create_connection = from_the_same_port
+        cfg = AcquirerConfig(name="acq-self", host="127.0.0.1", port=port, connections=1,
+                             sign_on=False, echo_interval=0, reconnect_min=0.05, reconnect_max=0.1)
+        link = AcquirerLink(cfg)
+        await link.start()
+        try:
+            deadline = time.monotonic() + 10
+            while len(made) < 3 and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+                assert not link.up
+            assert made and all(p == ("127.0.0.1", port) for p in made), made
+            assert link.counters["connect_failures"] >= len(made) - 1
+            assert link.counters["connects"] == 0
+        finally:
+            await link.stop()
+            loop.create_connection = real
+        # nothing holds the port any more: the acquirer can listen on it
+        socket.create_server(("127.0.0.1", port)).close()
+
+    run(go())

@@ -54,6 +54,7 @@ import argparse
 import asyncio
 import collections
 import contextlib
+import errno
 import math
 import random
 import signal
@@ -605,6 +606,16 @@ class AcquirerSimulator:
         sock.setblocking(False)
         return sock
 
+    async def _bind_when_free(self, within: float = 10.0) -> socket.socket:
+        deadline = time.monotonic() + within
+        while True:
+            try:
+                return self._bind()
+            except OSError as e:
+                if e.errno != errno.EADDRINUSE or time.monotonic() >= deadline:
+                    raise
+            await asyncio.sleep(0.05)
+
     async def _serve(self, sock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
@@ -625,10 +636,23 @@ class AcquirerSimulator:
         # Bind and listen now, synchronously: from this moment the kernel
         # accepts connections into the backlog, so a client dialling right
         # after the assignment is not refused; the loop starts serving them
-        # as soon as the task below runs.
-        sock = self._bind()
+        # as soon as the task below runs. If the port is still held (a
+        # client's socket that drew it as its own source port, until it
+        # notices), the task keeps trying to bind for a while.
+        try:
+            held = [self._bind()]
+        except OSError as e:
+            if e.errno != errno.EADDRINUSE:
+                raise
+            held = [None]
         self._listening = True
-        task = asyncio.get_running_loop().create_task(self._serve(sock))
+
+        async def serve() -> None:
+            if held[0] is None:
+                held[0] = await self._bind_when_free()
+            await self._serve(held[0])
+
+        task = asyncio.get_running_loop().create_task(serve())
         self._reopen_task = task
 
         def done(t: asyncio.Task) -> None:
@@ -637,14 +661,16 @@ class AcquirerSimulator:
             if t.cancelled() or t.exception() is not None:
                 if self._reopen_task is None and not t.cancelled():
                     self._listening = False
-                sock.close()
+                if held[0] is not None:
+                    held[0].close()
 
         task.add_done_callback(done)
 
     async def start(self) -> "AcquirerSimulator":
         if self._started:
             return self
-        sock = self._bind()
+        # a restart on the port of an earlier run may find it briefly held
+        sock = await self._bind_when_free() if self.port else self._bind()
         self.port = sock.getsockname()[1]
         self._started = True
         if self._fault.refuse:
