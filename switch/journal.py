@@ -660,6 +660,9 @@ SQL_SF_CLAIM_PG = (
 SQL_API_INSERT = ("INSERT INTO api_txn (id, owner, status, terminal_id, created_ts, parent_id, doc, card) "
                   "VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
 SQL_API_DOC = "SELECT doc FROM api_txn WHERE id = ?"
+# Journal.api_scan: the page after (created_ts, id) = (?2, ?3), from ?1 = ?2 on
+SQL_API_SCAN = ("SELECT id, created_ts, doc FROM api_txn WHERE created_ts >= ? AND (created_ts > ? OR id > ?) "
+                "ORDER BY created_ts, id LIMIT ?")
 SQL_API_IDEM_PUT = ("INSERT INTO api_idem (owner, idem_key, fingerprint, api_id, created_ts) VALUES (?, ?, ?, ?, ?) "
                     "ON CONFLICT (owner, idem_key) DO UPDATE SET fingerprint = excluded.fingerprint, "
                     "api_id = excluded.api_id, created_ts = excluded.created_ts")
@@ -1297,6 +1300,17 @@ class Journal(abc.ABC):
         rows = await self._fetchall(sql + " ORDER BY created_ts DESC, id DESC LIMIT ? OFFSET ?",
                                     (*params, *_page(limit, offset)))
         return [_unpack(r[0]) for r in rows]
+
+    async def api_scan(self, since: float, after: tuple[float, str] | None = None,
+                       limit: int = 1000) -> list[tuple[str, float, dict]]:
+        """(id, created_ts, record) of the records created at or after ``since``,
+        oldest first ((created_ts, id) order), ``limit`` of them following
+        ``after`` (the (created_ts, id) of the previous page's last): a
+        start-up scan of a recent window (webhook recovery) on the created_ts
+        index, without an OFFSET that re-reads every earlier page."""
+        ts, last = (float(since), "") if after is None else (max(float(since), float(after[0])), str(after[1]))
+        rows = await self._fetchall(SQL_API_SCAN, (ts, ts, last, _page(limit, 0)[0]))
+        return [(r[0], r[1], _unpack(r[2])) for r in rows]
 
     @abc.abstractmethod
     async def _api_update(self, api_id: str, changes_packed: bytes) -> int: ...

@@ -275,6 +275,12 @@ class JournalTransactionStore:
     async def list(self, limit: int, offset: int, filters: dict) -> list[dict]:
         return await self.journal.api_list(limit, offset, filters)
 
+    async def scan(self, since: float, after: tuple[float, str] | None = None,
+                   limit: int = 1000) -> list[tuple[str, float, dict]]:
+        """(id, created_ts, record) created at or after ``since``, oldest first,
+        the page after ``after`` ((created_ts, id)); for start-up scans."""
+        return await self.journal.api_scan(since, after, limit)
+
 
 PUBLIC_FIELDS = ("id", "type", "status", "approved", "response_code", "approval_code", "masked_pan",
                  "amount", "currency", "terminal_id", "merchant_id", "created", "parent_id",
@@ -1032,11 +1038,28 @@ def _new_record(kind: str, key: ApiKey, *, status: str, rc: str, approval: str |
     }
 
 
-async def _emit(st: ApiState, rec: dict, event: str) -> None:
+# The key in an API record naming the webhook outbox (WebhookSender.origin)
+# that must hold the record's event: what start-up recovery looks for.
+WEBHOOK_ORIGIN = "webhook_origin"
+
+
+def _webhook_event(rec: dict) -> tuple[str, str, dict]:
+    """(transaction id, event type, data) of a record's one webhook event:
+    ``<type>.approved|declined`` with the record as its POST answered it (a
+    payment's later status and amounts are its follow-ups' events), under
+    its payment's id, so one payment's events go in order."""
+    approved = bool(rec.get("approved"))
+    view = public_view(rec)
+    view.update(status="approved" if approved else "declined", captured_amount=None, refunded_amount=None)
+    return rec["parent_id"] or rec["id"], f"{rec['type']}.{'approved' if approved else 'declined'}", view
+
+
+async def _emit(st: ApiState, rec: dict) -> None:
     if st.webhooks is None:
         return
+    txn_id, event, data = _webhook_event(rec)
     try:
-        await st.webhooks.enqueue(rec["parent_id"] or rec["id"], event, public_view(rec))
+        await st.webhooks.enqueue(txn_id, event, data, record_id=rec["id"])
     except Exception:
         log.exception("webhook event %s for %s not queued", event, rec["id"])
 
@@ -1077,7 +1100,7 @@ async def payment_reply(st: ApiState, key: ApiKey, body: bytes, idem: tuple[str,
 
     resp, rec = await _flow_with_record(st, req, record, idem)
     req.clear()  # the only object holding the clear PAN in this handler (with p)
-    await _emit(st, rec, f"{p['type']}.{'approved' if rec['approved'] else 'declined'}")
+    await _emit(st, rec)
     return Reply(201, _dumps(public_view(rec)))
 
 
@@ -1100,6 +1123,14 @@ async def _flow_with_record(st: ApiState, req: dict, record, idem: tuple[str, st
     early: list = []
     ctx_out: list = []
     attachment = getattr(st.store, "outcome_attachment", None)
+    origin = getattr(st.webhooks, "origin", None)
+    if origin is not None:  # the outbox its event goes to, journaled with it (recover_webhooks)
+        made = record
+
+        def record(resp: dict):
+            rec, card = made(resp)
+            rec[WEBHOOK_ORIGIN] = origin
+            return rec, card
 
     def parent_changes(rec: dict) -> dict | None:
         return parent[1]() if parent is not None and rec["approved"] else None
@@ -1214,7 +1245,7 @@ async def _follow_up(st: ApiState, key: ApiKey, kind: str, orig: dict, txn_id: s
     body = await _read_body(request, st.settings.max_body)
     idem = (idempotency_key(request.headers.get), IdempotencyCache.fingerprint(request.method, request.path, body))
     _resp, rec = await _flow_with_record(st, req, record, idem, (orig, parent_update))
-    await _emit(st, rec, f"{kind}.{'approved' if rec['approved'] else 'declined'}")
+    await _emit(st, rec)
     return json_response(public_view(rec), status=201)
 
 
@@ -1599,6 +1630,13 @@ async def start_api(switch, api_cfg=None, *, keys: ApiKeyStore, store: Transacti
         n = await load_seen(time.time() - settings.idempotency_window)
         if n:
             log.info("REST API: %d journaled Idempotency-Keys loaded", n)
+    if webhooks is not None and store is not None:
+        # before the API serves: a lost payment event goes ahead of its follow-ups' events
+        try:
+            await recover_webhooks(store, webhooks, settings)
+        except Exception as exc:  # the API still serves; the operator must know what may be missing
+            log.error("webhooks: start-up recovery of events a crash may have lost failed (%s); their "
+                      "transactions are in the journal (GET /v1/transactions)", exc)
     if ssl_context is None and api_cfg.tls:
         if api_cfg.dev_pki:
             await asyncio.to_thread(certs.ensure_dev_pki, switch.config.switch.state_dir)
@@ -1632,6 +1670,57 @@ async def start_api(switch, api_cfg=None, *, keys: ApiKeyStore, store: Transacti
     log.info("REST API listening on %s:%d (%s)", api_cfg.host, bound_port(server),
              "https" if ssl_context is not None else "http")
     return server
+
+
+# How far before the newest event in the outbox start-up recovery looks for
+# records whose event a crash lost, beyond a request's whole life (2 x the
+# API timeout + 5 s, as for a follow-up's lease): a journal stalled that much
+# longer just before the crash, or the wall clock stepped back.
+WEBHOOK_RECOVERY_SLACK = 60.0
+WEBHOOK_RECOVERY_PAGE = 1000
+
+
+async def recover_webhooks(store, webhooks, settings: ApiSettings) -> int:
+    """Queue the webhook event of every API record that has none (start-up,
+    before the API serves): the record and its outcome are journaled, then
+    the event is written to the outbox, a second database, and a crash
+    between the two left a payment or follow-up its receiver never hears of.
+
+    Only this outbox's records (``WEBHOOK_ORIGIN``: not those made with
+    webhooks off, nor another switch process's on a shared PostgreSQL
+    journal, which has its own outbox) finished since the newest event
+    here, less a request's whole life and ``WEBHOOK_RECOVERY_SLACK``
+    (``WebhookSender.recovery_since``): the scan is bounded by recent
+    traffic, not by the journal's size. Each record's event is queued once
+    (the outbox's unique record id: a second run, or a second process on
+    the same outbox, adds nothing), in the records' order, so a payment's
+    event goes before its follow-ups'. Returns how many were queued."""
+    scan = getattr(store, "scan", None)
+    origin = getattr(webhooks, "origin", None)
+    if scan is None or origin is None:  # an in-memory store: nothing outlives a crash
+        return 0
+    margin = 2 * settings.timeout + 5.0 + WEBHOOK_RECOVERY_SLACK
+    since = await webhooks.recovery_since(margin)
+    lost: list[tuple[str, str, str, dict]] = []
+    after, scanned = None, 0
+    while True:
+        page = await scan(since, after, WEBHOOK_RECOVERY_PAGE)
+        if not page:
+            break
+        scanned += len(page)
+        after = (page[-1][1], page[-1][0])
+        mine = {api_id: rec for api_id, _ts, rec in page
+                if rec.get(WEBHOOK_ORIGIN) == origin and rec.get("approved") is not None}
+        if mine:
+            absent = await webhooks.absent(list(mine))
+            lost.extend((api_id, *_webhook_event(rec)) for api_id, rec in mine.items() if api_id in absent)
+        if len(page) < WEBHOOK_RECOVERY_PAGE:
+            break
+    n = await webhooks.enqueue_recovered(lost)
+    if n:
+        log.warning("webhooks: %d %s whose event a crash lost queued (records since %s looked at: %d)",
+                    n, "transaction" if n == 1 else "transactions", _iso_time(since), scanned)
+    return n
 
 
 KEY_FILE_CHECK_S = 1.0  # how soon a key created or revoked with the command line takes effect

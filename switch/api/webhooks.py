@@ -25,6 +25,16 @@ than ``tolerance_s`` away (replay protection).
 
 SQLite runs on one dedicated thread (the stdlib driver is blocking); writes
 from concurrent API requests are grouped into one transaction (group commit).
+
+Crash recovery: the API journals a transaction's record (with its outcome)
+before it writes the record's event here, in two databases, so a crash
+between the two would lose the event. Each event of an API record carries
+the record's id (``record_id``, unique: one event per record) and each
+outbox has an ``origin`` id that the API writes into every record it makes
+while this outbox is its sender. At start-up, before the API serves,
+``recovery_since`` / ``absent`` / ``enqueue_recovered`` let it queue the
+event of every record of this origin that has none, exactly once (see
+``switch.api.server.recover_webhooks``).
 """
 from __future__ import annotations
 
@@ -34,6 +44,7 @@ import hashlib
 import hmac
 import json
 import logging
+import os
 import random
 import sqlite3
 import time
@@ -62,10 +73,22 @@ CREATE TABLE IF NOT EXISTS outbox (
     next_at REAL NOT NULL DEFAULT 0,
     state TEXT NOT NULL DEFAULT 'pending',   -- pending | delivered | dead
     delivered_at REAL,
-    last_error TEXT
+    last_error TEXT,
+    record_id TEXT                           -- the API record it is of (NULL: none, or queued before this column)
 );
 CREATE INDEX IF NOT EXISTS outbox_pending ON outbox (state, txn_id, seq);
+-- origin: this outbox's id, written into the API records made while it is
+-- their sender; created: when the outbox (or its origin) was made
+CREATE TABLE IF NOT EXISTS outbox_meta (
+    k TEXT PRIMARY KEY,
+    v TEXT NOT NULL
+);
 """
+# after the migration that adds record_id to an outbox made before it: one
+# event per API record, so recovery can never queue a record's event twice
+_RECORD_INDEX = "CREATE UNIQUE INDEX IF NOT EXISTS outbox_record ON outbox (record_id) WHERE record_id IS NOT NULL"
+_INSERT = ("INSERT OR IGNORE INTO outbox (event_id, txn_id, type, body, created, record_id) "
+           "VALUES (?, ?, ?, ?, ?, ?)")
 
 
 def sign(secret: str | bytes, body: bytes, timestamp: int | None = None) -> str:
@@ -144,7 +167,10 @@ class WebhookSender:
         self._session: aiohttp.ClientSession | None = None
         self._inflight: set[str] = set()  # txn ids with a delivery under way
         self._stopping = False
-        self.counters: dict[str, int] = {"queued": 0, "delivered": 0, "failed_attempts": 0, "dead": 0}
+        self.origin: str | None = None  # this outbox's id (outbox_meta), known once started
+        self.created_at: float | None = None  # when this outbox (its origin) was made
+        self.counters: dict[str, int] = {"queued": 0, "delivered": 0, "failed_attempts": 0, "dead": 0,
+                                         "recovered": 0}
 
     # -- database (runs on the single db thread) ---------------------------
 
@@ -157,22 +183,56 @@ class WebhookSender:
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
         db.executescript(_SCHEMA)
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            # an outbox made before events carried their record: the column is
+            # added (NULL in the old rows, whose records carry no origin either)
+            if "record_id" not in {r[1] for r in db.execute("PRAGMA table_info(outbox)")}:
+                db.execute("ALTER TABLE outbox ADD COLUMN record_id TEXT")
+            db.execute(_RECORD_INDEX)
+            db.execute("INSERT OR IGNORE INTO outbox_meta (k, v) VALUES ('origin', ?)", (os.urandom(8).hex(),))
+            db.execute("INSERT OR IGNORE INTO outbox_meta (k, v) VALUES ('created', ?)", (repr(time.time()),))
+            meta = dict(db.execute("SELECT k, v FROM outbox_meta"))
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            db.close()
+            raise
+        self.origin, self.created_at = meta["origin"], float(meta["created"])
         self._db = db
         try:
             self.db_path.chmod(0o600)
         except OSError:
             pass
 
-    def _insert_many(self, rows: list[tuple]) -> None:
+    def _insert_many(self, rows: list[tuple]) -> int:
+        """Rows in one transaction; how many were new (a record's second event is ignored)."""
         db = self._db
         db.execute("BEGIN")
         try:
-            db.executemany("INSERT OR IGNORE INTO outbox (event_id, txn_id, type, body, created) "
-                           "VALUES (?, ?, ?, ?, ?)", rows)
+            before = db.total_changes
+            db.executemany(_INSERT, rows)
+            n = db.total_changes - before
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
             raise
+        return n
+
+    def _since(self, margin: float) -> float:
+        # the newest event by seq (its index, not a scan of an outbox that is
+        # never pruned): a crash that lost events came after it was written
+        row = self._db.execute("SELECT created FROM outbox ORDER BY seq DESC LIMIT 1").fetchone()
+        newest = None if row is None else row[0]
+        return self.created_at if newest is None else max(newest - margin, self.created_at)
+
+    def _absent(self, record_ids: list[str]) -> set[str]:
+        out = set(record_ids)
+        for i in range(0, len(record_ids), 500):  # under SQLite's bound-parameter limit
+            part = record_ids[i:i + 500]
+            out.difference_update(r[0] for r in self._db.execute(
+                f"SELECT record_id FROM outbox WHERE record_id IN ({','.join('?' * len(part))})", part))
+        return out
 
     def _due(self, now: float, limit: int, busy: tuple[str, ...]) -> list[tuple]:
         # the head (lowest seq) pending event of each transaction, if due
@@ -217,14 +277,22 @@ class WebhookSender:
             await self._run(self._db.close)
         self._exec.shutdown(wait=True)
 
-    async def enqueue(self, txn_id: str, event_type: str, data: dict) -> str:
-        """Write one event durably (group commit) and wake the sender; its id."""
+    @staticmethod
+    def _row(txn_id: str, event_type: str, data: dict, record_id: str | None) -> tuple:
         event_id = "evt_" + uuid.uuid4().hex
         created = time.time()
         body = json.dumps({"id": event_id, "type": event_type, "created": round(created, 3),
                            "data": data}, separators=(",", ":"), sort_keys=True)
+        return event_id, txn_id, event_type, body, created, record_id
+
+    async def enqueue(self, txn_id: str, event_type: str, data: dict, *, record_id: str | None = None) -> str:
+        """Write one event durably (group commit) and wake the sender; its id.
+        ``record_id``: the API record it is of (one event per record; what
+        start-up recovery looks for)."""
+        row = self._row(txn_id, event_type, data, record_id)
+        event_id = row[0]
         fut = asyncio.get_running_loop().create_future()
-        self._pending.append((event_id, txn_id, event_type, body, created))
+        self._pending.append(row)
         self._pending_futs.append(fut)
         if self._flush_task is None or self._flush_task.done():
             self._flush_task = asyncio.get_running_loop().create_task(self._flush())
@@ -247,6 +315,37 @@ class WebhookSender:
                 if not f.done():
                     f.set_result(None)
             self._wake.set()
+
+    # -- crash recovery (switch.api.server.recover_webhooks) ------------------
+
+    async def recovery_since(self, margin: float) -> float:
+        """Where a start-up scan for records whose event a crash lost begins
+        (epoch seconds, the records' ``created_ts``): ``margin`` before the
+        newest event written here, never before this outbox was made (no
+        record of this origin is older). A lost event's record was still
+        being served when the process died, after that newest event was
+        written, so it started at most a request's whole life (``margin``)
+        before it; older history is not scanned, so start-up stays quick and
+        nothing from before webhooks were enabled is sent."""
+        return await self._run(self._since, margin)
+
+    async def absent(self, record_ids: list[str]) -> set[str]:
+        """Those of ``record_ids`` with no event in the outbox."""
+        return await self._run(self._absent, list(record_ids)) if record_ids else set()
+
+    async def enqueue_recovered(self, events: list[tuple[str, str, str, dict]]) -> int:
+        """Queue (record_id, txn_id, event_type, data) events in this order, in one
+        transaction; a record that has an event already is skipped (the unique
+        record_id), so running this twice queues nothing twice. How many were
+        queued."""
+        if not events:
+            return 0
+        rows = [self._row(txn_id, event_type, data, record_id) for record_id, txn_id, event_type, data in events]
+        n = await self._run(self._insert_many, rows)
+        self.counters["queued"] += n
+        self.counters["recovered"] += n
+        self._wake.set()
+        return n
 
     async def stats(self) -> dict:
         pending = await self._run(self._count, "pending")
