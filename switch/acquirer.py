@@ -10,6 +10,16 @@ matched to responses by the link's own STAN, so two terminals using the same
 STAN at once never see each other's responses. Recently timed-out STANs are
 held back from reuse so a late response is recognised as late, not matched
 to a newer request.
+
+Message header: a dialect whose "h" field has a length (BASE24's
+"ISO025000070") puts a header in front of every message's MTI. It belongs to
+the connection's envelope, as the TPDU does, and the link's is the configured
+``message_header`` (never a terminal's: the link encodes with the dialect
+minus its header, so a header in the document it is handed is not sent). It
+goes on everything the link writes: requests, reversals and advices, its
+network messages and its answers to the host's. Whatever header the host
+puts on its messages is decoded and dropped before matching, so it is never
+journaled, reported late or passed on to a terminal.
 """
 from __future__ import annotations
 
@@ -164,8 +174,9 @@ class _LinkProtocol(asyncio.Protocol):
         t = self.transport
         if t is None or t.is_closing():
             return False
-        if self.link.cfg.tpdu:
-            payload = _DEFAULT_TPDU + payload
+        prefix = self.link.prefix
+        if prefix:  # TPDU and / or message header, in that order on the wire
+            payload = prefix + payload
         if not self._out:
             self.loop.call_soon(self._flush)
         self._out.append(framing.build_frame(payload, self.link.cfg.framing, self.link.cfg.max_frame))
@@ -197,7 +208,17 @@ class AcquirerLink:
             open_seconds=cfg.breaker.open_seconds,
             half_open_max=cfg.breaker.half_open_max,
         )
-        self.spec = iso8583.load_dialect(cfg.dialect)
+        # wire_spec: the dialect as it is on the wire; spec: the same without
+        # its message header, which is the link's envelope (see the module
+        # docstring). Equal when the dialect has none.
+        self.wire_spec = iso8583.load_dialect(cfg.dialect)
+        self.header = message_header_bytes(cfg.name, cfg.dialect, self.wire_spec, cfg.message_header)
+        if self.header:
+            self.spec = dict(self.wire_spec, h=dict(self.wire_spec["h"], max_len=0))
+        else:
+            self.spec = self.wire_spec
+        # put before every message written: the TPDU, then the message header
+        self.prefix = (_DEFAULT_TPDU if cfg.tpdu else b"") + self.header
         # ISO 8583:1993 hosts: 1804 network management with a DE24 function code
         self.v1993 = spec_is_1993(self.spec)
         # "Try elsewhere" codes are configured as ISO 8583:1987 response codes;
@@ -528,12 +549,15 @@ class AcquirerLink:
                 self.counters["undecodable"] += 1
                 return
         try:
-            doc, _ = iso8583.decode(frame, self.spec)
+            doc, _ = iso8583.decode(frame, self.wire_spec)
         except iso8583.DecodeError as e:
             self.counters["undecodable"] += 1
             log.warning("acquirer %s: undecodable response (%s at field %s pos %d)",
                         self.name, e.msg, e.field, e.pos)
             return
+        if self.header:
+            # the host's envelope, whatever it says: not part of the message
+            doc.pop("h", None)
         mti = doc.get("t", "")
         if len(mti) == 4 and mti[2] in "0246":  # the host's own request, advice or notification
             self._on_host_message(doc, conn)
@@ -622,6 +646,29 @@ class AcquirerLink:
             return
         if conn.write(raw):
             self.counters["host_answers"] += 1
+
+
+def message_header_bytes(name: str, dialect: str, wire_spec: dict, header: str) -> bytes:
+    """The message header (dialect field "h") ``header`` as it goes on the
+    wire in front of the MTI, length prefix included; b"" for a dialect
+    without one. ValueError when the configuration and the dialect disagree
+    (switch.config reports the same at load; this is for links built from an
+    AcquirerConfig made in code)."""
+    h = wire_spec["h"]
+    if h["max_len"] <= 0:
+        if header:
+            raise ValueError(f"acquirer {name}: message_header is set, but dialect {dialect} has no "
+                             "message header")
+        return b""
+    if not header:
+        raise ValueError(f"acquirer {name}: dialect {dialect} has a message header (h); "
+                         "set message_header")
+    try:
+        _, enc = iso8583.encode({"h": header, "t": "0800"}, wire_spec, strict=True)
+    except iso8583.EncodeError as e:
+        raise ValueError(f"acquirer {name}: message_header does not fit dialect {dialect}'s "
+                         f"header (field {e.field}: {e.msg})") from None
+    return bytes(enc["h"]["len"]) + bytes(enc["h"]["data"])
 
 
 # Network management codes the switch answers 00 when the host sends them:

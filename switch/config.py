@@ -178,6 +178,9 @@ class AcquirerConfig:
     key: Path | None = None
     server_hostname: str | None = None  # None: check the certificate against host
     dialect: str = "default"
+    # the message header (dialect field "h", e.g. BASE24's "ISO025000070") on
+    # every message sent to this acquirer; "" for a dialect without one
+    message_header: str = ""
     framing: str = "binary2"
     tpdu: bool = False
     max_frame: int = 8192
@@ -613,6 +616,40 @@ def _dialect_checker() -> Callable[[str], str | None]:
     return check
 
 
+def _message_header_problem(dialect: str, header: str) -> str | None:
+    """An acquirer's ``message_header`` checked against its dialect's header
+    field ("h"): required when the dialect has one (max_len > 0), the exact
+    length and encoding the link will send; not allowed when it has none.
+    A dialect that does not load is not judged here (the link reports it)."""
+    try:
+        from core import iso8583
+        spec = iso8583.load_dialect(dialect)
+        h = spec["h"]
+        size = h["max_len"]
+    except (ImportError, ValueError, OSError, KeyError, TypeError):
+        return None
+    name = _show(dialect)
+    if size <= 0:
+        if header:
+            return f"dialect {name} has no message header (its \"h\" max_len is 0); remove message_header"
+        return None
+    unit = "nibbles" if h.get("len_count") == "nibbles" else "bytes"
+    what = (f"{'exactly' if not h.get('len_type') else 'up to'} {size} {unit}, "
+            f"encoding {h.get('data_enc')}" + (" as hex text" if h.get("data_enc") == "b" else ""))
+    if not header:
+        return (f"required: dialect {name} has a message header (\"h\", {what}) in front of every "
+                'message; set the one this switch sends, e.g. "ISO025000070" for BASE24')
+    try:
+        iso8583.encode({"h": header, "t": "0800"}, spec, strict=True)
+    except iso8583.EncodeError as e:
+        if e.field != "h":
+            return None  # the dialect's MTI, not the header: not this key's problem
+        return f"{_show(header)} does not fit dialect {name}'s message header ({what}): {e.msg}"
+    except ValueError:  # a spec the codec cannot compile: the link reports it
+        return None
+    return None
+
+
 def _is_dialect_path(name: str) -> bool:
     # core.dialect treats these as file paths rather than names.
     return name.endswith(".json") or "/" in name
@@ -788,11 +825,17 @@ class _Builder:
             if reconnect_min is not None and reconnect_max is not None and reconnect_min > reconnect_max:
                 t.fail("reconnect_min", f"{reconnect_min} is more than reconnect_max ({reconnect_max})")
             codes = t.str_list("try_elsewhere_codes", ("91", "92", "96"), check=_response_code)
+            dialect = self.dialect(t)
+            header = t.str("message_header", "", nonempty=False)
+            if dialect is not None and header is not None:
+                problem = _message_header_problem(dialect, header)
+                if problem:
+                    t.fail("message_header", problem)
             item = dict(
                 name=name, host=host, port=port,
                 connections=t.int("connections", 2, lo=1, hi=1024),
                 tls=tls, ca=ca, cert=cert, key=key, server_hostname=server_hostname,
-                dialect=self.dialect(t), framing=framing,
+                dialect=dialect, message_header=header, framing=framing,
                 tpdu=t.bool("tpdu", False), max_frame=max_frame,
                 timeout=t.number("timeout", 10.0, gt=0),
                 max_in_flight=t.int("max_in_flight", 256, lo=1, hi=MAX_TRACE_IN_FLIGHT,

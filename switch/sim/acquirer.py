@@ -40,6 +40,12 @@ per batch, which is what makes tens of thousands of messages per second
 possible. With a variable latency responses leave out of order, as they do
 from a real host; the switch matches them by STAN.
 
+A dialect with a message header ("h" with a length, as BASE24's
+``ISO025000070``) gets one on every answer: ``message_header`` when given,
+else the request's own header echoed. Messages the host starts carry
+``message_header``, else the last header it received. ``received`` keeps
+each request's header under "h", as it arrived.
+
 The host can start messages too: :meth:`AcquirerSimulator.send_network`
 (echo, sign-on, sign-off on every connection) and
 :meth:`AcquirerSimulator.send_to_switch` (any message) return the switch's
@@ -466,6 +472,7 @@ class AcquirerSimulator:
         fault: Fault | None = None,
         approve_code_prefix: str = "",
         max_log: int = 100_000,
+        message_header: str | None = None,
     ):
         self.name = name
         self.host = host
@@ -473,6 +480,12 @@ class AcquirerSimulator:
         self.spec = iso8583.load_dialect(dialect) if isinstance(dialect, str) else dialect
         self.dialect = dialect if isinstance(dialect, str) else (self.spec.get("_meta") or {}).get("name", "custom")
         self.is_1993 = dialect_is_1993(self.spec)
+        # a message header ("h") in this dialect: on every answer, message_header
+        # or else the request's own; on messages the host starts, message_header
+        # or else the last one received
+        self.has_header = (self.spec.get("h") or {}).get("max_len", 0) > 0
+        self.message_header = message_header
+        self._last_header: str | None = None
         self.framing = framing
         self.tpdu = bool(tpdu)
         self.max_frame = max_frame
@@ -553,6 +566,12 @@ class AcquirerSimulator:
             stan = f"{900_000 + self._host_stan:06d}"
             msg = dict(doc)
             msg["11"] = stan
+            if self.has_header and "h" not in msg:
+                header = self.message_header if self.message_header is not None else self._last_header
+                if header is None:
+                    raise ValueError(f"{self.name}: dialect {self.dialect} has a message header: "
+                                     "give message_header (nothing received yet to copy it from)")
+                msg["h"] = header
             payload = iso8583.encode(msg, self.spec)[0]
             if self.tpdu:
                 payload = b"\x60\x00\x00\x00\x00" + payload
@@ -739,6 +758,8 @@ class AcquirerSimulator:
             self.undecodable += 1
             return
         mti = req.get("t", "")
+        if self.has_header:
+            self._last_header = req.get("h")
         if self._host_waiters and mti[2:3] in ("1", "3") and mti.isdigit():
             waiter = self._host_waiters.pop(req.get("11", ""), None)
             if waiter is not None:  # the switch's answer to a message this host sent
@@ -759,6 +780,8 @@ class AcquirerSimulator:
         if resp is None:
             self.dropped += 1
             return
+        if self.has_header:
+            resp["h"] = self.message_header if self.message_header is not None else req.get("h")
         try:
             payload = tpdu + iso8583.encode(resp, self.spec)[0]
             data = build_frame(payload, self.framing, self.max_frame)
@@ -948,6 +971,8 @@ def add_acquirer_parser(subparsers) -> argparse.ArgumentParser:
                    help="response-code rule, first match wins, e.g. 05,pan_prefix=4000 "
                         "(keys: amount_min, amount_max, pan_prefix, mti, processing_code, terminal)")
     p.add_argument("--approve-code-prefix", default="")
+    p.add_argument("--message-header", default=None,
+                   help="message header on every answer, for a dialect with one (default: the request's)")
     p.add_argument("--tls", action="store_true", help="TLS with the development PKI in --state-dir")
     p.add_argument("--require-client-cert", action="store_true")
     p.add_argument("--state-dir", default="state")
@@ -973,7 +998,7 @@ async def run_acquirer_cli(args) -> int:
         framing=args.framing, tpdu=args.tpdu, max_frame=args.max_frame, ssl=ctx,
         latency=latency, rules=rules, approve_below=args.approve_below,
         approve_code_prefix=args.approve_code_prefix,
-        max_log=1000,
+        max_log=1000, message_header=args.message_header,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
