@@ -17,6 +17,12 @@ stays bounded). None of this touches other connections. A terminal that
 half-closes (a FIN after its requests, plain TCP) is answered the same way
 before the close. A dialect's message header ("h") is the terminal's own on
 every answer, as the TPDU is.
+
+The log stays bounded too: each of these events is counted (``counters``,
+hence the metrics), but the warnings they log go through one
+:class:`switch.logs.RateLimitedLog` per listener, a few per kind per minute
+and then one "suppressed K similar messages" line, so a stream of garbage
+frames or connections cannot fill the disk with log lines.
 """
 from __future__ import annotations
 
@@ -30,6 +36,7 @@ from core import framing, iso8583
 from switch.certs import peer_identity
 from switch.config import ListenerConfig
 from switch.flow import GUARD_LEAD, RequestContext, TransactionFlow
+from switch.logs import RateLimitedLog
 from switch.messages import (
     ACTION_CODES_1993,
     NETWORK_REQUESTS,
@@ -48,6 +55,17 @@ log = logging.getLogger("isoswitch.listener")
 LINGER = 2.0
 # Fields of the minimal answer when the full response cannot be encoded
 _MINIMAL_FIELDS = ("t", "11", "39", "41")
+# Per-event warnings: at most this many per kind per interval (RateLimitedLog)
+LOG_BURST = 10
+LOG_INTERVAL = 60.0
+# their kinds (RateLimitedLog keys; each starts its summary line)
+_L_CLOSING = "terminal connection closing"
+_L_FRAMING = "terminal framing error"
+_L_UNDECODABLE = "undecodable terminal message"
+_L_TIMEOUT = "terminal connection timed out"
+_L_RESPONSE = "terminal sent a response"
+_L_IDENTITY = "terminal identity mismatch"
+_L_ENCODE = "answer cannot be encoded"
 
 
 def _mti_kind(mti) -> str:
@@ -77,6 +95,8 @@ class TerminalListener:
         self.port = cfg.port
         self.frame_timeout = min(10.0, cfg.idle_timeout)
         self.accepting = True
+        # what terminals can make happen once per frame or connection is logged at a bounded rate
+        self.log_limiter = RateLimitedLog(log, LOG_BURST, LOG_INTERVAL)
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -109,6 +129,7 @@ class TerminalListener:
 class TerminalProtocol(asyncio.Protocol):
     def __init__(self, listener: TerminalListener):
         self.listener = listener
+        self._log = listener.log_limiter
         cfg = listener.cfg
         self.cfg = cfg
         self.spec = listener.wire_spec
@@ -179,7 +200,8 @@ class TerminalProtocol(asyncio.Protocol):
         self.closing = True
         self.partial_since = None
         self.listener.counters[counter] += 1
-        log.warning("terminal connection closing: %s (%d answer(s) still to write)", reason, self.unanswered)
+        self._log.warning(_L_CLOSING, "terminal connection closing: %s (%d answer(s) still to write)", reason,
+                          self.unanswered)
         self._sync_reading()  # what still arrives is read and discarded, never left unread in the kernel
         self._maybe_finish_close()
 
@@ -222,14 +244,15 @@ class TerminalProtocol(asyncio.Protocol):
                 self.partial_since = now
         if self.partial_since is not None and now - self.partial_since > self.listener.frame_timeout:
             self.listener.counters["frame_timeouts"] += 1
-            log.info("terminal connection closed: frame not completed in %.1fs", self.listener.frame_timeout)
+            self._log.info(_L_TIMEOUT, "terminal connection closed: frame not completed in %.1fs",
+                           self.listener.frame_timeout)
             self.transport.abort()
             return
         if self.write_paused and now - self.write_paused_since > self.cfg.idle_timeout:
             # it has read none of its answers for idle_timeout: a terminal
             # that is gone or stuck; its buffered answers are dropped with it
             self.listener.counters["write_stalled_closed"] += 1
-            log.info("terminal connection closed: answers not read for %.1fs", self.cfg.idle_timeout)
+            self._log.info(_L_TIMEOUT, "terminal connection closed: answers not read for %.1fs", self.cfg.idle_timeout)
             self.transport.abort()
             return
         if self.in_flight == 0 and now - self.last_rx > self.cfg.idle_timeout:
@@ -276,7 +299,7 @@ class TerminalProtocol(asyncio.Protocol):
             # trusted, but the requests already taken from it (and the whole
             # frames before the header) are still answered before the close
             self.listener.counters["frame_errors"] += 1
-            log.warning("terminal framing error (%s); closing connection", e.msg)
+            self._log.warning(_L_FRAMING, "terminal framing error (%s); closing connection", e.msg)
             for frame in e.frames:
                 if not self.closing:
                     self._on_frame(frame, now)
@@ -302,7 +325,7 @@ class TerminalProtocol(asyncio.Protocol):
                 tpdu, frame = framing.split_tpdu(frame)
             except framing.FrameError as e:
                 self.listener.counters["decode_errors"] += 1
-                log.warning("undecodable terminal message: bad TPDU (%s)", e.msg)
+                self._log.warning(_L_UNDECODABLE, "undecodable terminal message: bad TPDU (%s)", e.msg)
                 self._close_gracefully("unanswerable_closed", "undecodable message, no answer possible")
                 return
         try:
@@ -310,7 +333,8 @@ class TerminalProtocol(asyncio.Protocol):
         except iso8583.DecodeError as e:
             self.listener.counters["decode_errors"] += 1
             partial, _ = iso8583.decode_partial(frame, self.spec)
-            log.warning("undecodable terminal message: %s at field %s pos %d", e.msg, e.field, e.pos)
+            self._log.warning(_L_UNDECODABLE, "undecodable terminal message: %s at field %s pos %d", e.msg, e.field,
+                              e.pos)
             kind = _mti_kind(partial.get("t"))
             if kind == "response":
                 self._drop_response(partial)
@@ -329,15 +353,15 @@ class TerminalProtocol(asyncio.Protocol):
             # an MTI that is not four digits (the codec takes any 4 characters):
             # no response MTI the terminal would recognise can be made for it
             self.listener.counters["decode_errors"] += 1
-            log.warning("terminal message with an MTI that is not 4 digits; no answer possible")
+            self._log.warning(_L_UNDECODABLE, "terminal message with an MTI that is not 4 digits; no answer possible")
             self._close_gracefully("unanswerable_closed", "MTI not numeric, no answer possible")
             return
         if self.cfg.bind_terminal_id and req.get("t") not in NETWORK_REQUESTS and (
                 (req.get("41") or "").strip() != self.identity):
             # this certificate may only transact as its own terminal (DESIGN.md: mTLS identity)
             self.listener.counters["identity_mismatch"] += 1
-            log.warning("terminal identity mismatch: certificate CN %r, DE41 %r", self.identity,
-                        (req.get("41") or "").strip())
+            self._log.warning(_L_IDENTITY, "terminal identity mismatch: certificate CN %r, DE41 %r", self.identity,
+                              (req.get("41") or "").strip())
             self._write(switch_response(req, RC_SECURITY), tpdu, req)
             return
         self.in_flight += 1
@@ -370,8 +394,8 @@ class TerminalProtocol(asyncio.Protocol):
         # a terminal never gets an answer to a response (ISO 8583)
         self.listener.counters["responses_dropped"] += 1
         stan = doc.get("11")
-        log.warning("terminal sent a response (MTI %s, STAN %s): dropped, not answered", doc.get("t"),
-                    stan if _usable_stan(stan) else "?")
+        self._log.warning(_L_RESPONSE, "terminal sent a response (MTI %s, STAN %s): dropped, not answered",
+                          doc.get("t"), stan if _usable_stan(stan) else "?")
 
     def _answered(self) -> None:
         self.unanswered -= 1
@@ -412,7 +436,8 @@ class TerminalProtocol(asyncio.Protocol):
             out = self._encode_answer(resp, tpdu, req)
         except Exception as e:  # a bug in the encoder: still never out of the task
             # the type only: an unexpected exception's text may carry field data
-            log.error("cannot encode any answer to MTI %s: %s", _mti_or_none(resp), type(e).__name__)
+            self._log.error(_L_ENCODE, "cannot encode any answer to MTI %s: %s", _mti_or_none(resp),
+                            type(e).__name__)
             out = None
         if out is None:
             # not even the minimal answer fits this dialect: the terminal cannot
@@ -438,8 +463,8 @@ class TerminalProtocol(asyncio.Protocol):
         try:
             return self._frame(iso8583.encode(resp, self.spec)[0], tpdu)
         except (iso8583.EncodeError, framing.FrameError) as e:
-            log.error("cannot encode response MTI %s: %s at field %s", _mti_or_none(resp), getattr(e, "msg", e),
-                      getattr(e, "field", "-"))
+            self._log.error(_L_ENCODE, "cannot encode response MTI %s: %s at field %s", _mti_or_none(resp),
+                            getattr(e, "msg", e), getattr(e, "field", "-"))
         rc = resp.get("39")
         rc = RC_FORMAT_ERROR if rc in (RC_FORMAT_ERROR, ACTION_CODES_1993[RC_FORMAT_ERROR]) else RC_SYSTEM_ERROR
         mti = resp.get("t")
@@ -453,8 +478,8 @@ class TerminalProtocol(asyncio.Protocol):
                 raw, _ = iso8583.encode({k: v for k, v in minimal.items() if k in fields or k == "h"}, self.spec)
                 framed = self._frame(raw, tpdu)
             except (iso8583.EncodeError, framing.FrameError) as e:
-                log.error("cannot encode minimal response MTI %s: %s at field %s", _mti_or_none(minimal),
-                          getattr(e, "msg", e), getattr(e, "field", "-"))
+                self._log.error(_L_ENCODE, "cannot encode minimal response MTI %s: %s at field %s",
+                                _mti_or_none(minimal), getattr(e, "msg", e), getattr(e, "field", "-"))
                 continue
             self.listener.counters["minimal_answers"] += 1
             return framed

@@ -20,17 +20,20 @@ logs stay useful.
 """
 from __future__ import annotations
 
+import asyncio
 import datetime as _dt
 import json
 import logging
 import re
 import sys
+import threading
+import time
 import traceback
 from typing import Any
 
 from switch.messages import luhn_ok, mask_pan
 
-__all__ = ["configure_logging", "mask_text", "mask_value", "JsonFormatter", "TextFormatter"]
+__all__ = ["configure_logging", "mask_text", "mask_value", "JsonFormatter", "RateLimitedLog", "TextFormatter"]
 
 # Track 2: PAN, separator '=' (text) or 'D' (BCD nibble), then expiry +
 # service code + discretionary data. Checked before the PAN pattern so a
@@ -221,3 +224,156 @@ def configure_logging(level: str | int = "info", fmt: str = "json", stream=None)
     # per-request lines do not flood the JSON stream at thousands per second.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     return handler
+
+
+# --------------------------------------------------------------------------
+# Rate-limited logging
+
+
+class _KeyState:
+    __slots__ = ("start", "count", "suppressed", "level", "last", "timer")
+
+    def __init__(self, now: float):
+        self.start = now  # the current interval began
+        self.count = 0  # records let through in it
+        self.suppressed = 0  # records held back in it
+        self.level = logging.NOTSET  # the highest level held back
+        self.last = float("-inf")  # the key's latest event, let through or not
+        self.timer = None  # the call that writes the summary when the interval ends
+
+
+class RateLimitedLog:
+    """At most ``burst`` records per key per ``interval`` seconds go to ``logger``.
+
+    For messages one per event that a peer or a failing disk can make
+    arrive without bound (undecodable terminal messages, framing errors,
+    journal write failures): DESIGN.md "Bad input" asks for bounded time and
+    memory, and a log that grows with what an attacker sends is neither. The
+    records held back are counted, and when the interval ends one summary
+    line at their highest level says how many: ``"<key>: suppressed K similar
+    messages in the last N s"`` (at the key's next record instead, where no
+    event loop runs to end the interval on time). Callers keep counting every
+    event in their own counters and metrics; only the log is bounded.
+
+    ``key`` names the kind of message (a short text, which starts the
+    summary line); keys come from a fixed set in the code, never from input.
+    ``traceback_first=True``: the exception's traceback goes only with the
+    first record after the key has been quiet for an interval; the records
+    that follow are one line each.
+    """
+
+    def __init__(self, logger: logging.Logger, burst: int = 10, interval: float = 60.0, *,
+                 max_keys: int = 256):
+        if burst < 1 or interval <= 0:
+            raise ValueError("burst must be >= 1 and interval > 0")
+        self.logger = logger
+        self.burst = int(burst)
+        self.interval = float(interval)
+        self.max_keys = int(max_keys)
+        self.suppressed_total = 0  # records held back since start, all keys
+        self._keys: dict[str, _KeyState] = {}
+        self._lock = threading.Lock()
+
+    def log(self, key: str, level: int, msg: str, *args, exc_info=None, traceback_first: bool = False,
+            extra: dict | None = None) -> bool:
+        """Log ``msg % args`` at ``level`` unless ``key`` is over its rate; True when logged."""
+        logger = self.logger
+        if not logger.isEnabledFor(level):
+            return False
+        now = time.monotonic()
+        summary = None
+        with self._lock:
+            st = self._keys.get(key)
+            if st is None:
+                if len(self._keys) >= self.max_keys:
+                    self._evict(now)
+                st = self._keys[key] = _KeyState(now)
+            elif now - st.start >= self.interval:
+                summary = self._take_summary(st)  # its timer has not run (no event loop)
+                st.start, st.count = now, 0
+            quiet = now - st.last >= self.interval
+            st.last = now
+            if st.count < self.burst:
+                st.count += 1
+                allowed = True
+            else:
+                allowed = False
+                st.suppressed += 1
+                self.suppressed_total += 1
+                if level > st.level:
+                    st.level = level
+                if st.timer is None:
+                    st.timer = self._schedule(st.start + self.interval - now, key)
+        if summary is not None:
+            self._write_summary(key, *summary)
+        if not allowed:
+            return False
+        if exc_info is not None and traceback_first and not quiet:
+            exc_info = None
+        logger.log(level, msg, *args, exc_info=exc_info, extra=extra, stacklevel=2)
+        return True
+
+    def debug(self, key: str, msg: str, *args, **kw) -> bool:
+        return self.log(key, logging.DEBUG, msg, *args, **kw)
+
+    def info(self, key: str, msg: str, *args, **kw) -> bool:
+        return self.log(key, logging.INFO, msg, *args, **kw)
+
+    def warning(self, key: str, msg: str, *args, **kw) -> bool:
+        return self.log(key, logging.WARNING, msg, *args, **kw)
+
+    def error(self, key: str, msg: str, *args, **kw) -> bool:
+        return self.log(key, logging.ERROR, msg, *args, **kw)
+
+    def critical(self, key: str, msg: str, *args, **kw) -> bool:
+        return self.log(key, logging.CRITICAL, msg, *args, **kw)
+
+    def flush(self) -> None:
+        """Write the summary of every key holding suppressed records now (at shutdown)."""
+        with self._lock:
+            pending = [(k, self._take_summary(st)) for k, st in self._keys.items() if st.suppressed]
+        for key, summary in pending:
+            self._write_summary(key, *summary)
+
+    # -- internals
+
+    def _schedule(self, delay: float, key: str):
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return None  # no loop (a thread, a script): summarized at the key's next record
+        return loop.call_later(max(0.0, delay), self._interval_ended, key)
+
+    def _interval_ended(self, key: str) -> None:
+        with self._lock:
+            st = self._keys.get(key)
+            summary = None if st is None else self._take_summary(st)
+        if summary is not None:
+            self._write_summary(key, *summary)
+
+    @staticmethod
+    def _take_summary(st: _KeyState) -> tuple[int, int] | None:
+        """(level, count) of the records held back, and the state reset; None when none were."""
+        if st.timer is not None:
+            st.timer.cancel()
+            st.timer = None
+        if not st.suppressed:
+            return None
+        out = (st.level, st.suppressed)
+        st.suppressed, st.level = 0, logging.NOTSET
+        return out
+
+    def _write_summary(self, key: str, level: int, n: int) -> None:
+        self.logger.log(level, "%s: suppressed %d similar messages in the last %g s", key, n, self.interval,
+                        extra={"suppressed": n})
+
+    def _evict(self, now: float) -> None:
+        """Forget keys quiet for an interval with nothing held back (the map stays bounded)."""
+        for k in [k for k, st in self._keys.items() if not st.suppressed and now - st.last >= self.interval]:
+            del self._keys[k]
+        if len(self._keys) >= self.max_keys:
+            # every key busy: the oldest goes (its summary is lost, its records were not)
+            oldest = min(self._keys, key=lambda k: self._keys[k].last)
+            st = self._keys.pop(oldest)
+            if st.timer is not None:
+                st.timer.cancel()
