@@ -27,7 +27,8 @@ from switch.acquirer import (
     NotSent,
     OutcomeUnknown,
 )
-from switch.journal import SF_CANCELLED, DuplicateTransaction, Journal, OutcomeTooLate, TxnRecord
+from switch.journal import SF_CANCELLED, DuplicateTransaction, Journal, JournalError, OutcomeTooLate, TxnRecord
+from switch.logs import RateLimitedLog
 from switch.messages import (
     FINANCIAL_REQUESTS,
     NETWORK_REQUESTS,
@@ -52,6 +53,14 @@ from switch.reversal import ReversalQueue, advice_payload, reversal_payload
 from switch.router import Router
 
 log = logging.getLogger("isoswitch.flow")
+
+# Journal write failures (a full disk, the writer down) fail every request
+# while they last: each is counted (counters "journal_errors"), but logged at
+# a bounded rate -- the first with its traceback, then one line each, a few
+# per minute, then "suppressed K similar messages" (RateLimitedLog).
+_L_JOURNAL = "journal write failed"
+_L_TIMEOUT_MARK = "timeout not journaled"
+_L_FLOW = "flow failed"
 
 # Fields a financial request must carry for the switch to route and answer it
 REQUIRED = {
@@ -162,6 +171,7 @@ class TransactionFlow:
         self.listener_v1993: dict[str, bool] = {}
         self._listener_spec: dict[str, dict] = {}
         self._translated: dict[str, frozenset] = {}
+        self.log_limiter = RateLimitedLog(log)
 
     # -- entry point -----------------------------------------------------------
 
@@ -186,9 +196,14 @@ class TransactionFlow:
             resp = await self._process(req, ctx, key)
         except TraceCollision:  # nothing was sent; nobody waits on a channel's key
             raise
-        except Exception:  # a bug or a journal failure must still produce an answer (invariant 1)
-            log.exception("flow failed for MTI %s", mti)
+        except Exception as exc:  # a bug or a journal failure must still produce an answer (invariant 1)
             self.counters["system_errors"] += 1
+            if isinstance(exc, JournalError):
+                self.counters["journal_errors"] += 1
+                self.log_limiter.error(_L_JOURNAL, "%s (MTI %s answered 96)", exc, mti, exc_info=exc,
+                                       traceback_first=True)
+            else:
+                self.log_limiter.error(_L_FLOW, "flow failed for MTI %s", mti, exc_info=exc)
             resp = switch_response(req, RC_SYSTEM_ERROR)
         finally:
             if fut is not None:
@@ -506,7 +521,8 @@ class TransactionFlow:
                 try:
                     await journal.record_timeout(txn_id)
                 except Exception as exc:  # the reversal below matters more than this mark
-                    log.error("txn %s: timeout not journaled (%s)", txn_id, exc)
+                    self.counters["journal_errors"] += 1
+                    self.log_limiter.error(_L_TIMEOUT_MARK, "txn %s: timeout not journaled (%s)", txn_id, exc)
                 await self.reversals.enqueue_or_hold(name, e.sent_doc, e.reason, txn_id)
                 log.warning("outcome unknown at %s (%s) for pan %s: reversal queued",
                             name, e.reason, mask_pan(pan_of(req)))
@@ -643,7 +659,8 @@ class TransactionFlow:
                 try:
                     await journal.record_timeout(txn_id)
                 except Exception as exc:
-                    log.error("txn %s: timeout not journaled (%s)", txn_id, exc)
+                    self.counters["journal_errors"] += 1
+                    self.log_limiter.error(_L_TIMEOUT_MARK, "txn %s: timeout not journaled (%s)", txn_id, exc)
                 return await self._store_advice(req, name, e.sent_doc, e.reason, txn_id)
             except BaseException:  # not sent, not the acquirer's doing (see _forward)
                 link.health.release(time.monotonic())

@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import functools
 import hmac
 import logging
 import os
@@ -67,6 +68,7 @@ from typing import Any
 import msgpack
 
 from switch.keys import DecryptError, KeyRing
+from switch.logs import RateLimitedLog
 from switch.messages import is_advice_mti, mask_pan
 
 log = logging.getLogger("isoswitch.journal")
@@ -97,6 +99,15 @@ SF_KINDS = ("reversal", "advice")
 SF_CANCELLED = "cancelled: "
 
 DEFAULT_STALE_AFTER = 30.0  # seconds without heartbeat before a node counts as dead
+# While writes fail for want of storage (a full disk, a database that does not
+# answer), the journal tries a write of its own this often, so it finds out
+# that writes work again even with no traffic (a load balancer that believed
+# /readyz sends none).
+WRITE_PROBE_S = 1.0
+# ... with a row this large in SQLite: it needs several new pages (overflow
+# pages, with SQLite's default 4 KiB pages), which a row or two of a
+# transaction needs too; written and deleted in one commit.
+PROBE_BYTES = 16384
 
 
 class JournalError(Exception):
@@ -775,6 +786,15 @@ class Journal(abc.ABC):
         self._heartbeat_task: asyncio.Task | None = None
         self._retention_task: asyncio.Task | None = None
         self._started = False
+        # Why writes fail now for want of storage (disk full, I/O error, the
+        # database gone), None while they work: set by the backend at a failed
+        # write, cleared when a write that needs space succeeds again.
+        # problem() reports it, so /readyz turns traffic away meanwhile.
+        self.write_failure: str | None = None
+        self.write_failures = 0  # writes failed for want of storage, since start (every one)
+        self._write_failing_since = 0.0
+        self._probe_task: asyncio.Task | None = None
+        self._log = RateLimitedLog(log)
 
     def _default_node_id(self) -> str:
         return f"{socket.gethostname()}:{os.getpid()}"
@@ -796,7 +816,7 @@ class Journal(abc.ABC):
             self._retention_task = loop.create_task(self._retention_loop())
 
     async def close(self) -> None:
-        for name in ("_heartbeat_task", "_retention_task"):
+        for name in ("_heartbeat_task", "_retention_task", "_probe_task"):
             task = getattr(self, name)
             if task is not None:
                 task.cancel()
@@ -850,7 +870,56 @@ class Journal(abc.ABC):
 
     def problem(self) -> str | None:
         """Why the journal cannot take writes now (None when it can); /readyz reports it."""
-        return None if self._started else "journal is not started"
+        if not self._started:
+            return "journal is not started"
+        return self._write_problem()
+
+    def _write_problem(self) -> str | None:
+        failure = self.write_failure
+        return None if failure is None else f"journal writes failing: {failure}"
+
+    # -- write failures (both backends): not ready from a failed write until one succeeds
+
+    def _writes_failed(self, reason: str, n: int = 1) -> None:
+        """``n`` writes failed for want of storage (``reason``: one line, no card data)."""
+        self.write_failures += n
+        if self.write_failure is None:
+            self._write_failing_since = time.monotonic()
+            self._log.error("journal writes failing", "journal writes failing (%s); reported not ready "
+                            "until a write succeeds again", reason)
+            if self._probe_task is None or self._probe_task.done():
+                try:
+                    loop = asyncio.get_running_loop()
+                except RuntimeError:  # no loop: the next write the switch makes tells
+                    loop = None
+                if loop is not None:
+                    self._probe_task = loop.create_task(self._probe_loop(), name="journal-write-probe")
+        self.write_failure = reason
+
+    def _writes_ok(self) -> None:
+        """A write that needed storage succeeded: the journal takes writes again."""
+        if self.write_failure is None:
+            return
+        self.write_failure = None
+        self._log.warning("journal writes succeed again", "journal writes succeed again after %.1f s "
+                          "(%d failed writes so far)", time.monotonic() - self._write_failing_since,
+                          self.write_failures)
+
+    async def _probe_loop(self) -> None:
+        while self.write_failure is not None:
+            await asyncio.sleep(WRITE_PROBE_S)
+            if self.write_failure is None or not self._started:
+                return
+            try:
+                await self._probe_write()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # still failing: the backend noted it (and why)
+                pass
+
+    async def _probe_write(self) -> None:
+        """A write that needs storage; its success or failure is noted like any write's."""
+        await self._heartbeat()
 
     # -- retention
 
@@ -1505,7 +1574,7 @@ class SqliteJournal(Journal):
             self.path.parent.mkdir(parents=True, exist_ok=True)
             owner_only_file(self.path)
         self._writer = ProcessWriter(self.path, self.synchronous, self.keyring, self.node_id, self.boot_id,
-                                     self.group_commit_s, self.stats)
+                                     self.group_commit_s, self.stats, on_health=self._write_health)
         try:
             await self._writer.start()
         except BaseException:
@@ -1538,7 +1607,20 @@ class SqliteJournal(Journal):
     def problem(self) -> str | None:
         if self._closed or self._writer is None:
             return "journal is closed"
-        return self._writer.error
+        return self._writer.error or self._write_problem()
+
+    def _write_health(self, failure: str | None, n: int = 0) -> None:
+        """The writer's report on a committed group: writes failed for want of
+        storage (``failure``), or one that needed space succeeded (None)."""
+        if failure is None:
+            self._writes_ok()
+        else:
+            self._writes_failed(failure, n)
+
+    async def _probe_write(self) -> None:
+        # the heartbeat updates a row in place, which a database that cannot
+        # grow still takes: the probe needs new pages, as a new transaction does
+        await self._submit("probe", PROBE_BYTES)
 
     def _submit(self, op: str, *args) -> asyncio.Future:
         """Queue the writer operation ``op``; the future resolves after its group committed."""
@@ -1663,6 +1745,53 @@ class SqliteJournal(Journal):
 # PostgreSQL: asyncpg pool, FOR UPDATE SKIP LOCKED claims
 
 
+# SQLSTATE classes of a database that cannot take writes: connection exception,
+# insufficient resources (53100 disk full), operator intervention (shutdown),
+# system error (I/O), internal error; and 25006, a read-only transaction (a
+# standby, or a database set read-only). Not constraint or syntax errors.
+_PG_DOWN_CLASSES = frozenset({"08", "53", "57", "58", "XX"})
+
+
+def _pg_write_failure(exc: BaseException) -> str | None:
+    """Why a PostgreSQL write failed when it is for want of a working
+    database (one line, the error's type and SQLSTATE: never its text, which
+    may quote values), else None."""
+    state = getattr(exc, "sqlstate", None)
+    if isinstance(state, str) and state:
+        if state[:2] in _PG_DOWN_CLASSES or state == "25006":
+            return f"{type(exc).__name__} (SQLSTATE {state})"
+        return None
+    if isinstance(exc, OSError):  # refused, reset, TimeoutError (command_timeout)
+        return type(exc).__name__
+    try:
+        from asyncpg.exceptions import ConnectionDoesNotExistError, InternalClientError
+    except ImportError:  # pragma: no cover - asyncpg comes with the PostgreSQL backend
+        return None
+    # a session the server ended (InternalClientError: asyncpg's word for a
+    # connection terminated while it sat in the pool)
+    return type(exc).__name__ if isinstance(exc, (ConnectionDoesNotExistError, InternalClientError)) else None
+
+
+def _tracks_writes(fn):
+    """A PostgresJournal write: one failed for want of a working database
+    makes the journal not ready (``Journal.problem``); one that succeeds
+    makes it ready again (every PostgreSQL write needs space: an update is a
+    new row version, and WAL)."""
+    @functools.wraps(fn)
+    async def write(self, *args, **kwargs):
+        try:
+            result = await fn(self, *args, **kwargs)
+        except Exception as exc:
+            reason = _pg_write_failure(exc)
+            if reason is not None:
+                self._writes_failed(reason)
+            raise
+        if self.write_failure is not None:
+            self._writes_ok()
+        return result
+    return write
+
+
 class PostgresJournal(Journal):
     """Journal and store-and-forward queue in PostgreSQL, shared by several switch processes.
 
@@ -1745,6 +1874,7 @@ class PostgresJournal(Journal):
     # period took a live process for dead, reversing its requests in flight.
     _DB_NOW = "extract(epoch FROM clock_timestamp())::float8"
 
+    @_tracks_writes
     async def _heartbeat(self) -> None:
         await self._p().execute(
             "INSERT INTO journal_node (boot_id, node_id, started_at, heartbeat_at) VALUES "
@@ -1758,9 +1888,11 @@ class PostgresJournal(Journal):
     async def _node_gone(self) -> None:
         await self._p().execute(self._q(SQL_NODE_DELETE), self.boot_id)
 
+    @_tracks_writes
     async def _insert_txn(self, params: tuple) -> int | None:
         return await self._p().fetchval(self._q(SQL_INSERT_TXN), *params)
 
+    @_tracks_writes
     async def _insert_forwarded(self, txn, acquirer, link_stan, now, reversal_fields):
         params = self._received_params(txn)
         blob = self.keyring.encrypt(_pack(sanitize_fields(reversal_fields)), _txn_key_aad(*params[1:5]))
@@ -1774,9 +1906,11 @@ class PostgresJournal(Journal):
         except (IndexError, ValueError):
             return 0
 
+    @_tracks_writes
     async def _exec(self, sql: str, params: tuple) -> int:
         return self._count(await self._p().execute(self._q(sql), *params))
 
+    @_tracks_writes
     async def _api_update(self, api_id, changes_packed):
         async with self._p().acquire() as c, c.transaction():
             return await self._api_update_on(c, api_id, changes_packed)
@@ -1789,6 +1923,7 @@ class PostgresJournal(Journal):
         new_doc, status, drop_card = api_merge(doc, _unpack(changes_packed))
         return self._count(await c.execute(self._q(SQL_API_SET), new_doc, status, drop_card, api_id))
 
+    @_tracks_writes
     async def _late_response(self, acquirer, link_stan, rc, now, mti=None):
         kinds, txn_ok = late_match_kinds(mti)
         since = now - LATE_MATCH_WINDOW_S
@@ -1809,6 +1944,7 @@ class PostgresJournal(Journal):
                 await c.execute(self._q(SQL_LATE_INSERT), acquirer, link_stan, rc, txn_id, now, sf_id, mti)
                 return marked
 
+    @_tracks_writes
     async def _outcome(self, txn_id, response_code, approval_code, doc, latency_ms, now, deliver_by=None) -> int:
         packed = _pack(sanitize_replay(doc))
         if deliver_by is None:
@@ -1818,6 +1954,7 @@ class PostgresJournal(Journal):
             return await c.fetchval(SQL_OUTCOME_BY_PG, response_code, approval_code, packed, latency_ms,
                                     time.time(), txn_id, float(deliver_by))
 
+    @_tracks_writes
     async def _outcome_api(self, txn_id, response_code, approval_code, doc, latency_ms, now, attach,
                            deliver_by=None) -> int:
         packed = _pack(sanitize_replay(doc))
@@ -1839,6 +1976,7 @@ class PostgresJournal(Journal):
                     await self._api_update_on(c, *parent[0])
         return n
 
+    @_tracks_writes
     async def _api_put_idem(self, params: tuple, idem_params: tuple):
         async with self._p().acquire() as c:
             async with c.transaction():
@@ -1846,6 +1984,7 @@ class PostgresJournal(Journal):
                 await c.execute(self._q(SQL_API_INSERT), *params)
         return 1
 
+    @_tracks_writes
     async def api_idem_claim(self, owner: str, idem_key: str, fingerprint: str,
                              stale_before: float, not_before: float = 0.0) -> tuple[bool, str | None] | None:
         owner, idem_key = str(owner), str(idem_key)
@@ -1869,10 +2008,12 @@ class PostgresJournal(Journal):
             r = await c.fetchrow(self._q(SQL_API_IDEM_GET), owner, idem_key)
         return None if r is None else (hmac.compare_digest(r[0], fingerprint), r[1])
 
+    @_tracks_writes
     async def api_idem_release(self, owner: str, idem_key: str) -> None:
         await self._p().execute("DELETE FROM api_idem WHERE owner = $1 AND idem_key = $2 AND api_id IS NULL",
                                 str(owner), str(idem_key))
 
+    @_tracks_writes
     async def api_lock_take(self, api_id: str, owner: str, until: float) -> bool:
         # one statement: a new lease, or the takeover of an expired one
         return bool(await self._p().fetchval(
@@ -1880,9 +2021,11 @@ class PostgresJournal(Journal):
             "SET owner = excluded.owner, until = excluded.until WHERE api_lock.until < $4 RETURNING 1",
             str(api_id), str(owner), float(until), time.time()))
 
+    @_tracks_writes
     async def api_lock_release(self, api_id: str, owner: str) -> None:
         await self._p().execute("DELETE FROM api_lock WHERE id = $1 AND owner = $2", str(api_id), str(owner))
 
+    @_tracks_writes
     async def _sf_insert(self, acquirer, kind, txn_id, blob, now, next_at, wire_stan=None,
                          wire_time=None) -> tuple[int | None, bool]:
         async with self._p().acquire() as c:
@@ -1900,10 +2043,12 @@ class PostgresJournal(Journal):
                     await c.execute(self._q(SQL_SF_MARK_TXN), txn_id)
                 return entry_id, True
 
+    @_tracks_writes
     async def _sf_claim(self, acquirer, worker, now, lease_until, boot):
         r = await self._p().fetchrow(self._q(SQL_SF_CLAIM_PG), acquirer, now, now, worker, lease_until, boot)
         return None if r is None else tuple(r.values())
 
+    @_tracks_writes
     async def _recover(self) -> int:
         async with self._p().acquire() as c:
             dead = await self._dead_params_now(c)

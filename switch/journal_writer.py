@@ -16,9 +16,13 @@ Protocol over a private ``socketpair`` (msgpack stream, both directions):
   material, node and boot ids); then ``(seq, op, args)`` per write, or
   ``(0, "stop", ())``.
 * child -> parent: ``("ready", None)`` or ``("error", message)`` after init;
-  then per committed group ``("g", n, [(seq, ok, value), ...])``. A write's
-  reply is sent only after the COMMIT holding it returned, so a caller's
-  ``await`` still means "durable" (DESIGN.md invariant 2).
+  then per committed group ``("g", n, [(seq, ok, value), ...], health)``. A
+  write's reply is sent only after the COMMIT holding it returned, so a
+  caller's ``await`` still means "durable" (DESIGN.md invariant 2).
+  ``health``: ``[reason, n]`` when n writes of the group failed for want of
+  storage (disk full, I/O error, ...: the journal is not ready), ``True``
+  when none did and one that needs new space (an insert) committed (ready
+  again), else None.
 
 The child ignores SIGINT/SIGTERM (a Ctrl-C or a service manager's TERM to the
 process group must not kill it before the parent has journaled its last
@@ -46,6 +50,13 @@ from switch.messages import mask_pan
 log = logging.getLogger("isoswitch.journal")
 
 MAX_GROUP = 1024
+# writes that need new space (rows inserted): one committed proves the
+# database can grow again after a failure for want of storage
+_ALLOCATING = frozenset(("fwd", "received", "sf_insert", "late", "api_put", "outcome_api", "probe"))
+# SQLite primary result codes of storage failures (not of a bad statement or a
+# constraint): BUSY, LOCKED, NOMEM, READONLY, IOERR, CORRUPT, FULL, CANTOPEN,
+# PROTOCOL, NOTADB
+_STORAGE_CODES = frozenset((5, 6, 7, 8, 10, 11, 13, 14, 15, 26))
 # the hot path's writes, run in batches when consecutive in a group (WriterCore._run_batch)
 _BATCHED = frozenset(("fwd", "outcome"))
 FLUSH_AT = 32  # writes buffered in one loop iteration before they are sent early (bench: ~+7% journal-on TPS)
@@ -63,6 +74,18 @@ def _packer() -> msgpack.Packer:
 def _unpacker() -> msgpack.Unpacker:
     return msgpack.Unpacker(raw=False, strict_map_key=False, use_list=False,
                             max_buffer_size=256 * 1024 * 1024)
+
+
+def storage_failure(exc: BaseException) -> str | None:
+    """SQLite's own message (e.g. "database or disk is full") when ``exc`` is a
+    failure of the storage rather than of the statement, else None."""
+    if not isinstance(exc, sqlite3.Error) or isinstance(exc, (sqlite3.IntegrityError, sqlite3.ProgrammingError,
+                                                              sqlite3.InterfaceError)):
+        return None
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is None:
+        return str(exc) if isinstance(exc, sqlite3.OperationalError) else None
+    return str(exc) if (code & 0xFF) in _STORAGE_CODES else None
 
 
 # --------------------------------------------------------------------------
@@ -96,7 +119,14 @@ class WriterCore:
             "api_put": (self.op_api_put, False),
             "idem_get": (self.op_idem_get, False),
             "outcome_api": (self.op_outcome_api, False),
+            "probe": (self.op_probe, True),
         }
+        # this group's storage failures (reason, count) and whether a write
+        # that needs new space succeeded in it (run_group's health report)
+        self._storage_error: str | None = None
+        self._storage_failed = 0
+        self._allocated = False
+        self.health = None
 
     # the journal's card-data helpers, shared with the other backends
     from switch.journal import Journal as _J  # noqa: E402  (class body import: no cycle at module load)
@@ -200,6 +230,16 @@ class WriterCore:
     def op_idem_get(self, params):
         return self.conn.execute(self.J.SQL_API_IDEM_GET, params).fetchone()
 
+    def op_probe(self, nbytes):
+        """A row of ``nbytes`` written and deleted (``Journal._probe_write``): it
+        needs new pages as a transaction's rows do, so it fails while the
+        database cannot grow; nothing of it remains (secure_delete zeroes it)."""
+        c = self.conn
+        c.execute("INSERT INTO journal_meta (k, v) VALUES ('write_probe', zeroblob(?)) "
+                  "ON CONFLICT (k) DO UPDATE SET v = excluded.v", (int(nbytes),))
+        c.execute("DELETE FROM journal_meta WHERE k = 'write_probe'")
+        return 1
+
     def op_api_update(self, api_id, changes_packed):
         J, c = self.J, self.conn
         r = c.execute(J.SQL_API_DOC, (api_id,)).fetchone()
@@ -265,6 +305,7 @@ class WriterCore:
             ids = range(first, first + len(fwd_rows))
             if self._apply(J.SQL_INSERT_FWD_ID, [(i,) + r for i, r in zip(ids, fwd_rows)]):
                 results.extend((seq, True, i) for seq, i in zip(fwd_seqs, ids))
+                self._allocated = True
             else:
                 self._one_by_one(J.SQL_INSERT_FWD, fwd_seqs, fwd_rows, results, returning=True)
         if out_rows:
@@ -296,6 +337,7 @@ class WriterCore:
                 if returning:
                     r = conn.execute(sql, row).fetchone()
                     results.append((seq, True, None if r is None else r[0]))
+                    self._allocated = True
                 else:
                     results.append((seq, True, conn.execute(sql, row).rowcount))
             except Exception as exc:
@@ -304,6 +346,10 @@ class WriterCore:
     def _failed(self, exc: Exception) -> str:
         """The message for one write that failed; raises when SQLite rolled back
         the whole group (then every write in it fails)."""
+        storage = storage_failure(exc)
+        if storage is not None:
+            self._storage_error = storage
+            self._storage_failed += 1
         if not self.conn.in_transaction:
             raise sqlite3.OperationalError(f"transaction rolled back: {exc}") from None
         if isinstance(exc, self.J.JournalError):
@@ -323,6 +369,8 @@ class WriterCore:
             conn.execute("SAVEPOINT op")
         try:
             results.append((seq, True, fn(*args)))
+            if name in _ALLOCATING:
+                self._allocated = True
         except Exception as exc:
             results.append((seq, False, self._failed(exc)))
             if atomic:
@@ -330,20 +378,39 @@ class WriterCore:
         if atomic:
             conn.execute("RELEASE op")
 
-    def _abandon(self, group, message: str) -> list:
+    def _abandon(self, group, message: str, exc: BaseException) -> list:
+        """Every write of ``group`` failed: nothing of it was committed."""
         try:
             self.conn.execute("ROLLBACK")
         except sqlite3.Error:
             pass
+        # a group that cannot begin or commit (or was rolled back whole) is
+        # the storage failing, whatever the code: nothing could be written
+        if self._storage_error is None:
+            self._storage_error = storage_failure(exc) or str(exc)
+        self._storage_failed = len(group)
+        self._allocated = False
         return [(s, False, message) for s, _op, _a in group]
 
     def run_group(self, group) -> list:
-        """Run ``[(seq, op, args), ...]`` in one transaction; ``[(seq, ok, value), ...]`` after COMMIT."""
+        """Run ``[(seq, op, args), ...]`` in one transaction; ``[(seq, ok, value), ...]`` after COMMIT.
+        ``health`` then holds the group's health report (module docstring)."""
+        self._storage_error = None
+        self._storage_failed = 0
+        self._allocated = False
+        results = self._run_group(group)
+        if self._storage_error is not None:
+            self.health = [self._storage_error, self._storage_failed]
+        else:
+            self.health = True if self._allocated else None
+        return results
+
+    def _run_group(self, group) -> list:
         conn = self.conn
         try:
             conn.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
-            return [(seq, False, f"journal write failed: {exc}") for seq, _op, _a in group]
+            return self._abandon(group, f"journal write failed: {exc}", exc)
         results: list = []
         try:
             i, n = 0, len(group)
@@ -359,11 +426,11 @@ class WriterCore:
                     self._run_one(seq, name, args, results)
                 i = j
         except sqlite3.Error as exc:  # the transaction itself is broken
-            return self._abandon(group, f"journal write failed: {exc}")
+            return self._abandon(group, f"journal write failed: {exc}", exc)
         try:
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
-            return self._abandon(group, f"journal commit failed: {exc}")
+            return self._abandon(group, f"journal commit failed: {exc}", exc)
         return results
 
 
@@ -508,7 +575,8 @@ def _child_main(fd: int) -> int:
         last_group = len(batch)
         for k in range(0, len(batch), MAX_GROUP):
             group = batch[k:k + MAX_GROUP]
-            ch.send(("g", len(group), core.run_group(group)))
+            results = core.run_group(group)
+            ch.send(("g", len(group), results, core.health))
     try:
         conn.close()
     finally:
@@ -524,7 +592,7 @@ class ProcessWriter(asyncio.Protocol):
     """The event loop's handle on the writer child: ``submit(op, args)`` -> future of the value."""
 
     def __init__(self, path: Path, synchronous: str, keyring, node_id: str, boot_id: str,
-                 group_commit_s: float, stats: dict):
+                 group_commit_s: float, stats: dict, on_health=None):
         self.path = str(path)
         self.synchronous = synchronous
         self._keyring = keyring
@@ -546,6 +614,10 @@ class ProcessWriter(asyncio.Protocol):
         self.error: str | None = None
         self._stopping = False
         self._respawn: asyncio.Task | None = None
+        # on_health(reason, n) when n writes failed for want of storage,
+        # on_health(None) when a write that needs space succeeds after that
+        self._on_health = on_health
+        self._storage_failing = False
 
     # -- lifecycle
 
@@ -690,6 +762,8 @@ class ProcessWriter(asyncio.Protocol):
                 pending = self._pending
                 JournalError = None
                 for seq, ok, val in msg[2]:
+                    if not ok:
+                        st["write_failures"] = st.get("write_failures", 0) + 1
                     fut = pending.pop(seq, None)
                     if fut is None or fut.done():
                         continue
@@ -699,6 +773,9 @@ class ProcessWriter(asyncio.Protocol):
                         if JournalError is None:
                             from switch.journal import JournalError
                         fut.set_exception(JournalError(val))
+                health = msg[3] if len(msg) > 3 else None
+                if health is not None:
+                    self._health(health)
             elif kind == "ready":
                 if not self._ready.done():
                     self._ready.set_result(None)
@@ -707,6 +784,20 @@ class ProcessWriter(asyncio.Protocol):
                 self.error = str(msg[1])
                 if not self._ready.done():
                     self._ready.set_exception(JournalError(self.error))
+
+    def _health(self, health) -> None:
+        # reported before the futures' callbacks run (they are scheduled), so
+        # a caller that sees its write fail finds problem() saying why
+        if health is True:
+            if not self._storage_failing:
+                return
+            self._storage_failing = False
+            reason, n = None, 0
+        else:
+            self._storage_failing = True
+            reason, n = str(health[0]), int(health[1])
+        if self._on_health is not None:
+            self._on_health(reason, n)
 
     def connection_lost(self, exc) -> None:
         from switch.journal import JournalError

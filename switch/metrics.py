@@ -434,6 +434,15 @@ class SwitchCollector:
                                        "Times the SQLite journal's writer process was restarted after dying")
         restarts.add_metric([], (getattr(journal, "stats", None) or {}).get("restarts", 0))
         yield restarts
+        failures = CounterMetricFamily("isoswitch_journal_write_failures",
+                                       "Journal writes failed for want of storage (disk full, I/O error, "
+                                       "database down or read-only)")
+        failures.add_metric([], getattr(journal, "write_failures", 0))
+        yield failures
+        failing = GaugeMetricFamily("isoswitch_journal_writes_failing",
+                                    "1 while journal writes fail for want of storage (/readyz is 503), else 0")
+        failing.add_metric([], 0 if getattr(journal, "write_failure", None) is None else 1)
+        yield failing
         rev_events = CounterMetricFamily("isoswitch_reversal_events", "Store-and-forward counters",
                                          labels=["event"])
         if reversals is not None:
