@@ -17,6 +17,14 @@ RC_DUPLICATE = "94"
 RC_SECURITY = "63"  # security violation (mTLS identity does not match DE41)
 RC_SYSTEM_ERROR = "96"
 
+# Response codes that approve (the whole amount or part of it): ISO 8583:1987
+# 00 approved, 08 honour with identification, 10 approved for a partial
+# amount, 11 approved (VIP), 16 approved, update track 3; ISO 8583:1993
+# action codes 000-007 (the "approved" class). One set for the REST API's
+# "approved", the metrics' approval rate and the dashboard.
+APPROVED_CODES = frozenset({"00", "08", "10", "11", "16",
+                            "000", "001", "002", "003", "004", "005", "006", "007"})
+
 # Request MTIs the switch forwards (ISO 8583:1987 0xxx and :1993 1xxx);
 # network management is answered locally
 FINANCIAL_REQUESTS = frozenset({"0100", "0101", "0120", "0121", "0200", "0201", "0220", "0221",

@@ -34,6 +34,8 @@ from typing import Iterable
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from switch.messages import APPROVED_CODES
+
 __all__ = ["Metrics", "SwitchCollector", "LiveStats", "CONTENT_TYPE", "MTI_ALLOWLIST"]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -229,7 +231,7 @@ class Metrics:
                 self._tx_children[key] = children
         children[0].inc()
         children[1].observe(seconds)
-        self.live.observe(seconds, rc in ("00", "000", "08", "10", "11"))
+        self.live.observe(seconds, rc in APPROVED_CODES)
 
     def observe_acquirer(self, acquirer: str | None, seconds: float) -> None:
         child = self._acq_children.get(acquirer)
@@ -296,7 +298,7 @@ class Metrics:
             self.live.add_recent({
                 "time": round(now, 3), "mti": mti_label(req.get("t")),
                 "masked_pan": mask_pan(pan_of(req)), "amount": req.get("4"), "currency": req.get("49"),
-                "response_code": rc_label(rc), "acquirer": self.acquirer_label(acquirer) if acquirer else None,
+                "response_code": rc_label(rc), "approved": rc in APPROVED_CODES, "acquirer": self.acquirer_label(acquirer) if acquirer else None,
                 "channel": ctx.listener, "latency_ms": round(seconds * 1000, 3)})
 
         if has_hook and hasattr(flow, "on_recent") and hasattr(flow, "on_acquirer"):

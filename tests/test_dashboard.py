@@ -124,3 +124,28 @@ def test_recent_rows_are_a_bounded_sample_at_high_rates():
         flow.on_recent(req, ctx, "acq-a", "00", 0.001)
     # at most one second's quota, or two if the calls straddled a second boundary
     assert M.RECENT_ROWS_PER_S <= len(rows) <= 2 * M.RECENT_ROWS_PER_S
+
+
+def test_approval_rate_and_recent_rows_count_every_approving_code():
+    """1993 action codes 000-007 and 1987's 08/10/11/16 approve (in whole or in
+    part) as 00 does: the dashboard's approval rate and its row colours said
+    "declined" for a 1993 acquirer's 001 (honour with identification)."""
+    from types import SimpleNamespace
+
+    from switch import metrics as M
+
+    flow = SimpleNamespace(on_transaction=None, on_recent=None, on_acquirer=None)
+    m = M.Metrics()
+    m.instrument(SimpleNamespace(flow=flow))
+    rows = []
+    m.live.add_recent = rows.append
+    ctx = SimpleNamespace(listener="terminals")
+    approving = ["00", "08", "10", "11", "16", "000", "001", "002", "003", "007"]
+    declining = ["05", "51", "91", "96", "100", "116", "911", "008"]
+    for rc in approving + declining:
+        flow.on_transaction("1200" if len(rc) == 3 else "0200", "acq-a", rc, 0.01)
+        flow.on_recent({"t": "0200"}, ctx, "acq-a", rc, 0.01)
+    snap = m.live.snapshot()
+    assert snap["window_count"] == len(approving) + len(declining)
+    assert snap["approval_rate"] == round(len(approving) / (len(approving) + len(declining)), 4)
+    assert [r["approved"] for r in rows] == [True] * len(approving) + [False] * len(declining)

@@ -39,7 +39,7 @@ import orjson
 from aiohttp import web
 
 from switch.api.auth import ApiKey, ApiKeyStore, IdempotencyCache, IdempotencyConflict, SeenKeys
-from switch.messages import RC_SYSTEM_ERROR, luhn_ok, mask_pan, switch_response
+from switch.messages import APPROVED_CODES, RC_SYSTEM_ERROR, luhn_ok, mask_pan, switch_response
 from switch.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from switch.metrics import Metrics
 
@@ -50,7 +50,6 @@ OPENAPI_PATH = HERE / "openapi.json"
 DASHBOARD_PATH = HERE / "dashboard.html"
 
 PROBLEM_CT = "application/problem+json"
-APPROVED_CODES = frozenset({"00", "08", "10", "11", "000", "001", "003"})
 
 # ISO 4217: alpha -> (numeric, minor-unit exponent). A small table of the
 # currencies a shop is likely to send; extend as needed.
