@@ -138,7 +138,8 @@ class Switch:
                      else MemoryTransactionStore())
             self.api_runner = await start_api(
                 self, cfg.api, keys=keys, store=store, webhooks=self.webhooks, metrics=self.metrics,
-                settings=ApiSettings(idempotency_window=cfg.api.idempotency_hours * 3600.0))
+                settings=ApiSettings(idempotency_window=cfg.api.idempotency_hours * 3600.0,
+                                     request_timeout=cfg.api.request_timeout))
         # Start-up objects (specs, tables, certificates, modules) live forever:
         # keep them out of every later collection.
         gc.freeze()

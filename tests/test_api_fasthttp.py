@@ -368,3 +368,107 @@ def test_a_failing_handler_is_a_plain_500_on_both_paths(tmp_path, monkeypatch, c
     run(main())
     failures = [r for r in caplog.records if "API handler failed" in r.getMessage()]
     assert len(failures) == 2 and all(TEST_PAN not in r.getMessage() for r in failures)
+
+
+async def closed_after(c: Raw) -> bool:
+    """True when the server closed the connection (EOF within 10 s)."""
+    try:
+        return await asyncio.wait_for(c.r.read(), 10) == b""
+    except (ConnectionError, OSError):
+        return True
+
+
+@pytest.mark.parametrize("where", ["head", "body"])
+def test_a_slow_or_stalled_payment_gets_408_and_the_connection_closes(tmp_path, where):
+    """A payment whose head or body stops arriving (or drips too slowly) is
+    answered 408 request_timeout after its first byte, and the connection
+    closed: a slow sender cannot hold connections and buffers without end.
+    Requests that arrive in time on other connections are served meanwhile,
+    and nothing of the partial request was forwarded."""
+    async def main():
+        settings = ApiSettings(request_timeout=0.6)
+        async with running_api(tmp_path, {"acq-a": {}}, settings=settings) as api:
+            raw = request(api, payment(amount=901))
+            cut = raw.index(b"\r\n\r\n") - 10 if where == "head" else len(raw) - 5
+            slow = await Raw.open(api)
+            await slow.send(raw[:cut])
+            for b in raw[cut:cut + 2]:  # dripping within the deadline: a byte does not restart the clock
+                await asyncio.sleep(0.2)
+                await slow.send(bytes([b]))
+            fast = await Raw.open(api)
+            await fast.send(request(api, payment(amount=902)))
+            status, headers, body = await fast.response()
+            assert status == 201 and json.loads(body)["amount"] == 902
+            status, headers, body = await slow.response()
+            problem = json.loads(body)
+            assert status == 408 and lean(headers) and headers["connection"] == "close"
+            assert problem["status"] == 408 and problem["type"].endswith("request-timeout")
+            assert TEST_PAN not in body.decode()
+            assert await closed_after(slow)
+            amounts = [r.get("4") for r in api.sw.sims["acq-a"].received]
+            assert "000000000902" in amounts and "000000000901" not in amounts
+            fast.close()
+    run(main())
+
+
+def test_a_stalled_body_on_the_aiohttp_path_gets_408_and_closes(tmp_path):
+    """The same bound where aiohttp serves the request (a refund here): its
+    handler's body read has request_timeout, then 408 and the connection closed."""
+    async def main():
+        settings = ApiSettings(request_timeout=0.6)
+        async with running_api(tmp_path, {"acq-a": {}}, settings=settings) as api:
+            c = await Raw.open(api)
+            await c.send(request(api, payment(amount=500)))
+            status, _h, body = await c.response()
+            txn = json.loads(body)["id"]
+            raw = request(api, {"amount": 100}, target=f"/v1/payments/{txn}/refund")
+            await c.send(raw[:-4])  # the head and all but the body's last bytes
+            status, headers, body = await c.response()
+            assert status == 408 and not lean(headers)
+            assert json.loads(body)["type"].endswith("request-timeout")
+            assert await closed_after(c)
+            # nothing was refunded
+            c2 = await Raw.open(api)
+            await c2.send(request(api, None, target=f"/v1/transactions/{txn}", method="GET", idem=None))
+            status, _h, body = await c2.response()
+            assert status == 200 and json.loads(body)["status"] == "approved"
+            c2.close()
+    run(main())
+
+
+def test_a_large_body_in_small_pieces_is_parsed_once_and_served(tmp_path):
+    """A body near the size limit sent in many small writes (TCP_NODELAY) is
+    served like one sent whole: the lean path appends to one buffer and
+    parses the head once instead of re-copying and re-parsing on every read.
+    The payment's JSON is padded with whitespace to the size."""
+    async def main():
+        settings = ApiSettings(max_body=64 * 1024)
+        async with running_api(tmp_path, {"acq-a": {}}, settings=settings) as api:
+            from switch.api import fasthttp
+            parses = 0
+            real = fasthttp.FastPaymentsProtocol._parse_head
+
+            def counting(self):
+                nonlocal parses
+                done = real(self)
+                parses += done
+                return done
+            fasthttp.FastPaymentsProtocol._parse_head = counting
+            try:
+                body = json.dumps(payment(amount=703)).encode()
+                body = body[:-1] + b" " * (60 * 1024 - len(body)) + b"}"
+                raw = request(api, body)
+                c = await Raw.open(api)
+                sock = c.w.get_extra_info("socket")
+                import socket
+                if sock is not None:
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                for i in range(0, len(raw), 256):
+                    await c.send(raw[i:i + 256])
+                status, headers, out = await c.response()
+                assert status == 201 and lean(headers) and json.loads(out)["amount"] == 703
+                assert parses == 1
+                c.close()
+            finally:
+                fasthttp.FastPaymentsProtocol._parse_head = real
+    run(main())

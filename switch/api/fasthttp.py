@@ -20,6 +20,13 @@ validation, flow, journal and metrics as the aiohttp route.
 
 Requests on one connection are answered in order (pipelining works); one
 is processed at a time, and reading pauses while a backlog waits.
+
+Slow senders are bounded in time and CPU: bytes are appended to one buffer
+(never re-copied per read), the head is looked for only in what is new and
+parsed once, and a request whose head and body have not all arrived within
+``request_timeout`` of its first byte is answered 408 and the connection
+closed (a drip of one byte a second cannot hold it; idle keep-alive
+connections close after ``KEEPALIVE_TIMEOUT``, on both paths).
 """
 from __future__ import annotations
 
@@ -47,7 +54,7 @@ _CTL = re.compile(rb"[\x00-\x08\x0b-\x0c\x0e-\x1f\x7f]")
 _HANDOFF_HEADERS = frozenset({"transfer-encoding", "expect", "upgrade"})
 MAX_HEAD = 8190  # aiohttp's default line/field limit: larger heads are its to refuse
 MAX_BACKLOG = 1 << 18  # bytes buffered behind a request in progress before reading pauses
-KEEPALIVE_TIMEOUT = 75.0  # aiohttp's default
+KEEPALIVE_TIMEOUT = 75.0  # idle keep-alive connections close after this (both paths)
 _REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
 
 
@@ -66,21 +73,35 @@ class _Date:
         return self._value
 
 
+class _Problem:
+    """A problem answer the protocol makes itself (render's reply shape)."""
+    __slots__ = ("status", "body", "content_type", "headers")
+
+    def __init__(self, status: int, body: bytes):
+        self.status, self.body = status, body
+        self.content_type = "application/problem+json"
+        self.headers = None
+
+
 class FastPaymentsProtocol(asyncio.Protocol):
-    __slots__ = ("_srv", "_transport", "_tls", "_buf", "_busy", "_eof", "_close", "_read_paused",
-                 "_write_paused", "last_active")
+    __slots__ = ("_srv", "_transport", "_tls", "_buf", "_scan", "_head", "_busy", "_eof", "_close",
+                 "_read_paused", "_write_paused", "last_active", "partial_since")
 
     def __init__(self, srv: ApiServer):
         self._srv = srv
         self._transport = None
         self._tls = False
-        self._buf = b""
+        self._buf = bytearray()
+        self._scan = 0  # where the search for the end of the head resumes
+        # the head of the request being received, once whole: (headers, body start, body end)
+        self._head: tuple[dict, int, int] | None = None
         self._busy = False
         self._eof = False  # the client has sent all it will send
         self._close = False  # close once the request in progress is answered
         self._read_paused = False
         self._write_paused = False
         self.last_active = 0.0
+        self.partial_since: float | None = None  # the first byte of a request not yet whole
 
     # -- asyncio.Protocol ---------------------------------------------------
 
@@ -93,10 +114,11 @@ class FastPaymentsProtocol(asyncio.Protocol):
     def connection_lost(self, exc) -> None:
         self._srv.connections.discard(self)
         self._eof = self._close = True
-        self._buf = b""
+        self._buf = bytearray()
+        self._head = None
 
     def data_received(self, data: bytes) -> None:
-        self._buf = self._buf + data if self._buf else data
+        self._buf += data
         if self._busy or self._write_paused:
             if len(self._buf) > MAX_BACKLOG and not self._read_paused:
                 self._read_paused = True
@@ -132,47 +154,72 @@ class FastPaymentsProtocol(asyncio.Protocol):
             if self._eof:
                 self._transport.close()
             return
-        end = buf.find(b"\r\n\r\n")
-        if end < 0:
-            # bare-LF line ends, an oversized head or a truncated one: aiohttp's to judge
-            if len(buf) > MAX_HEAD or self._eof or b"\n\n" in buf:
-                self._handoff()
-            return
-        head = buf[:end]
-        crlf = head.count(b"\r\n")
-        if not head.startswith(_REQUEST_LINE) or _CTL.search(head) is not None \
-                or head.count(b"\r") != crlf or head.count(b"\n") != crlf:
-            self._handoff()  # another request, or a stray CR, LF or control character
-            return
-        headers: dict[str, str] = {}
-        for line in head[len(_REQUEST_LINE):].split(b"\r\n"):
-            name, colon, value = line.partition(b":")
-            if not colon or not name or name.translate(None, _TOKEN_CHARS):
-                self._handoff()  # not "token: value"
+        if self._head is None:
+            if not self._parse_head():
+                if self in self._srv.connections:  # not handed to aiohttp: the head is not whole yet
+                    self._waiting()
                 return
-            name = name.decode("ascii").lower()
-            if name in headers or name in _HANDOFF_HEADERS:
-                self._handoff()  # repeated headers and special bodies: aiohttp's rules apply
-                return
-            headers[name] = value.strip(b" \t").decode("latin-1")
-        cl = headers.get("content-length")
-        if cl is None or not cl.isdigit() or not cl.isascii() or int(cl) > self._srv.max_body:
-            self._handoff()
-            return
-        start = end + 4
-        stop = start + int(cl)
+        headers, start, stop = self._head
         if len(buf) < stop:
             if self._eof:
                 self._handoff()  # a truncated body: aiohttp reports it
+            else:
+                self._waiting()
             return
-        body = buf[start:stop]
-        self._buf = buf[stop:]
+        body = bytes(buf[start:stop])
+        del buf[:stop]
+        self._head = None
+        self._scan = 0
+        self.partial_since = None
         conn = headers.get("connection")
         if conn is not None and "close" in [t.strip() for t in conn.lower().split(",")]:
             self._close = True
         self._busy = True
         self.last_active = self._srv.loop.time()
         self._srv.loop.create_task(self._serve(headers, body))
+
+    def _waiting(self) -> None:
+        """A request has begun but is not whole: its deadline runs from now (ApiServer._sweep)."""
+        if self.partial_since is None:
+            self.partial_since = self._srv.loop.time()
+
+    def _parse_head(self) -> bool:
+        """The head of the request at the start of the buffer, parsed once it is
+        whole (``_head``); False while it is not, or when the connection was
+        handed to aiohttp."""
+        buf = self._buf
+        end = buf.find(b"\r\n\r\n", self._scan)
+        if end < 0:
+            # bare-LF line ends, an oversized head or a truncated one: aiohttp's to judge
+            if len(buf) > MAX_HEAD or self._eof or buf.find(b"\n\n", max(0, self._scan - 1)) >= 0:
+                self._handoff()
+                return False
+            self._scan = max(0, len(buf) - 3)
+            return False
+        head = bytes(buf[:end])
+        crlf = head.count(b"\r\n")
+        if not head.startswith(_REQUEST_LINE) or _CTL.search(head) is not None \
+                or head.count(b"\r") != crlf or head.count(b"\n") != crlf:
+            self._handoff()  # another request, or a stray CR, LF or control character
+            return False
+        headers: dict[str, str] = {}
+        for line in head[len(_REQUEST_LINE):].split(b"\r\n"):
+            name, colon, value = line.partition(b":")
+            if not colon or not name or name.translate(None, _TOKEN_CHARS):
+                self._handoff()  # not "token: value"
+                return False
+            name = name.decode("ascii").lower()
+            if name in headers or name in _HANDOFF_HEADERS:
+                self._handoff()  # repeated headers and special bodies: aiohttp's rules apply
+                return False
+            headers[name] = value.strip(b" \t").decode("latin-1")
+        cl = headers.get("content-length")
+        if cl is None or not cl.isdigit() or not cl.isascii() or int(cl) > self._srv.max_body:
+            self._handoff()
+            return False
+        start = end + 4
+        self._head = (headers, start, start + int(cl))
+        return True
 
     async def _serve(self, headers: dict, body: bytes) -> None:
         try:
@@ -198,7 +245,9 @@ class FastPaymentsProtocol(asyncio.Protocol):
         self._srv.connections.discard(self)
         if transport.is_closing():
             return
-        buf, self._buf = self._buf, b""
+        buf, self._buf = bytes(self._buf), bytearray()
+        self._head = None
+        self.partial_since = None
         proto = self._srv.aiohttp_factory()
         transport.set_protocol(proto)
         proto.connection_made(transport)
@@ -218,6 +267,22 @@ class FastPaymentsProtocol(asyncio.Protocol):
 
     def idle_since(self) -> float | None:
         return None if self._busy else self.last_active
+
+    def request_timed_out(self) -> None:
+        """The request being received missed its deadline: 408, then close
+        (what is left of it on the wire cannot be told from the next one)."""
+        transport = self._transport
+        self._close = True
+        self._buf = bytearray()
+        self._head = None
+        self.partial_since = None
+        if transport is None or transport.is_closing():
+            return
+        body = orjson.dumps({"type": "urn:isoswitch:problem:request-timeout", "title": "Request timeout",
+                             "status": 408, "detail": f"the request did not arrive within "
+                                                      f"{self._srv.request_timeout:g} s"})
+        transport.write(self._srv.render(_Problem(408, body), True))
+        transport.close()
 
     def close_when_idle(self) -> None:
         self._close = True
@@ -269,8 +334,10 @@ class ApiServer:
     aiohttp application behind it. ``cleanup()`` stops it; ``addresses`` are
     the bound (host, port) pairs; ``app`` is the aiohttp application."""
 
-    def __init__(self, runner: web.AppRunner, serve_payment, state, max_body: int):
+    def __init__(self, runner: web.AppRunner, serve_payment, state, max_body: int,
+                 request_timeout: float = 30.0):
         self.runner = runner
+        self.request_timeout = float(request_timeout)
         self.app = runner.app
         self.serve_payment = serve_payment
         self.state = state
@@ -286,7 +353,10 @@ class ApiServer:
     async def start(self, host: str, port: int, ssl_context) -> None:
         self.server = await self.loop.create_server(lambda: FastPaymentsProtocol(self), host, port,
                                                     ssl=ssl_context, backlog=1024, reuse_address=True)
-        self._sweeper = self.loop.call_later(KEEPALIVE_TIMEOUT / 5, self._sweep)
+        self._sweeper = self.loop.call_later(self._sweep_every(), self._sweep)
+
+    def _sweep_every(self) -> float:
+        return min(KEEPALIVE_TIMEOUT, self.request_timeout) / 5
 
     @property
     def addresses(self) -> list:
@@ -306,13 +376,21 @@ class ApiServer:
         return b"".join(head)
 
     def _sweep(self) -> None:
-        """Close keep-alive connections idle for longer than aiohttp would keep them."""
-        limit = self.loop.time() - KEEPALIVE_TIMEOUT
+        """Close keep-alive connections idle for KEEPALIVE_TIMEOUT, and answer 408 to
+        requests still arriving request_timeout after their first byte."""
+        now = self.loop.time()
+        limit = now - KEEPALIVE_TIMEOUT
+        late = now - self.request_timeout
         for conn in list(self.connections):
-            since = conn.idle_since()
-            if since is not None and since < limit:
+            if conn.busy:
+                continue
+            partial = conn.partial_since
+            if partial is not None:
+                if partial < late:
+                    conn.request_timed_out()
+            elif conn.last_active < limit:
                 conn.close_when_idle()
-        self._sweeper = self.loop.call_later(KEEPALIVE_TIMEOUT / 5, self._sweep)
+        self._sweeper = self.loop.call_later(self._sweep_every(), self._sweep)
 
     async def cleanup(self, grace: float = 10.0) -> None:
         """Stop accepting, let payments in progress answer (up to ``grace`` s), close."""

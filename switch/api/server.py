@@ -327,8 +327,10 @@ class CardVault:
 
 class Problem(Exception):
     def __init__(self, status: int, title: str, detail: str, *, errors: list[dict] | None = None,
-                 slug: str | None = None, headers: dict | None = None, extra: dict | None = None):
+                 slug: str | None = None, headers: dict | None = None, extra: dict | None = None,
+                 close: bool = False):
         super().__init__(detail)
+        self.close = close  # the connection is closed after the answer (what is left of it cannot be trusted)
         self.status, self.title, self.detail = status, title, detail
         self.errors = errors
         self.slug = slug or title.lower().replace(" ", "-")
@@ -344,7 +346,10 @@ class Problem(Exception):
         return Reply(self.status, _dumps(body), PROBLEM_CT, self.headers)
 
     def response(self) -> web.Response:
-        return self.reply().response()
+        resp = self.reply().response()
+        if self.close:
+            resp.force_close()
+        return resp
 
 
 def invalid(errors: list[dict], detail: str | None = None) -> Problem:
@@ -394,6 +399,10 @@ class ApiSettings:
     cvv_field: str | None = None  # ISO field that carries the CVV2 to the acquirer, if any
     public_metrics: bool = True  # /metrics without an API key (Prometheus scrapers)
     max_body: int = 1 << 20  # BIN tables can be large; payments are tiny
+    # a request's head and body must arrive within this many seconds of its
+    # first byte (answered 408 and closed otherwise): slow senders cannot
+    # hold connections and buffers without end
+    request_timeout: float = 30.0
     listener_name: str = "api"
     # how long an Idempotency-Key is remembered (memory and journal): a retry
     # within it is answered as first; after it the key is new again
@@ -774,11 +783,19 @@ async def _read_body(request: web.Request, limit: int) -> bytes:
         return request[BODY]
     if request.content_length is not None and request.content_length > limit:
         raise Problem(413, "Payload too large", f"the body must be at most {limit} bytes", slug="too-large")
+    timeout = _state(request).settings.request_timeout
     try:
-        body = await request.read()
+        # a client that sends a head and then trickles its body (or stops)
+        # would hold the connection, its handler and a growing buffer for as
+        # long as it liked: the body has request_timeout to arrive
+        async with asyncio.timeout(timeout):
+            body = await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise Problem(413, "Payload too large", f"the body must be at most {limit} bytes",
                       slug="too-large") from None
+    except TimeoutError:
+        raise Problem(408, "Request timeout", f"the request body did not arrive within {timeout:g} s",
+                      slug="request-timeout", close=True) from None
     request[BODY] = body
     return body
 
@@ -1620,7 +1637,7 @@ async def start_api(switch, api_cfg=None, *, keys: ApiKeyStore, store: Transacti
     aiohttp (see ``switch.api.fasthttp``).
     """
     from switch import certs
-    from switch.api.fasthttp import ApiServer
+    from switch.api.fasthttp import KEEPALIVE_TIMEOUT, ApiServer
 
     api_cfg = api_cfg if api_cfg is not None else switch.config.api
     settings = settings or ApiSettings()
@@ -1657,10 +1674,12 @@ async def start_api(switch, api_cfg=None, *, keys: ApiKeyStore, store: Transacti
             watching.cancel()
             await asyncio.gather(watching, return_exceptions=True)
         app.on_cleanup.append(stop_watching)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    # aiohttp 3.14 keeps an idle connection (or one still sending its head)
+    # for an hour by default; the lean path's limit applies to both
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, keepalive_timeout=KEEPALIVE_TIMEOUT)
     await runner.setup()
     st: ApiState = app[API_STATE]
-    server = ApiServer(runner, serve_payment, st, st.settings.max_body)
+    server = ApiServer(runner, serve_payment, st, st.settings.max_body, st.settings.request_timeout)
     try:
         await server.start(api_cfg.host, api_cfg.port, ssl_context)
     except BaseException:
