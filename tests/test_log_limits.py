@@ -19,31 +19,15 @@ import time
 import pytest
 
 from core import framing, iso8583
-from switch.logs import JsonFormatter, RateLimitedLog
+from switch.logs import RateLimitedLog
 from switch.messages import TEST_PAN
 from switch.sim.terminal import make_purchase
+from tests.log_records import Records
 from tests.switch_harness import run, running_switch
 
 pytestmark = pytest.mark.timeout(120)
 
 LISTENER = {"tls": False, "framing": "binary4", "idle_timeout": 5.0, "max_frame": 8192}
-
-
-class Records(logging.Handler):
-    """Keeps every record that reaches it, and each as the switch's JSON log line."""
-
-    def __init__(self):
-        super().__init__(logging.DEBUG)
-        self.records: list[logging.LogRecord] = []
-        self.lines: list[str] = []
-        self.fmt = JsonFormatter()
-
-    def emit(self, record):
-        self.records.append(record)
-        self.lines.append(self.fmt.format(record))
-
-    def messages(self) -> list[str]:
-        return [r.getMessage() for r in self.records]
 
 
 def _capture(name: str, level=logging.DEBUG):

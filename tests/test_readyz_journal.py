@@ -24,9 +24,9 @@ import pytest
 
 from switch.journal import JournalError, PostgresJournal, SqliteJournal, TxnRecord
 from switch.keys import KeyRing
-from switch.logs import JsonFormatter
 from switch.messages import TEST_PAN
 from switch.sim.terminal import make_purchase
+from tests.log_records import Records
 from tests.pg import pg_dsn, pg_server  # noqa: F401  (pytest fixtures)
 from tests.switch_harness import run, terminal
 from tests.test_api import running_api
@@ -35,21 +35,6 @@ pytestmark = pytest.mark.timeout(120)
 
 FULL = "journal writes failing: database or disk is full"
 NO_LIMIT = 1073741823  # SQLite's default max_page_count
-
-
-class Records(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.DEBUG)
-        self.records: list[logging.LogRecord] = []
-        self.lines: list[str] = []
-        self.fmt = JsonFormatter()
-
-    def emit(self, record):
-        self.records.append(record)
-        self.lines.append(self.fmt.format(record))
-
-    def messages(self, name: str | None = None) -> list[str]:
-        return [r.getMessage() for r in self.records if name is None or r.name == name]
 
 
 def txn(stan: str) -> TxnRecord:
