@@ -131,7 +131,9 @@ class Switch:
                 hook_ssl = None if cfg.api.webhook_ca is None else certs.client_context(cfg.api.webhook_ca)
                 self.webhooks = await WebhookSender(cfg.switch.state_dir / "webhooks.sqlite",
                                                     cfg.api.webhook_url, secret, ssl=hook_ssl,
-                                                    metrics=self.metrics).start()
+                                                    metrics=self.metrics,
+                                                    retention_s=cfg.api.webhook_retention_days * 86400.0
+                                                    ).start()
             # API transactions and their (encrypted) cards survive a restart in the
             # journal; only the measuring-only "none" journal keeps them in memory
             store = (JournalTransactionStore(self.journal) if getattr(self.journal, "durable", True)

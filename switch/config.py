@@ -262,6 +262,7 @@ class ApiConfig:
     webhook_url: str = ""  # "" = no webhooks; else transaction outcomes are POSTed here
     webhook_secret_file: Path | None = None  # HMAC-SHA256 signing secret (>= 16 chars)
     webhook_ca: Path | None = None  # CA file the https receiver's certificate is checked against (None: system CAs)
+    webhook_retention_days: float = 7.0  # delivered events are deleted from the outbox after this
     idempotency_hours: float = 24.0  # how long an Idempotency-Key is remembered
     request_timeout: float = 30.0  # seconds a request's head and body have to arrive (else 408)
 
@@ -1059,6 +1060,7 @@ class _Builder:
         out = dict(enabled=t.bool("enabled", False), host=t.str("host", "127.0.0.1"),
                    port=t.port("port", 8443), tls=tls, cert=cert, key=key, client_ca=client_ca,
                    dev_pki=dev_pki, webhook_url=webhook_url, webhook_secret_file=secret_file, webhook_ca=webhook_ca,
+                   webhook_retention_days=t.number("webhook_retention_days", 7.0, ge=1),
                    idempotency_hours=t.number("idempotency_hours", 24.0, gt=0),
                    request_timeout=t.number("request_timeout", 30.0, gt=0))
         t.finish()

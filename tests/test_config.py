@@ -109,6 +109,7 @@ def test_defaults(tmp_path):
     assert cfg.simulators.embedded and [s.name for s in cfg.simulators.acquirers] == ["sim-a", "sim-b"]
     assert cfg.routing == config.RoutingConfig(None, ("sim-a", "sim-b"), ())
     assert not cfg.api.enabled and cfg.api.port == 8443 and cfg.api.idempotency_hours == 24.0
+    assert (cfg.api.request_timeout, cfg.api.webhook_retention_days) == (30.0, 7.0)
     assert cfg.metrics.enabled
     assert cfg.store_and_forward == config.StoreForwardConfig(50, 86_400.0, 0.5, 60.0, ("30", "91", "96", "904", "907", "909"))
 
@@ -306,6 +307,12 @@ BAD = [
     ("api-idempotency-window",
      '[api]\nidempotency_hours = 0\n',
      "api.idempotency_hours: must be a number > 0, got 0"),
+    ("api-webhook-retention",
+     '[api]\nwebhook_retention_days = 0.5\n',
+     "api.webhook_retention_days: must be a number >= 1, got 0.5"),
+    ("api-request-timeout",
+     '[api]\nrequest_timeout = 0\n',
+     "api.request_timeout: must be a number > 0, got 0"),
 ]
 
 

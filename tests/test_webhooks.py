@@ -238,3 +238,67 @@ def test_api_payment_emits_signed_webhook(tmp_path):
         assert TEST_PAN not in json.dumps(events)
 
     run(main(), timeout=60)
+
+
+def test_delivered_events_past_the_retention_are_pruned_and_nothing_owed_is(tmp_path):
+    """The outbox does not grow with every transaction ever made: delivered
+    events older than the retention (before both now and the newest event)
+    are deleted when the sender starts and hourly. Pending and dead events
+    stay whatever their age, and so does the newest event, from which
+    start-up recovery measures its window: after an idle spell longer than
+    the retention, the events in that window are all still there, so
+    recovery finds none missing and sends nothing twice."""
+    import sqlite3
+
+    day = 86400.0
+
+    async def main():
+        db = tmp_path / "webhooks.sqlite"
+        with pytest.raises(ValueError):
+            WebhookSender(db, "http://127.0.0.1:9/x", SECRET, retention_s=3600)
+        sender = await WebhookSender(db, "http://127.0.0.1:9/unreachable", SECRET, timeout=0.2,
+                                     backoff_min=600.0, poll_interval=0.05).start()
+        for i in range(12):
+            await sender.enqueue(f"txn_{i}", "purchase.approved", {"n": i}, record_id=f"rec_{i}")
+        await sender.stop()
+
+        now = time.time()
+        con = sqlite3.connect(db)
+        # seq order = age order: 0-7 delivered, 10 and 20 days old; 8 pending and
+        # 9 dead, 30 days old; 10-11 delivered, the newest ones, 9 days old (an
+        # outbox idle since then)
+        ages = {1: 20, 2: 20, 3: 20, 4: 20, 5: 10, 6: 10, 7: 10, 8: 10, 9: 30, 10: 30, 11: 9.0001, 12: 9}
+        states = {9: "pending", 10: "dead"}
+        for seq, age in ages.items():
+            con.execute("UPDATE outbox SET created = ?, state = ? WHERE seq = ?",
+                        (now - age * day, states.get(seq, "delivered"), seq))
+        con.execute("UPDATE outbox_meta SET v = ? WHERE k = 'created'", (repr(now - 31 * day),))
+        con.commit()
+        con.close()
+
+        sender = await WebhookSender(db, "http://127.0.0.1:9/unreachable", SECRET, timeout=0.2,
+                                     backoff_min=600.0, poll_interval=0.05, retention_s=7 * day).start()
+        try:
+            for _ in range(100):  # the sender prunes as it starts
+                if sender.counters["pruned"]:
+                    break
+                await asyncio.sleep(0.02)
+            assert await sender.prune() == 0  # nothing more to go
+            # cutoff = newest (9 days ago) - 7 days: 16 days ago. Delivered
+            # and older than that: seqs 1-4; 5-8 are 10 days old, within 7
+            # days of the newest
+            assert sender.counters["pruned"] == 4
+            left = sqlite3.connect(db)
+            rows = dict(left.execute("SELECT seq, state FROM outbox"))
+            left.close()
+            assert sorted(rows) == [5, 6, 7, 8, 9, 10, 11, 12]
+            assert rows[9] == "pending" and rows[10] == "dead" and rows[12] == "delivered"
+            # recovery's window still starts from the newest event, and every
+            # record in it has its event
+            since = await sender.recovery_since(185.0)
+            assert abs(since - (now - 9 * day - 185.0)) < 1.0
+            assert await sender.absent(["rec_10", "rec_11", "rec_3"]) == {"rec_3"}  # rec_3: seq 4, pruned
+        finally:
+            await sender.stop()
+
+    run(main(), timeout=30)

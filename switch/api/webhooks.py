@@ -4,7 +4,9 @@ Each event is written to the outbox (``<state_dir>/webhooks.sqlite``, WAL)
 before the API answers; a sender task delivers it with aiohttp and marks it
 delivered on any 2xx. Failures (non-2xx, timeouts, refused connections) are
 retried with exponential backoff and jitter; an event past ``max_attempts``
-is parked ("dead") and stays in the table for an operator. Delivery is at
+is parked ("dead") and stays in the table for an operator. Delivered events
+are deleted once ``retention_s`` old (default 7 days; hourly, in batches), so
+the outbox stays bounded by recent traffic. Delivery is at
 least once: a receiver dedupes by the event id (``X-Isoswitch-Event-Id`` and
 the body's ``id``).
 
@@ -91,6 +93,16 @@ _INSERT = ("INSERT OR IGNORE INTO outbox (event_id, txn_id, type, body, created,
            "VALUES (?, ?, ?, ?, ?, ?)")
 
 
+# Delivered events are kept this long (their bodies are what was sent, for an
+# operator to check), then deleted in batches hourly, so the outbox does not
+# grow with every transaction ever made. At least a day: far beyond start-up
+# recovery's window and any receiver's retry horizon.
+DEFAULT_RETENTION_S = 7 * 86400.0
+MIN_RETENTION_S = 86400.0
+PRUNE_EVERY_S = 3600.0
+PRUNE_BATCH = 5000
+
+
 def sign(secret: str | bytes, body: bytes, timestamp: int | None = None) -> str:
     """The signature header value for ``body`` at ``timestamp``."""
     ts = int(time.time()) if timestamp is None else int(timestamp)
@@ -142,11 +154,17 @@ class WebhookSender:
 
     def __init__(self, db_path: Path | str, url: str, secret: str, *, timeout: float = 5.0,
                  backoff_min: float = 1.0, backoff_max: float = 300.0, max_attempts: int = 25,
-                 concurrency: int = 16, poll_interval: float = 1.0, ssl=None, metrics=None):
+                 concurrency: int = 16, poll_interval: float = 1.0, ssl=None, metrics=None,
+                 retention_s: float = DEFAULT_RETENTION_S):
         if not url.startswith(("http://", "https://")):
             raise ValueError("webhook url must be http:// or https://")
         if len(secret) < 16:
             raise ValueError("webhook secret must be at least 16 characters")
+        if not retention_s >= MIN_RETENTION_S:
+            raise ValueError(f"webhook retention must be at least {MIN_RETENTION_S:g} s")
+        # delivered events older than this (before the newest event) are deleted
+        self.retention_s = float(retention_s)
+        self._next_prune = 0.0  # monotonic time of the next pruning pass
         self.db_path = Path(db_path)
         self.endpoint = Endpoint(url, secret)
         self.timeout = timeout
@@ -170,7 +188,7 @@ class WebhookSender:
         self.origin: str | None = None  # this outbox's id (outbox_meta), known once started
         self.created_at: float | None = None  # when this outbox (its origin) was made
         self.counters: dict[str, int] = {"queued": 0, "delivered": 0, "failed_attempts": 0, "dead": 0,
-                                         "recovered": 0}
+                                         "recovered": 0, "pruned": 0}
 
     # -- database (runs on the single db thread) ---------------------------
 
@@ -220,8 +238,8 @@ class WebhookSender:
         return n
 
     def _since(self, margin: float) -> float:
-        # the newest event by seq (its index, not a scan of an outbox that is
-        # never pruned): a crash that lost events came after it was written
+        # the newest event by seq (the primary key, no scan; pruning never
+        # deletes it): a crash that lost events came after it was written
         row = self._db.execute("SELECT created FROM outbox ORDER BY seq DESC LIMIT 1").fetchone()
         newest = None if row is None else row[0]
         return self.created_at if newest is None else max(newest - margin, self.created_at)
@@ -251,6 +269,38 @@ class WebhookSender:
         self._db.execute("UPDATE outbox SET state = ?, attempts = ?, next_at = ?, last_error = ?, "
                          "delivered_at = CASE WHEN ? = 'delivered' THEN ? ELSE delivered_at END "
                          "WHERE seq = ?", (state, attempts, next_at, error, state, time.time(), seq))
+
+    def _prune(self, now: float) -> int:
+        """Delete delivered events created ``retention_s`` before both now and the
+        newest event, a batch per transaction (the writer is never held long);
+        how many. Pending and dead events stay whatever their age (they are
+        still owed, or an operator's to look at), and so does the newest
+        event: start-up recovery measures its window from it, and everything
+        in that window is far younger than the retention."""
+        db = self._db
+        row = db.execute("SELECT seq, created FROM outbox ORDER BY seq DESC LIMIT 1").fetchone()
+        if row is None:
+            return 0
+        newest_seq, newest = row
+        cutoff = min(now, newest) - self.retention_s
+        total = 0
+        while True:
+            # oldest first by seq (the primary key): the rows to go are at its start
+            n = db.execute("DELETE FROM outbox WHERE seq IN (SELECT seq FROM outbox WHERE seq < ? AND "
+                           "state = 'delivered' AND created < ? ORDER BY seq LIMIT ?)",
+                           (newest_seq, cutoff, PRUNE_BATCH)).rowcount
+            total += n
+            if n < PRUNE_BATCH:
+                return total
+
+    async def prune(self) -> int:
+        """Delete delivered events past the retention now (also done hourly by the sender)."""
+        n = await self._run(self._prune, time.time())
+        self.counters["pruned"] += n
+        if n:
+            log.info("webhooks: %d delivered events older than %g days deleted from the outbox", n,
+                     self.retention_s / 86400)
+        return n
 
     def _count(self, state: str) -> int:
         return self._db.execute("SELECT COUNT(*) FROM outbox WHERE state = ?", (state,)).fetchone()[0]
@@ -367,6 +417,12 @@ class WebhookSender:
         tasks: set[asyncio.Task] = set()
         while not self._stopping:
             self._wake.clear()
+            if time.monotonic() >= self._next_prune:
+                self._next_prune = time.monotonic() + PRUNE_EVERY_S
+                try:
+                    await self.prune()
+                except Exception as exc:  # the outbox grows a while longer; delivery goes on
+                    log.error("webhooks: pruning the outbox failed (%s)", exc)
             try:
                 rows = await self._run(self._due, time.time(), self.concurrency,
                                        tuple(self._inflight))
