@@ -38,6 +38,7 @@ from typing import Callable
 from core import framing, iso8583
 from core.health import AcquirerHealth
 from switch.config import AcquirerConfig
+from switch.logs import RateLimitedLog
 from switch.messages import (
     ACTION_CODES_1993,
     is_response_to,
@@ -48,6 +49,15 @@ from switch.messages import (
 )
 
 log = logging.getLogger("isoswitch.acquirer")
+
+# Per-message warnings a host can make arrive without bound (undecodable,
+# late or unmatched responses, requests the switch does not take): counted
+# in ``counters`` (and the link-event metrics) every time, logged a few per
+# kind per minute per acquirer, then "suppressed K similar messages".
+_L_UNDECODABLE = "undecodable response"
+_L_LATE = "late response"
+_L_UNMATCHED = "unmatched response"
+_L_HOST_MTI = "host message not taken"
 
 # How many timed-out STANs a link remembers, to tell late responses from strays
 _LATE_MEMORY = 10_000
@@ -243,6 +253,7 @@ class AcquirerLink:
         self.draining = False
         self.port = cfg.port
         self.counters = collections.Counter()
+        self.log_limiter = RateLimitedLog(log)
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -552,8 +563,8 @@ class AcquirerLink:
             doc, _ = iso8583.decode(frame, self.wire_spec)
         except iso8583.DecodeError as e:
             self.counters["undecodable"] += 1
-            log.warning("acquirer %s: undecodable response (%s at field %s pos %d)",
-                        self.name, e.msg, e.field, e.pos)
+            self.log_limiter.warning(_L_UNDECODABLE, "acquirer %s: undecodable response (%s at field %s pos %d)",
+                                     self.name, e.msg, e.field, e.pos)
             return
         if self.header:
             # the host's envelope, whatever it says: not part of the message
@@ -574,14 +585,14 @@ class AcquirerLink:
                 self.counters["late_network"] += 1
             elif late_mti is not None:
                 self.counters["late"] += 1
-                log.warning("acquirer %s: late response for link STAN %s (rc %s, pan %s)",
-                            self.name, stan, doc.get("39"), mask_pan(doc.get("2")))
+                self.log_limiter.warning(_L_LATE, "acquirer %s: late response for link STAN %s (rc %s, pan %s)",
+                                         self.name, stan, doc.get("39"), mask_pan(doc.get("2")))
                 if self.on_late is not None:
                     self.on_late(self.name, doc)
             else:
                 self.counters["unmatched"] += 1
-                log.warning("acquirer %s: unmatched response MTI %s STAN %s",
-                            self.name, doc.get("t"), stan)
+                self.log_limiter.warning(_L_UNMATCHED, "acquirer %s: unmatched response MTI %s STAN %s",
+                                         self.name, doc.get("t"), stan)
             return
         del self.pending[stan]
         if self._slot_waiters:
@@ -632,8 +643,8 @@ class AcquirerLink:
                 rc = "00" if code in HOST_NETWORK_OK else "12"
         else:
             rc = "12"
-            log.warning("acquirer %s: host sent MTI %s, which the switch does not take; answered 12",
-                        self.name, mti)
+            self.log_limiter.warning(_L_HOST_MTI, "acquirer %s: host sent MTI %s, which the switch does not take; answered 12",
+                                     self.name, mti)
         resp = switch_response(doc, rc)
         if code is not None:
             resp["24" if self.v1993 else "70"] = code
@@ -641,8 +652,8 @@ class AcquirerLink:
             raw, _ = iso8583.encode(resp, self.spec)
         except iso8583.EncodeError as e:
             self.counters["encode_errors"] += 1
-            log.warning("acquirer %s: cannot answer the host's MTI %s (%s, field %s)",
-                        self.name, mti, e.msg, e.field)
+            self.log_limiter.warning(_L_HOST_MTI, "acquirer %s: cannot answer the host's MTI %s (%s, field %s)",
+                                     self.name, mti, e.msg, e.field)
             return
         if conn.write(raw):
             self.counters["host_answers"] += 1

@@ -61,6 +61,11 @@ log = logging.getLogger("isoswitch.flow")
 _L_JOURNAL = "journal write failed"
 _L_TIMEOUT_MARK = "timeout not journaled"
 _L_FLOW = "flow failed"
+# One per transaction while an acquirer times out or misbehaves: counted in
+# ``counters`` every time, logged at the same bounded rate
+_L_UNKNOWN = "outcome unknown, reversal queued"
+_L_NOT_ENCODABLE = "answer not encodable for the terminal"
+_L_ORIGINAL_UNKNOWN = "terminal reversal names no journaled request"
 
 # Fields a financial request must carry for the switch to route and answer it
 REQUIRED = {
@@ -361,8 +366,9 @@ class TransactionFlow:
             iso8583.encode({k: v for k, v in resp.items() if k in spec}, spec)
         except iso8583.EncodeError as e:
             self.counters["answer_not_encodable"] += 1
-            log.warning("answer from %s cannot be encoded for listener %s (%s, field %s): 96, reversal queued",
-                        acquirer, ctx.listener, e.msg, e.field)
+            self.log_limiter.warning(_L_NOT_ENCODABLE,
+                                     "answer from %s cannot be encoded for listener %s (%s, field %s): 96, reversal queued",
+                                     acquirer, ctx.listener, e.msg, e.field)
             await self.reversals.enqueue_or_hold(acquirer, sent, "answer cannot be encoded for the terminal",
                                                  txn_id)
             return switch_response(req, RC_SYSTEM_ERROR), None
@@ -524,8 +530,8 @@ class TransactionFlow:
                     self.counters["journal_errors"] += 1
                     self.log_limiter.error(_L_TIMEOUT_MARK, "txn %s: timeout not journaled (%s)", txn_id, exc)
                 await self.reversals.enqueue_or_hold(name, e.sent_doc, e.reason, txn_id)
-                log.warning("outcome unknown at %s (%s) for pan %s: reversal queued",
-                            name, e.reason, mask_pan(pan_of(req)))
+                self.log_limiter.warning(_L_UNKNOWN, "outcome unknown at %s (%s) for pan %s: reversal queued",
+                                         name, e.reason, mask_pan(pan_of(req)))
                 return txn_id, switch_response(req, RC_INOPERATIVE), name, None
             except BaseException:
                 # Nothing was sent, and not for the acquirer's sake (a
@@ -547,8 +553,9 @@ class TransactionFlow:
                 txn_id = journaled[0]
                 await self.reversals.enqueue_or_hold(name, reply.sent_doc, "answer without a response code",
                                                      txn_id)
-                log.warning("answer from %s without a response code (MTI %s) for pan %s: reversal queued",
-                            name, reply.doc.get("t"), mask_pan(pan_of(req)))
+                self.log_limiter.warning(_L_UNKNOWN,
+                                         "answer from %s without a response code (MTI %s) for pan %s: reversal queued",
+                                         name, reply.doc.get("t"), mask_pan(pan_of(req)))
                 return txn_id, switch_response(req, RC_SYSTEM_ERROR), name, None
             if rc in link.try_elsewhere:
                 link.health.record_failure("try_elsewhere", time.monotonic())
@@ -754,8 +761,9 @@ class TransactionFlow:
         resp["t"] = response_mti(req["t"])
         if original is None:
             self.counters["reversal_original_unknown"] += 1
-            log.warning("terminal reversal (MTI %s) names no request this switch journaled for the "
-                        "terminal: answered 25, nothing sent", req["t"])
+            self.log_limiter.warning(_L_ORIGINAL_UNKNOWN,
+                                     "terminal reversal (MTI %s) names no request this switch journaled for the "
+                                     "terminal: answered 25, nothing sent", req["t"])
             return switch_response(req, "25") | {"t": resp["t"]}, ""
         if original.get("reversal_queued") and is_advice_mti(original.get("mti")):
             # (its queued advice set the mark: it says nothing of a reversal)

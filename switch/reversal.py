@@ -29,9 +29,17 @@ import time
 
 from switch.config import DEFAULT_SF_RETRY_CODES
 from switch.journal import SF_CANCELLED
+from switch.logs import RateLimitedLog
 from switch.messages import transmission_time
 
 log = logging.getLogger("isoswitch.reversal")
+
+# One line per reversal queued or held is one line per transaction while an
+# acquirer is down or the journal refuses writes: every one is counted (and
+# the queue is in the journal), but logged a few per kind per minute, then
+# "suppressed K similar messages" (RateLimitedLog).
+_L_QUEUED = "store-and-forward entry queued"
+_L_HELD = "reversal held in memory"
 
 # Fields a reversal carries from the original request (the rest is not needed
 # to locate the original at the acquirer, and card data is kept to a minimum).
@@ -187,6 +195,7 @@ class ReversalQueue:
             [socket.gethostname(), str(os.getpid()), *([boot] if boot else []), f"{id(self):x}"])
         self.links: dict = {}
         self.counters = collections.Counter()
+        self.log_limiter = RateLimitedLog(log)
         self._wake: dict[str, asyncio.Event] = {}
         self._tasks: dict[str, asyncio.Task] = {}
         self._depth: dict[str, int] = {}
@@ -248,7 +257,7 @@ class ReversalQueue:
             return entry_id
         self.counters["advices_queued" if advice else "queued"] += 1
         self._depth[acquirer] = self._depth.get(acquirer, 0) + 1
-        log.warning("%s %d queued for %s (%s)", kind, entry_id, acquirer, reason)
+        self.log_limiter.warning(_L_QUEUED, "%s %d queued for %s (%s)", kind, entry_id, acquirer, reason)
         self._ensure_worker(acquirer)
         self._wake[acquirer].set()
         return entry_id
@@ -266,8 +275,9 @@ class ReversalQueue:
             payload = advice_payload(original) if kind == "advice" else reversal_payload(original)
             self._held.append((acquirer, payload, reason, txn_id, kind, wire))
             self.counters["held"] += 1
-            log.critical("reversal for %s (%s) not journaled (%s); held in memory (%d held), retried every second",
-                         acquirer, reason, exc, len(self._held))
+            self.log_limiter.critical(_L_HELD, "reversal for %s (%s) not journaled (%s); held in memory (%d held), "
+                                      "retried every second",
+                                      acquirer, reason, exc, len(self._held))
             if self._held_task is None or self._held_task.done():
                 self._held_task = asyncio.get_running_loop().create_task(self._offer_held(), name="reversals-held")
 

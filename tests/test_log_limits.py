@@ -237,3 +237,36 @@ def test_listener_logs_a_bounded_number_of_lines_for_thousands_of_garbage_frames
             json.loads(line)
 
     run(go())
+
+
+def test_a_host_flooding_unmatched_and_undecodable_responses_is_counted_and_logged_boundedly():
+    """An acquirer that answers what nobody asked (or sends garbage) at line
+    rate: every frame counted in the link's counters, a few lines per kind."""
+    from switch.acquirer import AcquirerLink
+    from switch.config import AcquirerConfig
+
+    async def go():
+        _, h, undo = _capture("isoswitch.acquirer", logging.INFO)
+        try:
+            link = AcquirerLink(AcquirerConfig(name="acq-flood", host="127.0.0.1", port=1))
+            spec = iso8583.load_dialect("default")
+            for i in range(1, 501):
+                doc = {"t": "0210", "3": "000000", "4": "000000001000", "11": f"{i:06d}",
+                       "39": "00", "41": "TERM0001"}
+                link._on_frame(iso8583.encode(doc, spec)[0], None)
+                link._on_frame(b"\x02\x10garbage" + bytes([i % 256]), None)
+            assert link.counters["unmatched"] == 500
+            assert link.counters["undecodable"] == 500
+            lim = link.log_limiter
+            assert lim.suppressed_total == 2 * (500 - lim.burst)
+            lim.flush()
+        finally:
+            undo()
+        msgs = h.messages("isoswitch.acquirer")
+        for kind in ("unmatched response", "undecodable response"):
+            logged = [m for m in msgs if kind in m and ": suppressed " not in m]
+            summaries = [r for r in h.records if r.getMessage().startswith(f"{kind}: suppressed ")]
+            assert len(logged) == lim.burst, kind
+            assert sum(r.suppressed for r in summaries) == 500 - lim.burst, kind
+
+    run(go())
