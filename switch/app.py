@@ -24,6 +24,7 @@ from switch.reversal import ReversalQueue
 from switch.router import Router
 
 log = logging.getLogger("isoswitch")
+_L_LATE_JOURNAL = "late response not journaled"
 
 
 class Switch:
@@ -151,10 +152,20 @@ class Switch:
         # DESIGN.md #5: a late response is counted and never reaches the
         # terminal; the reversal queued at the timeout still goes out.
         self.late_responses += 1
-        task = asyncio.get_running_loop().create_task(
-            self.journal.record_late_response(acquirer, doc.get("11", ""), doc.get("39"), doc.get("t")))
+        task = asyncio.get_running_loop().create_task(self._journal_late(acquirer, doc))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+    async def _journal_late(self, acquirer: str, doc: dict) -> None:
+        """Journal a late response. One the journal refuses is counted in the
+        flow's counters (``late_journal_errors``, in the
+        ``isoswitch_flow_events`` metric) and logged at a bounded rate: it was
+        an unretrieved task exception before, logged whole or not at all."""
+        try:
+            await self.journal.record_late_response(acquirer, doc.get("11", ""), doc.get("39"), doc.get("t"))
+        except Exception as exc:
+            self.flow.counters["late_journal_errors"] += 1
+            self.flow.log_limiter.error(_L_LATE_JOURNAL, "late response from %s not journaled (%s)", acquirer, exc)
 
     async def wait_links_up(self, timeout: float = 5.0) -> bool:
         deadline = time.monotonic() + timeout

@@ -342,6 +342,29 @@ def test_a_late_answer_must_answer_what_went_out_under_its_number(tmp_path):
     run(go())
 
 
+def test_a_late_answer_the_journal_refuses_is_counted_and_the_switch_goes_on(tmp_path):
+    """The journal write of a late response fails (disk full, writer down):
+    counted in the flow's counters and logged, never an unretrieved task
+    exception; the timed-out request's reversal still goes out."""
+    async def go():
+        async with running_switch(tmp_path, {"acq-a": {}}, acquirer_opts={"acq-a": {"timeout": 0.2}}) as sw:
+            a = sw.sims["acq-a"]
+
+            async def refuse(*args, **kw):
+                raise OSError(28, "No space left on device")
+            sw.journal.record_late_response = refuse
+            a.fault = Fault(delay_ms=500)
+            async with terminal(sw, tmp_path) as t:
+                assert (await t.request(make_purchase(1000, stan=7), timeout=5))["39"] == "91"
+                assert await wait_until(lambda: sw.flow.counters["late_journal_errors"] >= 1)
+            # every late response's write failed and was counted (a reversal's late answer too)
+            assert await wait_until(lambda: sw.flow.counters["late_journal_errors"] == sw.late_responses)
+            a.fault = Fault()
+            assert await wait_until(lambda: any(m["t"] in ("0400", "0401") for m in a.received), 10)
+
+    run(go())
+
+
 def test_empty_default_acquirers_means_no_route(tmp_path):
     """switch/isoswitch.example.toml: ``default_acquirers = []`` means "no
     route" (92) for a request no rule matches -- not "every acquirer"."""
