@@ -400,3 +400,48 @@ def test_two_switches_on_one_postgres_journal_each_recover_only_their_own(tmp_pa
             assert not recv.events["b"] and recv.bad == 0
 
     run(go(), timeout=150)
+
+
+def test_events_the_outbox_refuses_while_running_are_queued_from_the_journal_without_a_restart(tmp_path):
+    """The outbox (its own database) refuses writes for a while -- a full disk,
+    a lock -- while payments are approved and journaled: their clients get
+    201, and each event is queued from the journal once the outbox takes
+    writes again, by the running switch, exactly once each; the receiver
+    verifies every signature."""
+    sims = {"acq-a": {"approve_below": 100_000}}
+
+    async def go():
+        auth = _payments_auth(tmp_path)
+        recv = Receiver()
+        async with recv.running():
+            async with running_switch(tmp_path, sims, routing=recv.api_block(tmp_path)) as sw:
+                hooks = sw.webhooks
+                down = {"on": True, "refused": 0}
+                enqueue, enqueue_recovered = hooks.enqueue, hooks.enqueue_recovered
+
+                async def refusing(real, *a, **k):
+                    if down["on"]:
+                        down["refused"] += 1
+                        raise sqlite3.OperationalError("database or disk is full")
+                    return await real(*a, **k)
+                hooks.enqueue = lambda *a, **k: refusing(enqueue, *a, **k)
+                hooks.enqueue_recovered = lambda *a, **k: refusing(enqueue_recovered, *a, **k)
+                s, base = _session(sw, tmp_path)
+                async with s:
+                    refused = [await _post(s, base, auth, "/v1/payments", _purchase(100 + i), f"down{i}")
+                               for i in range(3)]
+                    assert all(p["approved"] for p in refused)
+                    await asyncio.sleep(1.5)  # the first requeue run is refused too: it backs off
+                    assert down["refused"] >= 4 and not recv.events
+                    down["on"] = False
+                    after = await _post(s, base, auth, "/v1/payments", _purchase(500), "up")
+                    assert await wait_until(lambda: len(recv.by_record()) == 4, 15)
+                    assert await hooks.wait_idle(10)
+                    await asyncio.sleep(0.3)
+                got = recv.by_record()
+        assert set(got) == {p["id"] for p in refused} | {after["id"]}
+        assert all(len(evs) == 1 for evs in got.values())
+        assert {e["type"] for evs in got.values() for e in evs} == {"purchase.approved"}
+        assert recv.bad == 0
+
+    run(go(), timeout=90)

@@ -39,11 +39,13 @@ import orjson
 from aiohttp import web
 
 from switch.api.auth import ApiKey, ApiKeyStore, IdempotencyCache, IdempotencyConflict, SeenKeys
+from switch.logs import RateLimitedLog
 from switch.messages import APPROVED_CODES, RC_SYSTEM_ERROR, luhn_ok, mask_pan, switch_response
 from switch.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from switch.metrics import Metrics
 
 log = logging.getLogger("isoswitch.api")
+_L_EVENT_NOT_QUEUED = "webhook event not queued"
 
 HERE = Path(__file__).resolve().parent
 OPENAPI_PATH = HERE / "openapi.json"
@@ -431,6 +433,13 @@ class ApiState:
         self.started = time.time()
         self.openapi = OPENAPI_PATH.read_bytes()
         self.dashboard = DASHBOARD_PATH.read_bytes()
+        # webhook events the outbox refused while running (_emit): the time of
+        # the first, a count that tells a new refusal, and the task that
+        # queues them again from the journal (_requeue_lost_events)
+        self.lost_events_since: float | None = None
+        self.lost_events = 0
+        self.requeue_task: asyncio.Task | None = None
+        self.log_limiter = RateLimitedLog(log)
 
     def next_stan(self) -> str:
         return f"{next(self._stan) % 999_999 + 1:06d}"
@@ -1076,8 +1085,44 @@ async def _emit(st: ApiState, rec: dict) -> None:
     txn_id, event, data = _webhook_event(rec)
     try:
         await st.webhooks.enqueue(txn_id, event, data, record_id=rec["id"])
-    except Exception:
-        log.exception("webhook event %s for %s not queued", event, rec["id"])
+    except Exception as exc:
+        # The record and its outcome are journaled; the outbox (a second
+        # database) refused the event. It is queued again from the journal
+        # once the outbox takes writes, not only at the next start.
+        if st.lost_events_since is None:
+            st.lost_events_since = time.time()
+        st.lost_events += 1
+        st.log_limiter.error(_L_EVENT_NOT_QUEUED, "webhook event %s for %s not queued (%s); queued from the "
+                             "journal once the outbox takes writes", event, rec["id"], exc,
+                             exc_info=exc, traceback_first=True)
+        if st.requeue_task is None or st.requeue_task.done():
+            st.requeue_task = asyncio.get_running_loop().create_task(_requeue_lost_events(st),
+                                                                     name="webhooks-requeue")
+
+
+async def _requeue_lost_events(st: ApiState, first_delay: float = 1.0, max_delay: float = 30.0) -> None:
+    """Queue the events the outbox refused while running (``_emit``), from the
+    journal's records as start-up recovery does (``recover_webhooks``), from
+    a little before the first refusal: after one second, then with backoff
+    while the outbox still refuses, until a run finds no refusal newer than
+    its own start. (An event queued this way can arrive after a later one
+    of the same payment: it was refused when its turn came.)"""
+    delay = first_delay
+    while st.lost_events_since is not None:
+        await asyncio.sleep(delay)
+        seen, since = st.lost_events, st.lost_events_since
+        try:
+            await recover_webhooks(st.store, st.webhooks, st.settings, since=since, cause="the outbox refused")
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            st.log_limiter.error(_L_EVENT_NOT_QUEUED, "webhooks: events the outbox refused not queued yet (%s); "
+                                 "trying again in %g s", exc, min(delay * 2, max_delay))
+            delay = min(delay * 2, max_delay)
+            continue
+        if st.lost_events == seen:
+            st.lost_events_since = None
+        delay = first_delay
 
 
 # ---------------------------------------------------------------------------
@@ -1674,6 +1719,12 @@ async def start_api(switch, api_cfg=None, *, keys: ApiKeyStore, store: Transacti
             watching.cancel()
             await asyncio.gather(watching, return_exceptions=True)
         app.on_cleanup.append(stop_watching)
+    async def stop_requeue(app_) -> None:
+        task = app_[API_STATE].requeue_task
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    app.on_cleanup.append(stop_requeue)
     # aiohttp 3.14 keeps an idle connection (or one still sending its head)
     # for an hour by default; the lean path's limit applies to both
     runner = web.AppRunner(app, access_log=None, handle_signals=False, keepalive_timeout=KEEPALIVE_TIMEOUT)
@@ -1698,7 +1749,8 @@ WEBHOOK_RECOVERY_SLACK = 60.0
 WEBHOOK_RECOVERY_PAGE = 1000
 
 
-async def recover_webhooks(store, webhooks, settings: ApiSettings) -> int:
+async def recover_webhooks(store, webhooks, settings: ApiSettings, *, since: float | None = None,
+                           cause: str = "a crash lost") -> int:
     """Queue the webhook event of every API record that has none (start-up,
     before the API serves): the record and its outcome are journaled, then
     the event is written to the outbox, a second database, and a crash
@@ -1712,13 +1764,17 @@ async def recover_webhooks(store, webhooks, settings: ApiSettings) -> int:
     traffic, not by the journal's size. Each record's event is queued once
     (the outbox's unique record id: a second run, or a second process on
     the same outbox, adds nothing), in the records' order, so a payment's
-    event goes before its follow-ups'. Returns how many were queued."""
+    event goes before its follow-ups'. Returns how many were queued.
+
+    ``since`` (epoch seconds): look from a request's whole life and
+    ``WEBHOOK_RECOVERY_SLACK`` before it instead (events the outbox refused
+    while running, ``_requeue_lost_events``); ``cause`` is for the log line."""
     scan = getattr(store, "scan", None)
     origin = getattr(webhooks, "origin", None)
     if scan is None or origin is None:  # an in-memory store: nothing outlives a crash
         return 0
     margin = 2 * settings.timeout + 5.0 + WEBHOOK_RECOVERY_SLACK
-    since = await webhooks.recovery_since(margin)
+    since = await webhooks.recovery_since(margin) if since is None else since - margin
     lost: list[tuple[str, str, str, dict]] = []
     after, scanned = None, 0
     while True:
@@ -1736,8 +1792,8 @@ async def recover_webhooks(store, webhooks, settings: ApiSettings) -> int:
             break
     n = await webhooks.enqueue_recovered(lost)
     if n:
-        log.warning("webhooks: %d %s whose event a crash lost queued (records since %s looked at: %d)",
-                    n, "transaction" if n == 1 else "transactions", _iso_time(since), scanned)
+        log.warning("webhooks: %d %s whose event %s queued (records since %s looked at: %d)",
+                    n, "transaction" if n == 1 else "transactions", cause, _iso_time(since), scanned)
     return n
 
 
