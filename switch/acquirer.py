@@ -426,7 +426,7 @@ class AcquirerLink:
         been answered by then.
         `draining_ok`: reversals of earlier traffic still go to a drained link.
         `stan`: the trace number to send under (a repeat carries its first
-        attempt's), unless another message on this link holds it right now.
+        attempt's); NotSent while another message on this link holds it.
         """
         if self.draining and not draining_ok:
             raise NotSent(self.name, "draining")
@@ -464,8 +464,16 @@ class AcquirerLink:
 
     async def _send_on(self, conn: _LinkProtocol, doc: dict, timeout: float,
                        before_write=None, stan: str | None = None) -> AcquirerReply:
-        if stan is None or stan in self.pending or stan in self._reserved or not _is_stan(stan):
+        if stan is None or not _is_stan(stan):
             stan = self._next_stan()
+        elif stan in self.pending or stan in self._reserved:
+            # A repeat goes under its first attempt's number or not at all:
+            # under another, the host could not tell it a repeat, and its
+            # answer would match nothing journaled. Another message holds the
+            # number for at most its timeout; the queue tries again after it.
+            self.counters["stan_busy"] += 1
+            self._release_slot()
+            raise NotSent(self.name, f"trace number {stan} in use on the link")
         else:
             # a late answer to the earlier attempt under this number now
             # answers this one: both are the same reversal or advice

@@ -5,7 +5,7 @@ import time
 import pytest
 
 from switch import certs
-from switch.acquirer import OutcomeUnknown
+from switch.acquirer import NotSent, OutcomeUnknown
 from switch.sim.acquirer import Fault
 from switch.sim.terminal import make_purchase
 from tests.switch_harness import run, running_switch, terminal
@@ -55,8 +55,10 @@ def test_late_response_is_counted_never_sent_and_reversal_still_goes_out(tmp_pat
 def test_a_link_sends_under_the_trace_number_asked_for_unless_it_is_in_use(tmp_path):
     """``request(stan=...)`` (a repeat carries its first attempt's DE11): the
     number is used, also after it timed out (its late answer then answers the
-    repeat); while another request on the link holds it, a fresh one is used
-    so answers cannot be crossed."""
+    repeat); while another request on the link holds it, NotSent (the queue
+    backs off and tries again) -- never sent under a new number the journal
+    does not know, which the host could not tell a repeat by and whose late
+    answer would match nothing -- so answers cannot be crossed either."""
     async def go():
         async with running_switch(tmp_path, {"acq-a": {}}) as sw:
             link, a = sw.links["acq-a"], sw.sims["acq-a"]
@@ -68,14 +70,21 @@ def test_a_link_sends_under_the_trace_number_asked_for_unless_it_is_in_use(tmp_p
                 await link.request(make_purchase(1000, stan=2), 0.1, stan="004712")
             r = await link.request(make_purchase(1000, stan=3), 5.0, stan="004712")
             assert r.stan == "004712" and r.doc["39"] == "00"
-            # held by a request in flight: the second gets a number of its own
+            # held by a request in flight: the second is not sent, under it or another
             a.fault = Fault(delay_ms=300)
             first = asyncio.create_task(link.request(make_purchase(1000, stan=4), 5.0, stan="004713"))
             while "004713" not in link.pending:
                 await asyncio.sleep(0.005)
-            second = await link.request(make_purchase(1000, stan=5), 5.0, stan="004713")
-            assert second.stan != "004713" and (await first).stan == "004713"
-            assert {second.doc["11"], (await first).doc["11"]} == {second.stan, "004713"}
+            sent = len(a.received)
+            repeat = make_purchase(2000, stan=5) | {"t": "0401"}
+            with pytest.raises(NotSent, match="in use"):
+                await link.request(dict(repeat), 5.0, stan="004713")
+            assert link.counters["stan_busy"] == 1 and len(a.received) == sent
+            assert (await first).stan == "004713" and (await first).doc["11"] == "004713"
+            # free again: the repeat goes under it
+            a.fault = Fault()
+            r = await link.request(dict(repeat), 5.0, stan="004713")
+            assert r.stan == "004713" and a.received[-1]["11"] == "004713" and a.received[-1]["t"] == "0401"
             # nonsense is never put on the wire
             r = await link.request(make_purchase(1000, stan=6), 5.0, stan="00000X")
             assert r.stan != "00000X" and r.stan.isdigit()
@@ -312,3 +321,4 @@ def test_a_link_that_connects_to_itself_drops_it_and_frees_the_port():
         socket.create_server(("127.0.0.1", port)).close()
 
     run(go())
+
