@@ -245,6 +245,9 @@ class AcquirerLink:
         self._reserved: set[str] = set()  # STANs assigned, awaiting their journal write
         # timed-out or lost STAN -> the MTI of the request that went out under it
         self._late: collections.OrderedDict[str, str] = collections.OrderedDict()
+        # trace numbers this link assigns: all of them, or this process's
+        # block when several share a PostgreSQL journal (set_stan_range)
+        self._stan_lo, self._stan_hi = 1, 999_999
         self._stan = random.randrange(1, 999_999)
         self._conns: list[_LinkProtocol | None] = [None] * max(1, cfg.connections)
         self._rr = 0
@@ -391,11 +394,23 @@ class AcquirerLink:
 
     # -- requests ------------------------------------------------------------
 
+    def set_stan_range(self, lo: int, hi: int) -> None:
+        """Assign trace numbers from ``lo``..``hi`` only (from a random point in
+        it): the block this process holds among those sharing a PostgreSQL
+        journal, so that two processes linked to one acquirer never send the
+        same DE11 at once (its duplicate check would refuse one of them).
+        A repeat still goes under the number its first attempt had."""
+        if not 1 <= lo <= hi <= 999_999:
+            raise ValueError(f"trace number range {lo}..{hi} is not within 1..999999")
+        self._stan_lo, self._stan_hi = int(lo), int(hi)
+        self._stan = random.randrange(lo, hi + 1)
+
     def _next_stan(self) -> str:
         s = self._stan
+        lo, hi = self._stan_lo, self._stan_hi
         pending, late = self.pending, self._late
-        for _ in range(999_999):
-            s = s % 999_999 + 1
+        for _ in range(hi - lo + 1):
+            s = s + 1 if s < hi else lo
             key = f"{s:06d}"
             if key not in pending and key not in late and key not in self._reserved:
                 self._stan = s

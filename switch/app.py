@@ -17,7 +17,7 @@ from switch import certs
 from switch.acquirer import AcquirerLink
 from switch.config import Config
 from switch.flow import TransactionFlow
-from switch.journal import make_journal
+from switch.journal import make_journal, stan_block_range
 from switch.keys import ensure_keys
 from switch.listener import TerminalListener
 from switch.reversal import ReversalQueue
@@ -46,6 +46,7 @@ class Switch:
         self._stopped = asyncio.Event()
         self._background: set[asyncio.Task] = set()
         self._peer_recovery: asyncio.Task | None = None
+        self.stan_block: int | None = None  # the trace-number block held on a shared journal
 
     async def start(self) -> "Switch":
         cfg = self.config
@@ -90,6 +91,7 @@ class Switch:
             self.links[a.name] = link
             healths[a.name] = link.health
         self.reversals.bind(self.links)
+        await self._take_stan_block()
         self.router = Router(cfg.routing, healths)
         self.flow = TransactionFlow(self.router, self.links, self.reversals, self.journal)
         # DESIGN.md #7: whatever was forwarded without a journaled outcome
@@ -147,6 +149,26 @@ class Switch:
         # keep them out of every later collection.
         gc.freeze()
         return self
+
+    async def _take_stan_block(self) -> None:
+        """Several switch processes on one PostgreSQL journal, each linked to
+        the same acquirers: each assigns trace numbers (DE11) from a block of
+        its own, so no two send the same number at once (a host's duplicate
+        check, on DE11 and DE7, would refuse one of them as a repeat)."""
+        blocks = self.config.journal.stan_blocks
+        if self.config.journal.backend != "postgres" or blocks < 2 or not self.links:
+            return
+        block = await self.journal.claim_stan_block(blocks)
+        if block is None:
+            log.warning("trace numbers: all %d blocks are held by live switch processes on this journal; this "
+                        "one assigns from the whole range, so two processes may send the same DE11 to an "
+                        "acquirer at once (raise [journal] stan_blocks)", blocks)
+            return
+        lo, hi = stan_block_range(block, blocks)
+        for link in self.links.values():
+            link.set_stan_range(lo, hi)
+        self.stan_block = block
+        log.info("trace numbers: block %d of %d (%06d-%06d) on every acquirer link", block, blocks, lo, hi)
 
     def _on_late(self, acquirer: str, doc: dict) -> None:
         # DESIGN.md #5: a late response is counted and never reaches the

@@ -127,6 +127,9 @@ class JournalConfig:
     # seconds without a heartbeat before a switch process counts as dead (its
     # unknown outcomes are then reversed by whichever process finds them)
     stale_after_seconds: float = 30.0
+    # PostgreSQL: the trace numbers (DE11) are split into this many blocks and
+    # each process sharing the journal assigns from its own (1: no split)
+    stan_blocks: int = 16
 
 
 @dataclass(frozen=True)
@@ -736,6 +739,9 @@ class _Builder:
         # 0.5 s: below 1.5 s a live process is found dead between heartbeats
         # (and its requests in flight reversed by its peers)
         stale = t.number("stale_after_seconds", 30.0, ge=1.5)
+        # at most 32: a block (999999 / blocks) must stay well above the
+        # numbers a link keeps out of use (10,000 timed out, plus in flight)
+        blocks = t.int("stan_blocks", 16, lo=1, hi=32)
         if backend == "none" and t.has("retention_days") and retention:
             t.fail("retention_days", 'nothing is kept with backend = "none"')
         if backend == "sqlite":
@@ -747,12 +753,14 @@ class _Builder:
                 t.fail("dsn", 'required when backend = "postgres"')
         elif t.has("dsn") and "dsn" not in t.bad:
             t.fail("dsn", f'only used with backend = "postgres" (backend is {_show(backend)})')
+        if backend != "postgres" and t.has("stan_blocks") and "stan_blocks" not in t.bad:
+            t.fail("stan_blocks", f'only used with backend = "postgres" (backend is {_show(backend)})')
         t.finish()
         if t.bad:
             return None
         return JournalConfig(backend=backend, path=path if backend == "sqlite" else None,
                              dsn=dsn if backend == "postgres" else None, group_commit_ms=gc,
-                             retention_days=retention, stale_after_seconds=stale)
+                             retention_days=retention, stale_after_seconds=stale, stan_blocks=blocks)
 
     # [security]
     def security(self) -> SecurityConfig | None:

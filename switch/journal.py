@@ -85,6 +85,7 @@ __all__ = [
     "make_journal",
     "sanitize_fields",
     "sanitize_replay",
+    "stan_block_range",
 ]
 
 # Sensitive authentication data: never stored, not even encrypted (PCI DSS 3.3.1).
@@ -333,7 +334,8 @@ CREATE TABLE IF NOT EXISTS journal_node (
     boot_id TEXT PRIMARY KEY,
     node_id TEXT NOT NULL,
     started_at REAL NOT NULL,
-    heartbeat_at REAL NOT NULL
+    heartbeat_at REAL NOT NULL,
+    stan_block INTEGER                       -- the trace-number block this instance holds (PostgreSQL)
 );
 CREATE TABLE IF NOT EXISTS txn (
     id INTEGER PRIMARY KEY,
@@ -482,7 +484,12 @@ LATE_ADDED_COLUMNS = (
     ("sf_id", "BIGINT", None),
     ("mti", "TEXT", None),
 )
-ADDED_COLUMNS = (("sf_queue", SF_ADDED_COLUMNS), ("late_response", LATE_ADDED_COLUMNS))
+# journal_node: the trace-number block each instance holds (claim_stan_block)
+NODE_ADDED_COLUMNS = (
+    ("stan_block", "INTEGER", None),
+)
+ADDED_COLUMNS = (("sf_queue", SF_ADDED_COLUMNS), ("late_response", LATE_ADDED_COLUMNS),
+                 ("journal_node", NODE_ADDED_COLUMNS))
 # Run once the added columns exist (an older journal lacks them when the schema runs)
 SCHEMA_AFTER_COLUMNS = (
     # a late answer to a queued reversal or advice is found by the trace number it went out under
@@ -1439,6 +1446,13 @@ class Journal(abc.ABC):
         rows = await self._fetchall(SQL_RECOVER_SELECT, await self._dead_params_now())
         return [(r[0], r[1], r[2], self._decrypt_reversal(r[0], r[3], tuple(r[4:8]))) for r in rows]
 
+    async def claim_stan_block(self, blocks: int) -> int | None:
+        """The trace-number block (0 .. ``blocks`` - 1) this instance takes among
+        the live ones sharing the journal, or None when it needs none (one
+        process owns an SQLite journal) or none is free. See
+        ``stan_block_range``."""
+        return None
+
     async def recover_and_enqueue(self) -> int:
         """Queue a reversal for every unresolved forwarded transaction of a dead instance.
 
@@ -1885,6 +1899,26 @@ class PostgresJournal(Journal):
         now = await (c or self._p()).fetchval("SELECT " + self._DB_NOW)
         return self._dead_params(float(now))
 
+    async def claim_stan_block(self, blocks: int) -> int | None:
+        """The lowest block no live instance holds (live as for recovery: a
+        fresh heartbeat, of another node -- a previous life of this node_id
+        holds nothing), recorded with this boot's heartbeat row; the row is
+        deleted at close, which frees it. One claim at a time (an advisory
+        lock), so two starting processes never take the same block."""
+        if blocks < 2:
+            return None
+        async with self._p().acquire() as c:
+            async with c.transaction():
+                await c.execute("SELECT pg_advisory_xact_lock(8583008584)")
+                boot, fresh, node = await self._dead_params_now(c)
+                taken = {r[0] for r in await c.fetch(
+                    "SELECT stan_block FROM journal_node WHERE stan_block IS NOT NULL AND boot_id <> $1 "
+                    "AND heartbeat_at >= $2 AND node_id <> $3", boot, fresh, node)}
+                block = next((b for b in range(blocks) if b not in taken), None)
+                if block is not None:
+                    await c.execute("UPDATE journal_node SET stan_block = $1 WHERE boot_id = $2", block, boot)
+                return block
+
     async def _node_gone(self) -> None:
         await self._p().execute(self._q(SQL_NODE_DELETE), self.boot_id)
 
@@ -2226,6 +2260,15 @@ class NullJournal:
 
     async def sf_parked_count(self) -> int:
         return sum(1 for e in self._sf.values() if e.state == "parked")
+
+
+def stan_block_range(block: int, blocks: int) -> tuple[int, int]:
+    """The trace numbers (DE11, 1..999999) of ``block`` of ``blocks``: equal
+    consecutive ranges, the remainder left unused."""
+    if not 0 <= block < blocks:
+        raise ValueError(f"block {block} is not one of 0..{blocks - 1}")
+    size = 999_999 // blocks
+    return block * size + 1, (block + 1) * size
 
 
 def make_journal(config, keyring: KeyRing, **kwargs) -> Journal:

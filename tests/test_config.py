@@ -239,6 +239,12 @@ BAD = [
     ("journal-stale-after",  # heartbeats go every 0.5 s at most: a live process would count as dead
      '[journal]\nstale_after_seconds = 0.4\n',
      "journal.stale_after_seconds: must be a number >= 1.5, got 0.4"),
+    ("journal-stan-blocks",  # a block must stay well above what a link keeps out of use
+     '[journal]\nbackend = "postgres"\ndsn = "postgresql://127.0.0.1/x"\nstan_blocks = 64\n',
+     "journal.stan_blocks: must be an integer between 1 and 32, got 64"),
+    ("journal-stan-blocks-sqlite",
+     '[journal]\nstan_blocks = 4\n',
+     'journal.stan_blocks: only used with backend = "postgres" (backend is "sqlite")'),
     ("journal-backend",
      '[journal]\nbackend = "mysql"\n',
      'journal.backend: unknown journal backend "mysql" (expected one of sqlite, postgres, memory, none)'),

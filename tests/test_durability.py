@@ -300,6 +300,13 @@ def test_two_switch_processes_on_one_postgres_journal_send_each_reversal_once(tm
             stans = collections.Counter(r["90"][4:10] for r in reversals(sim))
             assert len(stans) == n and set(stans.values()) == {1}, stans.most_common(3)
             assert sim.connections >= 2  # both processes were connected and draining
+            # each process sends under trace numbers of its own block (0 and 1 of 16): no
+            # DE11 of one can meet the other's at the acquirer
+            held = {re.search(r"trace numbers: block (\d+) of 16", (tmp_path / log).read_text())[1]
+                    for log in ("a.log", "b.log")}
+            assert held == {"0", "1"}  # (both start at once: either may take block 0)
+            sent = [int(r["11"]) for r in reversals(sim)]
+            assert all(1 <= s <= 2 * 62_499 for s in sent) and len(set(sent)) == len(sent), sent
         finally:
             for p in procs:
                 p.stop()

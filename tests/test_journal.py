@@ -31,6 +31,7 @@ from switch.journal import (
     TxnRecord,
     make_journal,
     sanitize_replay,
+    stan_block_range,
 )
 from switch.keys import DecryptError, KeyFileError, KeyRing, init_keys, rotate_keys
 from tests.pg import pg_dsn, pg_server  # noqa: F401  (pytest fixtures)
@@ -1418,3 +1419,64 @@ def test_a_new_sqlite_journal_and_its_wal_are_owner_only(tmp_path):
         os.umask(old)
     assert {"journal.db", "journal.db-wal"} <= set(modes)
     assert set(modes.values()) == {0o600}, modes
+
+
+def test_processes_sharing_a_journal_take_distinct_trace_number_blocks(backend):
+    """Several switch processes on one PostgreSQL journal, linked to the same
+    acquirer, must not send the same DE11 at once: each takes a block of its
+    own (the lowest no live instance holds). A closed instance's block, and a
+    dead one's (stale heartbeat), are free again; a previous life of the same
+    node holds none. One process owns an SQLite journal: no block."""
+    async def go():
+        assert stan_block_range(0, 16) == (1, 62_499) and stan_block_range(15, 16) == (937_486, 999_984)
+        assert stan_block_range(0, 1) == (1, 999_999)
+        with pytest.raises(ValueError):
+            stan_block_range(16, 16)
+        a = backend.make(node_id="node-a")
+        await a.start()
+        journals = [a]
+        try:
+            if backend.name == "sqlite":
+                assert await a.claim_stan_block(16) is None
+                return
+            assert await a.claim_stan_block(1) is None  # one block: no split
+            assert await a.claim_stan_block(3) == 0
+            assert await a.claim_stan_block(3) == 0  # claimed again: its own block is not "taken"
+            b = backend.make(node_id="node-b")
+            await b.start()
+            journals.append(b)
+            # two at once: distinct blocks, never the same
+            c = backend.make(node_id="node-c")
+            await c.start()
+            journals.append(c)
+            got = await asyncio.gather(b.claim_stan_block(3), c.claim_stan_block(3))
+            assert sorted(got) == [1, 2]
+            d = backend.make(node_id="node-d")
+            await d.start()
+            journals.append(d)
+            assert await d.claim_stan_block(3) is None  # all held by live instances
+            await b.close()
+            journals.remove(b)
+            assert await d.claim_stan_block(3) == got[0]  # b's, freed at its close
+            # a dead instance's block (no heartbeat for stale_after) is free
+            import asyncpg
+            conn = await asyncpg.connect(backend.dsn)
+            try:
+                await conn.execute("UPDATE journal_node SET heartbeat_at = heartbeat_at - 3600 "
+                                   "WHERE node_id = 'node-a'")
+            finally:
+                await conn.close()
+            e = backend.make(node_id="node-e")
+            await e.start()
+            journals.append(e)
+            assert await e.claim_stan_block(3) == 0
+            # a restarted node-c (a new boot of the same node id) may take its previous life's block
+            c2 = backend.make(node_id="node-c")
+            await c2.start()
+            journals.append(c2)
+            assert await c2.claim_stan_block(3) == got[1]
+        finally:
+            for j in journals:
+                await j.close()
+
+    run(go())
