@@ -41,7 +41,12 @@ import orjson
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
+from switch.logs import RateLimitedLog
+
 log = logging.getLogger("isoswitch.api")
+# a client can send malformed requests without end: a few lines a minute, then a count
+_L_BAD_REQUEST = "REST API request failed"
+_log_limiter = RateLimitedLog(log)
 
 # the request line and its CRLF: a head without header lines has no
 # Content-Length, so aiohttp's anyway
@@ -311,8 +316,8 @@ class QuietRequestHandler(RequestHandler):
         where = ""
         if status >= 500 and exc is not None and exc.__traceback__ is not None:
             where = "\n" + "".join(traceback.format_tb(exc.__traceback__))
-        log.warning("REST API: request failed with %d (%s)%s", status,
-                    type(exc).__name__ if exc is not None else "no exception", where)
+        _log_limiter.warning(_L_BAD_REQUEST, "REST API: request failed with %d (%s)%s", status,
+                             type(exc).__name__ if exc is not None else "no exception", where)
         if request.writer.output_size > 0:
             raise ConnectionError("response already started; the connection is closed")
         title = "Bad request" if status < 500 else "Internal error"

@@ -46,6 +46,10 @@ from switch.metrics import Metrics
 
 log = logging.getLogger("isoswitch.api")
 _L_EVENT_NOT_QUEUED = "webhook event not queued"
+# One per request while a fault lasts (the journal refusing writes, a bug a
+# request keeps hitting): logged a few per kind a minute, then a count
+_L_HANDLER_FAILED = "API handler failed"
+_L_RECORD_UNCONFIRMED = "API record not confirmed by the journal"
 
 HERE = Path(__file__).resolve().parent
 OPENAPI_PATH = HERE / "openapi.json"
@@ -497,10 +501,11 @@ def _route_name(request: web.Request) -> str:
     return getattr(resource, "canonical", "unmatched")
 
 
-def _internal_error(method: str, route: str) -> Problem:
+def _internal_error(st: ApiState, method: str, route: str) -> Problem:
     """Log the exception being handled (its traceback, never the request) and
     answer a plain 500 problem."""
-    log.exception("API handler failed for %s %s", method, route)
+    st.log_limiter.error(_L_HANDLER_FAILED, "API handler failed for %s %s", method, route, exc_info=True,
+                         traceback_first=True)
     return Problem(500, "Internal error", "the request could not be completed", slug="internal-error")
 
 
@@ -523,7 +528,7 @@ async def problem_middleware(request: web.Request, handler):
     except asyncio.CancelledError:
         raise
     except Exception:
-        resp = _internal_error(request.method, _route_name(request)).response()
+        resp = _internal_error(st, request.method, _route_name(request)).response()
     st.metrics.observe_api(_route_name(request), request.method, resp.status, time.perf_counter() - t0)
     return resp
 
@@ -782,7 +787,7 @@ async def serve_payment(st: ApiState, get, body: bytes) -> Reply:
     except asyncio.CancelledError:
         raise
     except Exception:
-        reply = _internal_error("POST", "/v1/payments").reply()
+        reply = _internal_error(st, "POST", "/v1/payments").reply()
     st.metrics.observe_api("/v1/payments", "POST", reply.status, time.perf_counter() - t0)
     return reply
 
@@ -1223,10 +1228,12 @@ async def _flow_with_record(st: ApiState, req: dict, record, idem: tuple[str, st
                 await saved
             except Exception as exc:
                 saved_ok = False
-                log.error("API transaction %s: record not confirmed by the journal (%s)", rec["id"], exc)
+                st.log_limiter.error(_L_RECORD_UNCONFIRMED, "API transaction %s: record not confirmed by the "
+                                     "journal (%s)", rec["id"], exc)
         if not saved_ok:
             # its fate is unknown: the writer may have died after its COMMIT
-            log.error("API transaction %s: writing its record again with the answer the client gets", rec["id"])
+            st.log_limiter.error(_L_RECORD_UNCONFIRMED, "API transaction %s: writing its record again with the "
+                                 "answer the client gets", rec["id"])
         if not saved_ok or rec["response_code"] != resp.get("39", "96"):
             final, card = record(resp)
             changes = {k: final[k] for k in ("status", "approved", "response_code", "approval_code")}
