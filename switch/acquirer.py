@@ -666,8 +666,8 @@ class AcquirerLink:
                 rc = "00" if code in HOST_NETWORK_OK else "12"
         else:
             rc = "12"
-            self.log_limiter.warning(_L_HOST_MTI, "acquirer %s: host sent MTI %s, which the switch does not take; answered 12",
-                                     self.name, mti)
+            self.log_limiter.warning(_L_HOST_MTI, "acquirer %s: host sent MTI %s, which the switch does not take; "
+                                     "answered 12", self.name, mti)
         resp = switch_response(doc, rc)
         if code is not None:
             resp["24" if self.v1993 else "70"] = code

@@ -367,8 +367,8 @@ class TransactionFlow:
         except iso8583.EncodeError as e:
             self.counters["answer_not_encodable"] += 1
             self.log_limiter.warning(_L_NOT_ENCODABLE,
-                                     "answer from %s cannot be encoded for listener %s (%s, field %s): 96, reversal queued",
-                                     acquirer, ctx.listener, e.msg, e.field)
+                                     "answer from %s cannot be encoded for listener %s (%s, field %s): 96, "
+                                     "reversal queued", acquirer, ctx.listener, e.msg, e.field)
             await self.reversals.enqueue_or_hold(acquirer, sent, "answer cannot be encoded for the terminal",
                                                  txn_id)
             return switch_response(req, RC_SYSTEM_ERROR), None
