@@ -10,7 +10,8 @@ the switch, not the clients' round trips, is the limit) gives the maximum
 payments/s; it runs --rounds times and the median is the figure, because the
 machines here are shared and single runs vary. An open loop at --rate over
 32 connections measures latency from each request's intended send time, so a
-stall is never hidden. Goals (issue 6): >= 5,000 payments/s, p99 <= 10 ms at
+stall is never hidden; it runs --rounds times too, and the p99 is over all
+of their requests pooled. Goals (issue 6): >= 5,000 payments/s, p99 <= 10 ms at
 500/s. Figures are printed; nothing is asserted.
 """
 from __future__ import annotations
@@ -143,10 +144,18 @@ async def closed_loop(url, headers, ctx, seconds, connections):
     return out
 
 
+def _open_summary(rate, count, codes, hist, lag) -> dict:
+    return {"mode": f"open {rate:g}/s", "count": count, "codes": codes,
+            "p50_ms": hist.get_value_at_percentile(50) / 1000, "p90_ms": hist.get_value_at_percentile(90) / 1000,
+            "p99_ms": hist.get_value_at_percentile(99) / 1000, "max_ms": hist.get_max_value() / 1000,
+            "send_lag_p99_ms": lag.get_value_at_percentile(99) / 1000}
+
+
 async def open_loop(url, headers, ctx, seconds, rate, connections):
     """Requests at fixed intended times over a pool of lean keep-alive connections;
     latency from each request's intended send time (waiting for a free
-    connection and the generator's own lag included, never hidden)."""
+    connection and the generator's own lag included, never hidden).
+    Returns the summary and the two histograms (latency, generator lag)."""
     from urllib.parse import urlsplit
     u = urlsplit(url)
     hist = HdrHistogram(1, 60_000_000, 3)
@@ -179,10 +188,7 @@ async def open_loop(url, headers, ctx, seconds, rate, connections):
     await asyncio.gather(*tasks)
     for c in clients:
         c.close()
-    return {"mode": f"open {rate:g}/s", "count": n, "codes": codes,
-            "p50_ms": hist.get_value_at_percentile(50) / 1000, "p90_ms": hist.get_value_at_percentile(90) / 1000,
-            "p99_ms": hist.get_value_at_percentile(99) / 1000, "max_ms": hist.get_max_value() / 1000,
-            "send_lag_p99_ms": lag.get_value_at_percentile(99) / 1000}
+    return _open_summary(rate, n, codes, hist, lag), hist, lag
 
 
 async def run(seconds: float, connections: int, rate: float, profile: Path | None = None,
@@ -217,8 +223,22 @@ async def run(seconds: float, connections: int, rate: float, profile: Path | Non
                     closed["journal_writer_cpu_us_per_payment"] = (sum(w1) - sum(w0)) / closed["count"]
             results.append(closed)
         median = sorted(results, key=lambda r: r["payments_per_s"])[len(results) // 2]
-        opened = await open_loop(url, headers, ctx, seconds, rate, open_connections)
-        return {"closed": median, "rounds": results, "open": opened}
+        # The latency goal is judged on every request of every open-loop round
+        # pooled (rounds x seconds x rate of them): on a shared machine a
+        # single 100 ms stall of a neighbour is 2% of one 5 s round's 2,500
+        # requests, and the pooled p99 still shows any stall that recurs.
+        pooled_hist = HdrHistogram(1, 60_000_000, 3)
+        pooled_lag = HdrHistogram(1, 60_000_000, 3)
+        opened, codes = [], {}
+        for _ in range(max(1, rounds)):
+            o, h, lag = await open_loop(url, headers, ctx, seconds, rate, open_connections)
+            pooled_hist.add(h)
+            pooled_lag.add(lag)
+            for k, v in o["codes"].items():
+                codes[k] = codes.get(k, 0) + v
+            opened.append(o)
+        pooled = _open_summary(rate, sum(o["count"] for o in opened), codes, pooled_hist, pooled_lag)
+        return {"closed": median, "rounds": results, "open": pooled, "open_rounds": opened}
     finally:
         if sw is not None:
             sw.stop()
@@ -256,6 +276,9 @@ def main(argv=None) -> int:
         print(f"  CPU per payment: switch {cpu:.0f} us, journal writer "
               f"{c.get('journal_writer_cpu_us_per_payment', 0):.0f} us, client "
               f"{c.get('client_cpu_us_per_payment', 0):.0f} us")
+    if len(out["open_rounds"]) > 1:
+        each = ", ".join(f"{r['p99_ms']:.2f}" for r in out["open_rounds"])
+        print(f"open-loop rounds: p99 {each} ms; all {o['count']} requests pooled:")
     print(f"open loop {args.rate:g}/s (32 connections): p50 {o['p50_ms']:.2f} ms, p90 {o['p90_ms']:.2f} ms, "
           f"p99 {o['p99_ms']:.2f} ms, max {o['max_ms']:.2f} ms, HTTP {o['codes']} "
           f"(generator send lag p99 {o['send_lag_p99_ms']:.2f} ms, included)")
