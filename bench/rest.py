@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import gc
 import json
 import resource
 import ssl
@@ -67,6 +69,24 @@ host = "127.0.0.1"
 port = 0
 """)
     return cfg
+
+
+@contextlib.contextmanager
+def _client_gc_paused():
+    """No collection in this (the client's) process while a round measures.
+
+    A full collection here took 7-10 ms once the rounds had left their
+    objects behind; every request in flight then looked that much slower,
+    though the switch had answered it on time (seen as clusters of 10-20 ms
+    latencies at the very moments the client collected). A round allocates
+    a bounded amount (seconds x rate requests), so it runs with the collector
+    off; cycles are collected between rounds."""
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
 
 
 def _payment(amount: int) -> bytes:
@@ -215,7 +235,8 @@ async def run(seconds: float, connections: int, rate: float, profile: Path | Non
         results = []
         for _ in range(max(1, rounds)):
             c0, w0 = sw.cpu_us(), [_cpu_us(w) for w in writers]
-            closed = await closed_loop(url, headers, ctx, seconds, connections)
+            with _client_gc_paused():
+                closed = await closed_loop(url, headers, ctx, seconds, connections)
             c1, w1 = sw.cpu_us(), [_cpu_us(w) for w in writers]
             if c0 is not None and c1 is not None and closed["count"]:
                 closed["switch_cpu_us_per_payment"] = (c1 - c0) / closed["count"]
@@ -231,7 +252,8 @@ async def run(seconds: float, connections: int, rate: float, profile: Path | Non
         pooled_lag = HdrHistogram(1, 60_000_000, 3)
         opened, codes = [], {}
         for _ in range(max(1, rounds)):
-            o, h, lag = await open_loop(url, headers, ctx, seconds, rate, open_connections)
+            with _client_gc_paused():
+                o, h, lag = await open_loop(url, headers, ctx, seconds, rate, open_connections)
             pooled_hist.add(h)
             pooled_lag.add(lag)
             for k, v in o["codes"].items():
