@@ -10,8 +10,25 @@ def test_bench_codec_runs_and_implementations_agree(capsys):
 
 
 def test_bench_rest_runs(capsys):
+    import gc
+
     from bench import rest
 
     assert rest.main(["--quick", "--connections", "4", "--rate", "50"]) == 0
     out = capsys.readouterr().out
     assert "payments/s" in out and "HTTP {201:" in out
+    assert gc.isenabled()  # paused only while a round measures
+
+
+def test_client_gc_paused_restores_the_collector_on_error():
+    import gc
+
+    from bench import rest
+
+    try:
+        with rest._client_gc_paused():
+            assert not gc.isenabled()
+            raise ConnectionResetError
+    except ConnectionResetError:
+        pass
+    assert gc.isenabled()
