@@ -245,9 +245,9 @@ async def run(seconds: float, connections: int, rate: float, profile: Path | Non
             results.append(closed)
         median = sorted(results, key=lambda r: r["payments_per_s"])[len(results) // 2]
         # The latency goal is judged on every request of every open-loop round
-        # pooled (rounds x seconds x rate of them): on a shared machine a
-        # single 100 ms stall of a neighbour is 2% of one 5 s round's 2,500
-        # requests, and the pooled p99 still shows any stall that recurs.
+        # pooled (rounds x seconds x rate of them): one 100 ms stall of the
+        # shared machine (several processes starved at once) is 2% of a 5 s
+        # round's 2,500 requests; the pooled p99 still shows one that recurs.
         pooled_hist = HdrHistogram(1, 60_000_000, 3)
         pooled_lag = HdrHistogram(1, 60_000_000, 3)
         opened, codes = [], {}
